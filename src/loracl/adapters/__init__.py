@@ -1,0 +1,16 @@
+"""Layer-level adapters: how one frozen Linear/Conv2d gets a trainable delta. No knowledge of tasks."""
+
+from loracl.adapters.base import AdapterLayer
+from loracl.adapters.inject import adapter_layers, find_target_modules, inject_adapters, merge_adapters, unmerge_adapters
+from loracl.adapters.lora import LoraBranch, LoraLayer
+
+__all__ = [
+    "AdapterLayer",
+    "LoraBranch",
+    "LoraLayer",
+    "adapter_layers",
+    "find_target_modules",
+    "inject_adapters",
+    "merge_adapters",
+    "unmerge_adapters",
+]

@@ -1,0 +1,82 @@
+"""Find target modules by PEFT's `target_modules` rules and swap adapter wrappers into a model."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+
+from torch import nn
+
+from loracl.adapters.base import SUPPORTED_BASE_TYPES, AdapterLayer
+from loracl.errors import LoraclError
+
+# Module names never adapted by "all-linear": classifier outputs and the unused BERT pooler.
+# PEFT excludes the output layer only; our backbones end at the encoder, so the pooler is the analogue.
+_ALL_LINEAR_EXCLUDED = re.compile(r"(^|\.)(pooler|classifier|lm_head|score|head)(\.|$)")
+
+
+def _matches(name: str, target_modules: str | Sequence[str]) -> bool:
+    """PEFT semantics: a string is a full-match regex, a list matches exact names or dotted suffixes."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == target or name.endswith("." + target) for target in target_modules)
+
+
+def find_target_modules(model: nn.Module, target_modules: str | Sequence[str]) -> list[str]:
+    """Names of the modules to adapt, in model order; a clear error when nothing matches."""
+    if isinstance(target_modules, str) and target_modules == "all-linear":
+        names = [
+            name
+            for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and not _ALL_LINEAR_EXCLUDED.search(name)
+        ]
+    else:
+        if not isinstance(target_modules, str) and not target_modules:
+            raise LoraclError("target_modules is empty: name at least one module (or use 'all-linear')")
+        names = [name for name, module in model.named_modules() if name and _matches(name, target_modules)]
+        names = [name for name in names if not isinstance(model.get_submodule(name), AdapterLayer)]
+    wrong_type = [name for name in names if not isinstance(model.get_submodule(name), SUPPORTED_BASE_TYPES)]
+    if wrong_type:
+        kind = type(model.get_submodule(wrong_type[0])).__name__
+        raise LoraclError(
+            f"target_modules matched `{wrong_type[0]}`, a {kind}; only nn.Linear and nn.Conv2d can be adapted"
+        )
+    if not names:
+        examples = sorted(
+            {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, SUPPORTED_BASE_TYPES)}
+        )
+        raise LoraclError(f"target_modules {target_modules!r} matched no module; adaptable names include {examples[:12]}")
+    return names
+
+
+def inject_adapters(
+    model: nn.Module,
+    target_modules: str | Sequence[str],
+    factory: Callable[[nn.Module, str], AdapterLayer],
+) -> dict[str, AdapterLayer]:
+    """Replace each target module with factory(module, name); returns the wrappers by module name."""
+    wrappers: dict[str, AdapterLayer] = {}
+    for name in find_target_modules(model, target_modules):
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        wrapper = factory(getattr(parent, child_name), name)
+        setattr(parent, child_name, wrapper)
+        wrappers[name] = wrapper
+    return wrappers
+
+
+def adapter_layers(model: nn.Module, kind: type[AdapterLayer] = AdapterLayer) -> dict[str, AdapterLayer]:
+    """All adapter wrappers of a given kind in the model, by module name."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, kind)}
+
+
+def merge_adapters(model: nn.Module) -> None:
+    """Merge every adapter wrapper's delta into its base weight."""
+    for layer in adapter_layers(model).values():
+        layer.merge()
+
+
+def unmerge_adapters(model: nn.Module) -> None:
+    """Undo merge_adapters."""
+    for layer in adapter_layers(model).values():
+        layer.unmerge()

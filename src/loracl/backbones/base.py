@@ -1,0 +1,46 @@
+"""The Backbone interface: inputs in, pooled features [batch, hidden] out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class Backbone(nn.Module):
+    """A Hugging Face model (`self.model`, where adapters are injected) with preprocessing and pooling."""
+
+    modality: str = ""
+
+    def __init__(self, model: nn.Module, hidden_size: int, pooling: str, name: str) -> None:
+        super().__init__()
+        self.model = model
+        self.hidden_size = hidden_size
+        self.pooling = pooling
+        self.name = name
+
+    def collate(self, inputs: list[Any]) -> dict[str, torch.Tensor]:
+        """Turn raw inputs (strings or arrays) into the model's keyword tensors."""
+        raise NotImplementedError
+
+    def check_input(self, example: Any, where: str) -> None:
+        """Raise DataError naming `where` if one raw input cannot be fed to this backbone."""
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        """Pooled features [batch, hidden]."""
+        raise NotImplementedError
+
+    def freeze(self) -> None:
+        """Freeze every backbone weight (adapters add their own trainable parameters later)."""
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "modality": self.modality, "hidden_size": self.hidden_size, "pooling": self.pooling}
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Average of token states where mask is 1: [B, L, H], [B, L] -> [B, H]."""
+    mask = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)

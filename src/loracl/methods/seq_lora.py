@@ -1,0 +1,18 @@
+"""seq_lora: one LoRA pair per adapted layer, trained on task after task (the forgetting baseline)."""
+
+from __future__ import annotations
+
+from loracl.data.stream import Task
+from loracl.methods.base import LoraMethod
+
+
+class SeqLora(LoraMethod):
+    """baselines.md 2.2: the same (A, B) continue training on each task with a fresh optimizer; never re-initialised."""
+
+    name = "seq_lora"
+    description = "one LoRA trained on task after task (forgetting baseline)"
+
+    def begin_task(self, task: Task) -> None:
+        super().begin_task(task)
+        if not any(layer.branches for layer in self.layers.values()):
+            self.add_branches("default", seed_offset=0)
