@@ -1,0 +1,61 @@
+"""Write one named section of docs/results.md, leaving every other section as it is.
+
+Each benchmark owns a section delimited by HTML comments, so scripts (and people) never overwrite each
+other's figures. The section records the exact command that produced it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shlex
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results.md"
+HEADER = (
+    "# Measured results\n\n"
+    "Every figure on this page was written by a script in `benchmarks/`; the command that produced each\n"
+    "section is printed in it. Re-run the command to reproduce it. Nothing here is typed by hand.\n"
+)
+
+
+def current_command() -> str:
+    """The command line that is running, as someone would type it from the repository root."""
+    return "python " + " ".join(shlex.quote(part) for part in sys.argv)
+
+
+def machine_line() -> str:
+    import platform
+
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    return f"{device}, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def write_section(name: str, title: str, body: str, command: str | None = None) -> Path:
+    """Replace (or append) the section `name` of docs/results.md with `body`, under a lock."""
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    section = (
+        f"{begin}\n## {title}\n\n"
+        f"Command: `{command or current_command()}`  \n"
+        f"Machine: {machine_line()}; written {stamp}.\n\n{body.rstrip()}\n{end}"
+    )
+    lock_path = RESULTS.with_suffix(".lock")
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        text = RESULTS.read_text(encoding="utf-8") if RESULTS.is_file() else HEADER
+        if begin in text and end in text:
+            before, rest = text.split(begin, 1)
+            _, after = rest.split(end, 1)
+            text = before + section + after
+        else:
+            text = text.rstrip() + "\n\n" + section + "\n"
+        temporary = RESULTS.with_suffix(".tmp")
+        temporary.write_text(text, encoding="utf-8")
+        temporary.replace(RESULTS)
+    return RESULTS

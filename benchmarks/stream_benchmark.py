@@ -1,0 +1,97 @@
+"""Run method entries on a stream config and write their accuracy matrices and metrics to docs/results.md.
+
+Every method issue measures with this script, so all numbers come from one harness, same seed and budget:
+
+    python benchmarks/stream_benchmark.py --config configs/text_stream.yaml --section text_stream_baselines \
+        --title "Text stream: baselines" --method seq_lora --method inc_lora \
+        --method '{name: probe, head: {type: prototype}}' --out runs/bench_text_baselines
+
+A --method is a registry name or a YAML mapping (a method entry with knobs). Runs resume from --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import write_section  # noqa: E402
+
+from loracl.config import load_config  # noqa: E402
+from loracl.engine import run_experiment  # noqa: E402
+from loracl.report.render import SUMMARY_HEADER, matrix_rows, summary_rows  # noqa: E402
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def relative_step_time(runs: list[dict], reference: str) -> dict[str, float]:
+    """Each run's mean optimizer-step time divided by the reference run's (e.g. seq_lora)."""
+    by_label = {run["label"]: run for run in runs}
+    if reference not in by_label or not by_label[reference].get("train_step_s"):
+        return {}
+    base = by_label[reference]["train_step_s"]
+    return {run["label"]: run["train_step_s"] / base for run in runs if run.get("train_step_s")}
+
+
+def render(runs: list[dict], reference: str) -> str:
+    parts = [markdown_table(SUMMARY_HEADER, summary_rows(runs)), ""]
+    ratios = relative_step_time(runs, reference)
+    if ratios:
+        rows = [[label, f"{ratio:.2f}x"] for label, ratio in ratios.items()]
+        parts += [f"Train step time relative to `{reference}`:", "", markdown_table(["method", "step time"], rows), ""]
+    cost_rows = []
+    for run in runs:
+        cost_rows.append(
+            [
+                run["label"],
+                " / ".join(str(p) for p in run["trainable_params_per_task"]),
+                " / ".join(str(b) for b in run["stored_bytes_per_task"]),
+                " / ".join(str(b) for b in run["stored_bytes_cumulative"]),
+            ]
+        )
+    parts += [
+        "Cost per task (trainable parameters include the head rows trained on that task; stored bytes are every "
+        "tensor beyond the frozen backbone):",
+        "",
+        markdown_table(["method", "trainable params", "stored bytes per task", "stored bytes cumulative"], cost_rows),
+        "",
+    ]
+    for run in runs:
+        header, rows = matrix_rows(run)
+        parts += [f"**{run['label']}**", "", markdown_table(header, rows), ""]
+        if run.get("method_metrics"):
+            parts += [f"Method metrics: `{run['method_metrics']}`", ""]
+    return "\n".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--method", action="append", required=True, help="registry name or YAML mapping")
+    parser.add_argument("--set", action="append", default=[], help="config override key=value")
+    parser.add_argument("--section", required=True, help="section id in docs/results.md")
+    parser.add_argument("--title", required=True)
+    parser.add_argument("--out", required=True, help="run folder (resumable)")
+    parser.add_argument("--reference", default="seq_lora", help="label whose step time is 1.0x")
+    parser.add_argument("--note", default="", help="a sentence printed under the table")
+    args = parser.parse_args()
+    entries = [yaml.safe_load(item) if item.strip().startswith("{") else {"name": item} for item in args.method]
+    config = load_config(args.config, [*args.set, "train.progress=false", f"method={yaml.safe_dump(entries, default_flow_style=True).strip()}"])
+    results = run_experiment(config, Path(args.out))
+    runs = [result.results for result in results]
+    body = render(runs, args.reference)
+    if args.note:
+        body = args.note + "\n\n" + body
+    path = write_section(args.section, args.title, body)
+    print(body)
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Tiny streams and configs for tests: synthetic text and sklearn digits, no network, no ../shared."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from loracl.config import RunConfig, validate_config
+from loracl.data.sources.digits import load_digits_tasks
+from loracl.data.stream import RawTask, Stream, build_stream
+
+WORDS = ["apple", "river", "stone", "cloud", "tiger", "piano", "lemon", "ocean", "candle", "forest", "violet", "copper"]
+
+
+def synthetic_text_tasks(num_tasks: int = 3, classes_per_task: int = 2, train: int = 24, test: int = 12, seed: int = 0) -> list[RawTask]:
+    """Each class is marked by its own keyword inside random filler text, so a tiny model can learn it."""
+    rng = np.random.default_rng(seed)
+    filler = "abcdefghij"
+    tasks = []
+    for task_index in range(num_tasks):
+        labels = [f"c{j}" for j in range(classes_per_task)]
+
+        def sample(count: int) -> list[tuple[str, str]]:
+            pairs = []
+            for position in range(count):
+                label_index = position % classes_per_task
+                keyword = WORDS[(task_index * classes_per_task + label_index) % len(WORDS)]
+                noise = "".join(rng.choice(list(filler), size=6))
+                pairs.append((f"{noise} {keyword} {noise[::-1]}", labels[label_index]))
+            return pairs
+
+        tasks.append(RawTask(f"t{task_index}", labels, sample(train), sample(test)))
+    return tasks
+
+
+def tiny_text_stream(num_tasks: int = 3, scenario: str = "class_incremental", **kwargs: Any) -> Stream:
+    return build_stream(synthetic_text_tasks(num_tasks, **kwargs), scenario=scenario)
+
+
+def tiny_digits_stream(num_tasks: int = 3, max_train: int = 40, max_test: int = 20) -> Stream:
+    raw = load_digits_tasks(classes_per_task=2)[:num_tasks]
+    return build_stream(raw, max_train_per_task=max_train, max_test_per_task=max_test, modality="image")
+
+
+def tiny_config(method: Any = "seq_lora", backbone: str = "tiny-bert", **sections: Any) -> RunConfig:
+    """A validated RunConfig for tiny models; `sections` override top-level keys (train={...}, head={...})."""
+    entries = method if isinstance(method, list) else [method]
+    entries = [{"name": entry} if isinstance(entry, str) else entry for entry in entries]
+    data: dict[str, Any] = {
+        "seed": 0,
+        "backbone": {"name": backbone},
+        "stream": {"source": "digits"} if backbone.endswith("vit") else {"source": "packaged"},
+        "train": {"epochs": 1, "batch_size": 8, "eval_batch_size": 16, "lr": 5e-3, "max_length": 32, "progress": False},
+        "method": entries,
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return validate_config(data)
