@@ -19,6 +19,7 @@ class Backbone(nn.Module):
         self.hidden_size = hidden_size
         self.pooling = pooling
         self.name = name
+        self.name_or_path = name  # what from_pretrained needs to load the same base model again
 
     def collate(self, inputs: list[Any]) -> dict[str, torch.Tensor]:
         """Turn raw inputs (strings or arrays) into the model's keyword tensors."""

@@ -32,7 +32,9 @@ def minilm_path() -> Path:
 
 
 def _load_minilm(pooling: str, max_length: int, seed: int, local_files_only: bool) -> Backbone:
-    return _load_pretrained(str(minilm_path()), pooling, max_length, local_files_only=True, name="minilm-l6")
+    backbone = _load_pretrained(str(minilm_path()), pooling, max_length, local_files_only=True, name_label="minilm-l6")
+    backbone.name_or_path = str(minilm_path())
+    return backbone
 
 
 def _tiny_bert(pooling: str, max_length: int, seed: int, local_files_only: bool) -> Backbone:

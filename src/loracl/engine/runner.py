@@ -244,6 +244,8 @@ class MethodRun:
             "task_index": task_index,
             "records": self.records,
             "extra_state": method.extra_state(),
+            "method_entry": {"name": self.entry.name, **self.entry.options.model_dump(mode="json")},
+            "backbone_path": self.model.backbone.name_or_path,
         }
         backbone_state = self.base_backbone_state if with_backbone else None
         save_checkpoint(self.run_dir, task_index, method.state_dict(), record, backbone_state)
