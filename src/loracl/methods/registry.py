@@ -16,6 +16,7 @@ METHOD_MODULES: dict[str, str] = {
     "inc_lora": "inc_lora",
     "joint": "joint",
     "probe": "probe",
+    "oa_adapter": "oa_adapter",
 }
 
 
