@@ -16,6 +16,12 @@ METHOD_MODULES: dict[str, str] = {
     "inc_lora": "inc_lora",
     "joint": "joint",
     "probe": "probe",
+    "o_lora": "o_lora",
+    "inflora": "inflora",
+    "sd_lora": "sd_lora",
+    "lorac_ipc": "lorac_ipc",
+    "metalora": "metalora",
+    "fm_lora": "fm_lora",
     "oa_adapter": "oa_adapter",
 }
 

@@ -1,0 +1,520 @@
+"""fm_lora: factorized LoRA in one shared subspace, a dynamic rank selector, and a dynamic meta-prompt.
+
+specs/fm-lora.md. Every adapted layer holds a shared rank-r subspace (A, B); task t trains only two r x r
+cores M_t, N_t (F-LoRA, adapters/factorized.py). DRS picks how many of the r latent directions task t may
+use (r_t) from a task-complexity score H(T_t) through a straight-through Gumbel-Softmax over candidate
+ranks. DMP prepends L_p learnable prompt tokens after the embedding stage (BERT and ViT alike, through
+hooks, so the backbones are untouched), anchored to the previous task's prompt and updated Reptile-style.
+At the end of a task its cores fold into one accumulated core K, so prediction needs no task id.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+
+from loracl.adapters.factorized import FactorizedLoraLayer
+from loracl.adapters.inject import inject_adapters
+from loracl.backbones.classifier import ContinualClassifier
+from loracl.config import Float
+from loracl.data.stream import Task
+from loracl.errors import LoraclError
+from loracl.methods.base import Method, MethodOptions, resolve_target_modules
+
+
+class FmLoraOptions(MethodOptions):
+    """FM-LoRA's knobs; [D] defaults are specs/fm-lora.md section 6 (docs/methods/fm_lora.md explains each)."""
+
+    rank: int = Field(default=8, ge=1)  # shared rank r
+    alpha: Float | None = Field(default=None, gt=0.0)  # scale s = alpha / r; None: r (orthonormal bases) or 2r (learned)
+    target_modules: str | list[str] = "auto"  # auto: query and value (query/value or q_proj/v_proj)
+    shared_basis: Literal["svd", "svd_minor", "random_orthogonal", "learn_first_task", "learn_every_task"] = "svd"
+    # DRS
+    drs: Literal["gumbel", "deterministic", "off"] = "gumbel"
+    candidate_ranks: list[int] | None = None  # None: {r/4, r/2, 3r/4, r}
+    drs_beta: Float = Field(default=10.0, ge=0.0)
+    tau_start: Float = Field(default=1.0, gt=0.0)
+    tau_min: Float = Field(default=0.1, gt=0.0)
+    anneal_fraction: Float = Field(default=0.5, gt=0.0, le=1.0)
+    commit_fraction: Float = Field(default=0.1, ge=0.0, lt=1.0)
+    rank_loss_weight: Float = Field(default=0.01, ge=0.0)
+    drs_lr_multiplier: Float = Field(default=10.0, gt=0.0)
+    complexity_samples: int = Field(default=1024, ge=2)  # n_H
+    similarity_dim: int = Field(default=8, ge=1)  # k_sim
+    spectral_weight: Float = Field(default=0.5, ge=0.0)
+    similarity_weight: Float = Field(default=0.5, ge=0.0)
+    # DMP
+    prompt_len: int = Field(default=8, ge=0)  # 0 turns DMP off
+    prompt_components: int = Field(default=1, ge=1)  # J > 1: input-conditioned mixture of J prompts
+    prompt_key_temperature: Float = Field(default=10.0, gt=0.0)  # kappa in softmax(kappa * cos(q, k_j))
+    prompt_init_std: Float = Field(default=0.02, gt=0.0)
+    prompt_anchor_weight: Float = Field(default=0.1, ge=0.0)  # lambda_P (0 on the first trained task)
+    meta_step: Float = Field(default=1.0, gt=0.0, le=1.0)  # epsilon of the Reptile-style prompt update
+    # cores, head, regularisers
+    keep_task_cores: bool = True
+    core_orth_weight: Float = Field(default=0.0, ge=0.0)  # lambda_orth; needs keep_task_cores
+    head_init: Literal["zero", "uniform"] = "zero"
+
+    @model_validator(mode="after")
+    def _check(self) -> "FmLoraOptions":
+        if self.candidate_ranks is not None:
+            ranks = self.candidate_ranks
+            if not ranks or sorted(set(ranks)) != ranks or ranks[0] < 1 or ranks[-1] > self.rank:
+                raise ValueError(
+                    f"candidate_ranks must be strictly increasing integers in [1, rank={self.rank}], got {ranks}"
+                )
+        if self.tau_min > self.tau_start:
+            raise ValueError(f"tau_min ({self.tau_min}) must not exceed tau_start ({self.tau_start})")
+        if self.anneal_fraction + self.commit_fraction > 1.0:
+            raise ValueError(
+                f"anneal_fraction + commit_fraction must be <= 1, got {self.anneal_fraction} + {self.commit_fraction}"
+            )
+        if self.core_orth_weight > 0 and not self.keep_task_cores:
+            raise ValueError("core_orth_weight > 0 needs keep_task_cores: true (it compares with earlier tasks' cores)")
+        if self.spectral_weight + self.similarity_weight == 0 and self.drs != "off":
+            raise ValueError("spectral_weight and similarity_weight are both 0: H(T_t) would be constant")
+        return self
+
+    def ranks(self) -> list[int]:
+        """The candidate ranks R (spec default {r/4, r/2, 3r/4, r}, rounded up, at least 1, deduplicated)."""
+        if self.candidate_ranks is not None:
+            return list(self.candidate_ranks)
+        return sorted({max(1, math.ceil(self.rank * fraction)) for fraction in (0.25, 0.5, 0.75, 1.0)})
+
+
+def spectral_complexity(features: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """h_spec in [0, 1] (normalised entropy of the covariance spectrum) and the eigenvectors, largest first."""
+    centred = features.double() - features.double().mean(0, keepdim=True)  # [n, d]
+    covariance = centred.T @ centred / max(1, features.shape[0] - 1)  # [d, d]
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+    eigenvalues = eigenvalues.clamp(min=0).flip(0)
+    eigenvectors = eigenvectors.flip(1)
+    total = eigenvalues.sum()
+    levels = min(features.shape[0] - 1, features.shape[1])
+    if total <= 0 or levels < 2:
+        return 0.0, eigenvectors
+    p = eigenvalues / total
+    entropy = -(p[p > 0] * p[p > 0].log()).sum()
+    return float((entropy / math.log(levels)).clamp(0.0, 1.0)), eigenvectors
+
+
+def subspace_overlap(first: torch.Tensor, second: torch.Tensor) -> float:
+    """o = ||U_1^T U_2||_F^2 / k for two orthonormal bases [d, k] (1 = same subspace, 0 = orthogonal)."""
+    k = min(first.shape[1], second.shape[1])
+    return float((first.double().T @ second.double()).pow(2).sum() / k)
+
+
+def query_value_targets(model: nn.Module, target_modules: str | list[str]) -> str | list[str]:
+    """`auto`: the query and value projections (spec 2.2), under BERT's or the newer `q_proj`/`v_proj` names."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    if target_modules == "auto" and {"q_proj", "v_proj"} <= names and not {"query", "value"} <= names:
+        return ["q_proj", "v_proj"]
+    return resolve_target_modules(model, target_modules)
+
+
+class MetaPrompt(nn.Module):
+    """L_p prompt tokens (J components with keys when J > 1) inserted after [CLS] by hooks on a HF encoder.
+
+    Hooks, not a modified backbone: a pre-hook extends the attention mask by L_p ones, a hook on the
+    embedding module inserts the tokens, and a hook on the model output removes them again, so pooling
+    (CLS or mean) never sees a prompt token.
+    """
+
+    def __init__(self, length: int, hidden: int, components: int, temperature: float, init_std: float, generator: torch.Generator) -> None:
+        super().__init__()
+        self.length = length
+        self.temperature = temperature
+        self.prompts = nn.Parameter(torch.randn(components, length, hidden, generator=generator) * init_std)  # [J, L_p, d]
+        if components > 1:
+            self.keys = nn.Parameter(torch.randn(components, hidden, generator=generator) * init_std)  # [J, d]
+        else:
+            self.register_parameter("keys", None)
+        self.active = True
+        self._token_mask: torch.Tensor | None = None
+        self._handles: list[Any] = []
+
+    def install(self, encoder: nn.Module) -> None:
+        """Hook into a HF encoder that has an `embeddings` module (BERT, ViT and their relatives)."""
+        embeddings = getattr(encoder, "embeddings", None)
+        if not isinstance(embeddings, nn.Module):
+            raise LoraclError(
+                f"fm_lora's meta-prompt needs a backbone with an `embeddings` module (BERT/ViT-style); "
+                f"{type(encoder).__name__} has none: set prompt_len: 0"
+            )
+        self._handles = [
+            encoder.register_forward_pre_hook(self._extend_attention_mask, with_kwargs=True),
+            embeddings.register_forward_hook(self._insert),
+            encoder.register_forward_hook(self._strip),
+        ]
+
+    def current(self, embedded: torch.Tensor) -> torch.Tensor:
+        """The prompt for each example [B, L_p, d]: the static prompt, or a key-weighted mixture (J > 1)."""
+        batch = embedded.shape[0]
+        if self.keys is None:
+            return self.prompts[0].unsqueeze(0).expand(batch, -1, -1)
+        mask = self._token_mask
+        if mask is None or mask.shape[:2] != embedded.shape[:2]:
+            mask = torch.ones(embedded.shape[:2], device=embedded.device)
+        mask = mask.unsqueeze(-1).to(embedded.dtype)
+        query = (embedded * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # [B, d] mean of the embedded input
+        weights = torch.softmax(self.temperature * F.cosine_similarity(query[:, None], self.keys[None], dim=-1), dim=-1)
+        return torch.einsum("bj,jld->bld", weights, self.prompts.to(embedded.dtype))
+
+    def _extend_attention_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        self._token_mask = kwargs.get("attention_mask")
+        if not self.active or kwargs.get("attention_mask") is None:
+            return None
+        mask = kwargs["attention_mask"]  # [B, L] -> [B, 1 + L_p + L - 1]
+        ones = torch.ones(mask.shape[0], self.length, dtype=mask.dtype, device=mask.device)
+        kwargs = {**kwargs, "attention_mask": torch.cat([mask[:, :1], ones, mask[:, 1:]], dim=1)}
+        return args, kwargs
+
+    def _insert(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return output
+        prompt = self.current(output).to(output.dtype)  # [B, L_p, d]
+        return torch.cat([output[:, :1], prompt, output[:, 1:]], dim=1)
+
+    def _strip(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        if not self.active:
+            return output
+        hidden = output.last_hidden_state  # [B, 1 + L_p + L', d] -> [B, 1 + L', d]
+        output.last_hidden_state = torch.cat([hidden[:, :1], hidden[:, 1 + self.length :]], dim=1)
+        return output
+
+
+class FmLoraState(nn.Module):
+    """Method tensors that live beside the layers: the prompt, the DRS bias b, each task's feature basis U_t."""
+
+    def __init__(self, num_candidates: int) -> None:
+        super().__init__()
+        self.drs_bias = nn.Parameter(torch.zeros(num_candidates))
+        self.similarity_bases = nn.Module()  # buffers U_<task> [d, k_sim]
+        self.prompt: MetaPrompt | None = None
+
+
+class FmLora(Method):
+    """F-LoRA cores in a shared subspace + DRS + DMP; one folded core per layer at test time."""
+
+    name = "fm_lora"
+    description = "factorized LoRA in a shared subspace, dynamic rank selection, dynamic meta-prompt"
+    Options: ClassVar[type[MethodOptions]] = FmLoraOptions
+    options: FmLoraOptions
+
+    # ----- attach ------------------------------------------------------------------------------------
+    def attach(self, model: ContinualClassifier) -> None:
+        super().attach(model)
+        options = self.options
+        self.candidate_ranks = options.ranks()
+        learned = options.shared_basis.startswith("learn")
+        alpha = options.alpha if options.alpha is not None else (2.0 * options.rank if learned else float(options.rank))
+        init = "lora" if learned else options.shared_basis
+        targets = query_value_targets(model.backbone.model, options.target_modules)
+        generator = torch.Generator().manual_seed(self.context.seed * 1000 + 7)
+        self.layers: dict[str, FactorizedLoraLayer] = inject_adapters(
+            model.backbone.model,
+            targets,
+            lambda module, name: FactorizedLoraLayer(module, name, options.rank, alpha, init, generator),
+        )
+        self.state = FmLoraState(len(self.candidate_ranks))
+        model.fm_lora = self.state  # registered on the classifier so state_dict() saves it
+        if options.prompt_len > 0:
+            prompt_generator = torch.Generator().manual_seed(self.context.seed * 1000 + 11)
+            prompt = MetaPrompt(
+                options.prompt_len,
+                model.backbone.hidden_size,
+                options.prompt_components,
+                options.prompt_key_temperature,
+                options.prompt_init_std,
+                prompt_generator,
+            )
+            prompt.install(model.backbone.model)
+            self.state.prompt = prompt
+        device = next(iter(self.layers.values())).shared_A.device
+        self.state.to(device)
+        self.chosen_ranks: list[int] = []  # r_t of each trained task, in order
+        self.complexity: list[dict[str, Any]] = []  # H(T_t) and its parts, per trained task
+        self.trained_task_names: list[str] = []
+        self.prompt_anchor: torch.Tensor | None = None
+        self.total_steps = 1
+        self.step = 0
+        self.committed_index: int | None = None
+        self._soft_probs: torch.Tensor | None = None
+        self._noise: torch.Generator | None = None
+        self._live_mask: torch.Tensor | None = None
+
+    # ----- helpers -----------------------------------------------------------------------------------
+    def _first_trained_task(self) -> bool:
+        return len(self.chosen_ranks) == 0
+
+    def _bases_train_now(self) -> bool:
+        mode = self.options.shared_basis
+        return mode == "learn_every_task" or (mode == "learn_first_task" and self._first_trained_task())
+
+    def _learning_bases_from_zero(self) -> bool:
+        """The first task of a learned-bases mode: M = N = I frozen, A and B train from LoRA's init (B = 0)."""
+        return self.options.shared_basis.startswith("learn") and self._first_trained_task()
+
+    def _drs_mode(self) -> str:
+        """DRS is off while the bases learn from zero (else B's unused columns stay zero for ever)."""
+        return "off" if self._learning_bases_from_zero() else self.options.drs
+
+    def prefix_mask(self, rank: int) -> torch.Tensor:
+        """c_k: the first `rank` entries one, the rest zero [r]."""
+        device = self.state.drs_bias.device
+        return (torch.arange(self.options.rank, device=device) < rank).float()
+
+    def selector_logits(self) -> torch.Tensor:
+        """z_k = -beta (rho_k - H)^2 + b_k over the candidate ranks [n_R]."""
+        rho = torch.tensor(self.candidate_ranks, dtype=torch.float32, device=self.state.drs_bias.device) / self.options.rank
+        target = self.complexity[-1]["H"] if len(self.complexity) > len(self.chosen_ranks) else 1.0
+        return -self.options.drs_beta * (rho - target) ** 2 + self.state.drs_bias
+
+    def temperature(self, step: int | None = None) -> float:
+        """tau(step) = tau0 (tau_min / tau0)^min(1, step / (f_anneal S))."""
+        step = self.step if step is None else step
+        options = self.options
+        progress = min(1.0, step / max(1e-9, options.anneal_fraction * self.total_steps))
+        return options.tau_start * (options.tau_min / options.tau_start) ** progress
+
+    def in_commit_phase(self) -> bool:
+        return self.step >= (1.0 - self.options.commit_fraction) * self.total_steps
+
+    def committed_rank_index(self) -> int:
+        """k*: noise-free argmax of the logits (gumbel), argmin |rho_k - H| (deterministic), or r (off)."""
+        mode = self._drs_mode()
+        if mode == "off":
+            return len(self.candidate_ranks) - 1
+        if mode == "deterministic":
+            rho = torch.tensor(self.candidate_ranks, dtype=torch.float64) / self.options.rank
+            return int((rho - self.complexity[-1]["H"]).abs().argmin())
+        return int(self.selector_logits().detach().argmax())
+
+    def sample_mask(self) -> torch.Tensor:
+        """This step's mask [r]: a straight-through Gumbel sample (values in {0,1}, gradients to b), or the committed one."""
+        self._soft_probs = None
+        if self._drs_mode() != "gumbel" or self.in_commit_phase() or not self.model.training:
+            return self.prefix_mask(self.candidate_ranks[self.committed_rank_index()])
+        logits = self.selector_logits()
+        uniform = torch.rand(logits.shape, generator=self._noise).clamp(1e-10, 1.0 - 1e-10).to(logits.device)
+        gumbel = -torch.log(-torch.log(uniform))
+        soft = torch.softmax((logits + gumbel) / self.temperature(), dim=0)  # pi [n_R]
+        hard = F.one_hot(soft.argmax(), len(self.candidate_ranks)).to(soft.dtype)
+        straight_through = hard - soft.detach() + soft
+        nested = torch.stack([self.prefix_mask(rank) for rank in self.candidate_ranks])  # [n_R, r]: rows c_k
+        self._soft_probs = soft
+        return straight_through @ nested
+
+    @torch.no_grad()
+    def base_features(self, task: Task) -> torch.Tensor:
+        """Pooled features of up to n_H training inputs (seeded draw) with adapters and prompt bypassed [n, d]."""
+        assert self.model is not None
+        generator = torch.Generator().manual_seed(self.context.seed * 1000 + task.index)
+        count = min(self.options.complexity_samples, len(task.train))
+        indices = torch.randperm(len(task.train), generator=generator)[:count].tolist()
+        was_training = self.model.training
+        self.model.eval()
+        self._set_bypass(True)
+        try:
+            chunks = []
+            batch_size = self.context.train.eval_batch_size
+            device = self.state.drs_bias.device
+            for start in range(0, count, batch_size):
+                inputs = self.model.backbone.collate([task.train.inputs[i] for i in indices[start : start + batch_size]])
+                chunks.append(self.model.features({key: value.to(device) for key, value in inputs.items()}).float())
+        finally:
+            self._set_bypass(False)
+            self.model.train(was_training)
+        return torch.cat(chunks)
+
+    def _set_bypass(self, bypass: bool) -> None:
+        for layer in self.layers.values():
+            layer.delta_enabled = not bypass
+        if self.state.prompt is not None:
+            self.state.prompt.active = not bypass
+
+    def measure_task(self, task: Task) -> dict[str, Any]:
+        """H(T_t) = clip(w_spec h_spec + w_sim h_sim, 0, 1); stores the task's feature basis U_t as a buffer."""
+        options = self.options
+        features = self.base_features(task)
+        h_spec, eigenvectors = spectral_complexity(features)
+        basis = eigenvectors[:, : min(options.similarity_dim, eigenvectors.shape[1])].float().contiguous()  # [d, k_sim]
+        earlier = [value for key, value in self.state.similarity_bases.named_buffers() if key != f"U_{task.index}"]
+        overlap = max((subspace_overlap(basis, other) for other in earlier if other.numel()), default=0.0)
+        h_sim = 1.0 - overlap if earlier else 1.0
+        combined = min(1.0, max(0.0, options.spectral_weight * h_spec + options.similarity_weight * h_sim))
+        self.state.similarity_bases.register_buffer(f"U_{task.index}", basis.to(self.state.drs_bias.device))
+        return {"task": task.name, "h_spec": h_spec, "h_sim": h_sim, "H": combined}
+
+    # ----- lifecycle ---------------------------------------------------------------------------------
+    def begin_task(self, task: Task) -> None:
+        """Grow the head, start M_t = I, N_t = 0 in every layer, snapshot the prompt anchor, set the trainable set."""
+        assert self.model is not None
+        old_rows = len(self.model.head.weights)
+        super().begin_task(task)
+        if self.options.head_init == "zero":
+            with torch.no_grad():
+                for parameter in list(self.model.head.weights)[old_rows:] + list(self.model.head.biases)[old_rows:]:
+                    parameter.zero_()
+        learn_bases = self._bases_train_now()
+        identity_cores = self._learning_bases_from_zero()
+        for layer in self.layers.values():
+            layer.start_task_cores(identity_both=identity_cores)
+            layer.core_M.requires_grad_(not identity_cores)
+            layer.core_N.requires_grad_(not identity_cores)
+            layer.shared_A.requires_grad_(learn_bases)
+            layer.shared_B.requires_grad_(learn_bases)
+        self.state.drs_bias.requires_grad_(False)
+        prompt = self.state.prompt
+        if prompt is not None:
+            prompt.requires_grad_(True)
+            self.prompt_anchor = prompt.prompts.detach().clone()
+        self.step = 0
+        self._noise = torch.Generator().manual_seed(self.context.seed * 1000 + task.index)
+
+    def prepare_task(self, task: Task, train_loader: Iterable[dict[str, Any]]) -> None:
+        """H(T_t) from base features; the step count S that the temperature schedule and commit phase use."""
+        if self.options.drs != "off":
+            self.complexity.append(self.measure_task(task))
+        else:
+            self.complexity.append({"task": task.name, "h_spec": None, "h_sim": None, "H": None})
+        train = self.context.train
+        batches = math.ceil(len(task.train) / train.batch_size)
+        self.total_steps = max(1, math.ceil(batches / train.gradient_accumulation_steps) * train.epochs)
+        self.state.drs_bias.requires_grad_(self._drs_mode() == "gumbel")
+
+    def parameter_groups(self, lr: float, head_lr: float | None) -> list[dict[str, Any]]:
+        """The base groups, with the DRS bias moved to its own group at lr x drs_lr_multiplier."""
+        groups = super().parameter_groups(lr, head_lr)
+        bias = self.state.drs_bias
+        if not bias.requires_grad:
+            return groups
+        for group in groups:
+            group["params"] = [parameter for parameter in group["params"] if parameter is not bias]
+        groups = [group for group in groups if group["params"]]
+        return groups + [{"params": [bias], "lr": lr * self.options.drs_lr_multiplier}]
+
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Sample this step's rank mask, broadcast it to every layer (global granularity), run the model."""
+        assert self.model is not None
+        mask = self.sample_mask()
+        self._live_mask = mask
+        for layer in self.layers.values():
+            layer.rank_mask = mask
+        return self.model(batch["inputs"])
+
+    def extra_loss(self, batch: dict[str, Any], logits: torch.Tensor) -> torch.Tensor | None:
+        """lambda_rank sum_k pi_k rho_k + lambda_P ||P - P_prev||^2 (+ lambda_orth core overlap)."""
+        options = self.options
+        terms = []
+        if self._soft_probs is not None and options.rank_loss_weight > 0:
+            rho = torch.tensor(self.candidate_ranks, dtype=self._soft_probs.dtype, device=self._soft_probs.device) / options.rank
+            terms.append(options.rank_loss_weight * (self._soft_probs * rho).sum())
+        prompt = self.state.prompt
+        if prompt is not None and options.prompt_anchor_weight > 0 and not self._first_trained_task():
+            terms.append(options.prompt_anchor_weight * (prompt.prompts - self.prompt_anchor).pow(2).sum())
+        if options.core_orth_weight > 0 and self.trained_task_names:
+            terms.append(options.core_orth_weight * self.core_overlap())
+        return torch.stack(terms).sum() if terms else None
+
+    def core_overlap(self) -> torch.Tensor:
+        """L_orth = sum over layers and earlier tasks of ||(D(m) M_t)(D(m_tau) M_tau)^T||_F^2."""
+        total = torch.zeros((), device=self.state.drs_bias.device)
+        for layer in self.layers.values():
+            live = layer.core_M * self._live_mask[:, None]
+            for key in self.trained_task_names:
+                total = total + (live @ getattr(layer.kept_cores, f"M_{key}").T).pow(2).sum()
+        return total
+
+    def after_step(self) -> None:
+        self.step += 1
+
+    def end_task(self, task: Task, train_loader: Iterable[dict[str, Any]]) -> None:
+        """Commit r_t, fold the cores into K, update the meta-prompt (Reptile step), freeze what is done."""
+        rank = self.options.rank if self._drs_mode() == "off" else self.candidate_ranks[self.committed_rank_index()]
+        key = str(task.index)
+        for layer in self.layers.values():
+            layer.fold_task_cores(key, rank, keep=self.options.keep_task_cores)
+            layer.shared_A.requires_grad_(False)
+            layer.shared_B.requires_grad_(False)
+        self.state.drs_bias.requires_grad_(False)
+        prompt = self.state.prompt
+        if prompt is not None and self.prompt_anchor is not None:
+            with torch.no_grad():
+                prompt.prompts.copy_(self.prompt_anchor + self.options.meta_step * (prompt.prompts - self.prompt_anchor))
+            prompt.requires_grad_(False)
+        self.chosen_ranks.append(rank)
+        if self.options.keep_task_cores:
+            self.trained_task_names.append(key)
+        self._soft_probs = None
+        super().end_task(task, train_loader)
+
+    def absorb_base_session(self, task: Task, train_loader: Iterable[dict[str, Any]]) -> None:
+        """A base-session task 0 trained the backbone: keep its feature basis so task 1's novelty sees it."""
+        super().absorb_base_session(task, train_loader)
+        if self.options.drs != "off":
+            self.measure_task(task)
+
+    def restore_structure(self, finished_tasks: list[Task], base_session: bool = False) -> None:
+        """Head rows, kept-core and U_t placeholders for finished tasks; load_state_dict fills them."""
+        assert self.model is not None
+        for task in finished_tasks:
+            self.model.head.add_classes(task.class_ids)
+            self.current_task = task
+            self.seen_tasks.append(task)
+            trained = not (task.index == 0 and base_session)
+            if trained and self.options.keep_task_cores:
+                for layer in self.layers.values():
+                    layer.add_kept_core_placeholders(str(task.index))
+            if self.options.drs != "off":
+                self.state.similarity_bases.register_buffer(f"U_{task.index}", torch.zeros(0))
+        self.model.head.freeze_all()
+        for layer in self.layers.values():
+            layer.shared_A.requires_grad_(False)
+            layer.shared_B.requires_grad_(False)
+        if self.state.prompt is not None:
+            self.state.prompt.requires_grad_(False)
+
+    # ----- inference ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, batch: dict[str, Any]) -> torch.Tensor:
+        """No task id: every layer applies W0 + s B K A (plus the live task under its committed mask, if any)."""
+        if any(layer.core_M is not None for layer in self.layers.values()):
+            mask = self.prefix_mask(self.candidate_ranks[self.committed_rank_index()])
+            for layer in self.layers.values():
+                layer.rank_mask = mask
+        return super().predict({"inputs": batch["inputs"]})
+
+    # ----- reporting ---------------------------------------------------------------------------------
+    def extra_state(self) -> dict[str, Any]:
+        return {
+            "chosen_ranks": list(self.chosen_ranks),
+            "complexity": [dict(entry) for entry in self.complexity],
+            "trained_task_names": list(self.trained_task_names),
+            "candidate_ranks": list(self.candidate_ranks),
+            "drs_bias": [float(value) for value in self.state.drs_bias.detach().cpu()],
+        }
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.chosen_ranks = list(state.get("chosen_ranks", []))
+        self.complexity = [dict(entry) for entry in state.get("complexity", [])]
+        self.trained_task_names = list(state.get("trained_task_names", []))
+
+    def task_metrics(self) -> dict[str, Any]:
+        """The chosen rank r_t and H(T_t) per trained task, and the per-task parameter formula's numbers."""
+        return {
+            "chosen_ranks": {entry["task"]: rank for entry, rank in zip(self.complexity, self.chosen_ranks)},
+            "complexity": {
+                entry["task"]: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in entry.items() if k != "task"}
+                for entry in self.complexity
+            },
+            "candidate_ranks": list(self.candidate_ranks),
+            "core_params_per_task": sum(layer.task_parameter_count() for layer in self.layers.values()),
+            "adapted_layers": len(self.layers),
+        }
