@@ -1,0 +1,116 @@
+"""o_lora: a fresh LoRA per task, earlier pairs frozen and summed, the new down-projection pushed orthogonal
+to every earlier one (O-LoRA, Wang et al., Findings of EMNLP 2023; baselines.md Part 1)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field
+
+from loracl.adapters import inject_adapters
+from loracl.adapters.baseline_lora import SharedDropoutLoraLayer
+from loracl.backbones.classifier import ContinualClassifier
+from loracl.config import Float
+from loracl.data.stream import Task
+from loracl.methods._peer import resolve_projection_targets
+from loracl.methods.base import LoraMethod, LoraOptions, Method
+
+
+class OLoraOptions(LoraOptions):
+    """Defaults are the official code's (rank 8, alpha 32 so s = 4, dropout 0.1, lambda_1 0.5, lambda_2 0)."""
+
+    rank: int = Field(default=8, ge=1)
+    alpha: Float = 32.0
+    dropout: Float = Field(default=0.1, ge=0.0, lt=1.0)
+    lambda_orth: Float = Field(default=0.5, ge=0.0)  # lambda_1
+    lambda_l2: Float = Field(default=0.0, ge=0.0)  # lambda_2
+    orth_penalty: Literal["abs", "squared"] = "abs"  # code: sum |entries|; "squared" as some paper summaries
+    orth_reduction: Literal["sum", "mean"] = "sum"  # code: raw sum over layers and entries
+
+
+class OLora(LoraMethod):
+    """L = L_task + lambda_1 sum_l sum |A_old^l A_t^l^T| + lambda_2 sum_l (||A_t^l||_F + ||B_t^l||_F).
+
+    A is PEFT's lora_A (the down-projection, rows in input space), as in the official code.
+    """
+
+    name = "o_lora"
+    description = "per-task LoRA, orthogonality loss to earlier tasks' down-projections (peer baseline)"
+    Options: ClassVar[type[LoraOptions]] = OLoraOptions
+    options: OLoraOptions
+
+    def attach(self, model: ContinualClassifier) -> None:
+        Method.attach(self, model)
+        targets = resolve_projection_targets(model.backbone.model, self.options.target_modules)
+        dropout = self.options.dropout
+        self.layers = inject_adapters(
+            model.backbone.model, targets, lambda module, name: SharedDropoutLoraLayer(module, name, dropout)
+        )
+        self.current_branch: str | None = None
+        self._old_down: dict[str, torch.Tensor | None] = {}
+
+    def begin_task(self, task: Task) -> None:
+        super().begin_task(task)
+        self.freeze_branches()
+        self.current_branch = f"task_{task.index}"
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.context.seed * 1000 + task.index)  # the same draw as inc_lora's
+            for layer in self.layers.values():
+                layer.add_branch(
+                    self.current_branch, self.options.rank, self.options.alpha,
+                    dropout=0.0, use_rslora=self.options.use_rslora, init=self.options.init,
+                )
+        # A_old [(t-1) r, d_in] per layer: the frozen down-projections, stacked once per task.
+        self._old_down = {}
+        for name, layer in self.layers.items():
+            old = [branch.lora_A.detach().flatten(1) for key, branch in layer.branches.items() if key != self.current_branch]
+            self._old_down[name] = torch.cat(old, dim=0) if old else None
+
+    def overlaps(self) -> list[torch.Tensor]:
+        """O^l = A_old^l A_t^l^T [(t-1) r, r] for every adapted layer; empty on the first task."""
+        result = []
+        for name, layer in self.layers.items():
+            old = self._old_down.get(name)
+            if old is not None:
+                result.append(old @ layer.branches[self.current_branch].lora_A.flatten(1).T)
+        return result
+
+    def orthogonality_penalty(self) -> torch.Tensor | None:
+        """sum_l sum_{j,k} |O^l[j,k]| (or O^2, or their mean over all entries); None on the first task."""
+        overlaps = self.overlaps()
+        if not overlaps:
+            return None
+        if self.options.orth_penalty == "abs":
+            terms = [overlap.abs().sum() for overlap in overlaps]
+        else:
+            terms = [overlap.pow(2).sum() for overlap in overlaps]
+        total = torch.stack(terms).sum()
+        if self.options.orth_reduction == "mean":
+            total = total / sum(overlap.numel() for overlap in overlaps)
+        return total
+
+    def l2_penalty(self) -> torch.Tensor:
+        """sum_l (||A_t^l||_F + ||B_t^l||_F), plain (not squared) norms as in the code."""
+        terms = [
+            layer.branches[self.current_branch].lora_A.norm() + layer.branches[self.current_branch].lora_B.norm()
+            for layer in self.layers.values()
+        ]
+        return torch.stack(terms).sum()
+
+    def extra_loss(self, batch: dict[str, Any], logits: torch.Tensor) -> torch.Tensor | None:
+        loss = None
+        if self.options.lambda_orth > 0:
+            orth = self.orthogonality_penalty()
+            if orth is not None:
+                loss = self.options.lambda_orth * orth
+        if self.options.lambda_l2 > 0:
+            l2 = self.options.lambda_l2 * self.l2_penalty()
+            loss = l2 if loss is None else loss + l2
+        return loss
+
+    def task_metrics(self) -> dict[str, Any]:
+        """The last task's overlap sum_l ||A_old A_t^T||_1, to check that the penalty did its job."""
+        with torch.no_grad():
+            overlaps = self.overlaps() if self.current_branch else []
+        return {"final_orth_overlap_l1": float(sum(o.abs().sum() for o in overlaps))} if overlaps else {}
