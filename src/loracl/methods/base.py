@@ -218,6 +218,10 @@ class Method:
                 self.begin_task(task)
             self.seen_tasks.append(task)
 
+    def after_evaluate_task(self, task: Task) -> None:
+        """Called once every test batch of `task` was predicted; lets a method score its own task-id inference
+        (e.g. routing accuracy) against the truth without seeing it while predicting."""
+
     def task_metrics(self) -> dict[str, Any]:
         """Method-specific numbers for results.json (e.g. routing accuracy)."""
         return {}

@@ -1,0 +1,457 @@
+"""metalora: tensor adapters whose seed is generated per input by a mapping network (arXiv 2504.00460).
+
+Spec: ../shared/specs/metalora.md. The frozen backbone (adapters off) reads each input once per batch; its
+pooled features f(x) feed a small mapping net that outputs one seed slice per adapted slot; every slot adds a
+CP or tensor-ring update built from its static factors and that seed (loracl.adapters.tensor).
+
+Continual learning (all our design, spec section 4):
+* `expand` (default): one block (factors + base seeds + mapping net) per task, frozen after its task. At test
+  time the block is chosen by the task id in task-incremental runs, otherwise by the nearest class mean of
+  the frozen features (cosine, or Mahalanobis with a shared shrunk covariance). batch["task_ids"] is read
+  only in task-incremental runs.
+* `shared` / `naive` / `single`: one block and one mapping net for every task; `shared` adds the seed
+  distillation loss lambda_sd * mean_b ||sigma_b - sigma_b^old||^2 against the previous task's mapping net.
+* `joint`: one block trained once on the union of all tasks (the engine's joint path).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from loracl.adapters.inject import find_target_modules, inject_adapters
+from loracl.adapters.tensor import TensorAdapterLayer, TensorBlock
+from loracl.backbones.classifier import ContinualClassifier
+from loracl.backbones.heads import PrototypeHead
+from loracl.config import Float
+from loracl.data.stream import Task
+from loracl.methods.base import Method, MethodContext, MethodOptions
+
+# Convolutions that are not inside residual blocks (stems, shortcuts, patch embeddings): not adapted by `auto`.
+_NON_BLOCK_CONV = re.compile(r"(^|\.)(embedder|stem|shortcut|downsample|patch_embeddings|projection)(\.|$)")
+
+
+class MetaLoraOptions(MethodOptions):
+    """Knobs of spec section 6; every default is the spec's."""
+
+    decomposition: Literal["cp", "tr"] = "cp"
+    cp_rank: int = Field(default=8, ge=1)
+    tr_rank: int = Field(default=3, ge=1)
+    alpha: Float | None = Field(default=None, gt=0.0)  # None: alpha = R, so gamma = 1
+    tr_seed: Literal["full", "diag"] = "full"
+    cp_conv_modes: Literal[3, 4] = 4
+    init: Literal["zero_out", "zero_seed"] = "zero_out"
+    mapping_width: int = Field(default=64, ge=1)
+    generate: bool = True  # False: no mapping net, the static CP/TR-LoRA control of spec 7.2
+    target_modules: str | list[str] = "auto"
+    cl_mode: Literal["expand", "shared", "naive", "joint", "single"] = "expand"
+    lambda_sd: Float = Field(default=1.0, ge=0.0)  # shared mode only
+    router: Literal["cosine", "mahalanobis"] = "cosine"
+    mahalanobis_shrinkage: Float = Field(default=0.1, ge=0.0, le=1.0)
+    restrict_to_routed_task: bool = True
+    warm_start: bool = False
+    cache_features: bool = True  # training-time cache of f(x) per example (never used by predict)
+
+
+class MappingNet(nn.Module):
+    """LN -> Linear(d_feat, h) -> GELU -> Linear(h, D_seed); last layer zero, no batch statistics (spec 3.2)."""
+
+    def __init__(self, feature_size: int, width: int, seed_size: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(feature_size)
+        self.hidden = nn.Linear(feature_size, width)
+        self.out = nn.Linear(width, seed_size)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """[B, d_feat] -> seeds [B, D_seed]."""
+        return self.out(F.gelu(self.hidden(self.norm(features))))
+
+    def is_zero(self) -> bool:
+        return bool((self.out.weight == 0).all() and (self.out.bias == 0).all())
+
+
+class MetaLoraState(nn.Module):
+    """The method's own tensors, registered on the model so they are saved with it: mapping nets and routing stats."""
+
+    def __init__(self, feature_size: int) -> None:
+        super().__init__()
+        self.mapping = nn.ModuleDict()
+        self.route_means = PrototypeHead(feature_size, "cosine")  # one row per (task, class) routing slot
+        self.register_buffer("scatter", torch.zeros(feature_size, feature_size, dtype=torch.float64))
+        self.register_buffer("scatter_count", torch.zeros((), dtype=torch.float64))
+
+
+def resolve_metalora_targets(model: nn.Module, target_modules: str | list[str]) -> str | list[str]:
+    """`auto`: query/value where they exist (transformers), else every Conv2d inside residual blocks (ResNet)."""
+    if target_modules != "auto":
+        return target_modules
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    if {"query", "value"} <= names:
+        return ["query", "value"]
+    convs = [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d) and not _NON_BLOCK_CONV.search(name)]
+    return convs if convs else "all-linear"
+
+
+class MetaLora(Method):
+    """Input-conditioned CP / tensor-ring adapters with per-task blocks and frozen-feature routing."""
+
+    name = "metalora"
+    description = "tensor adapters with per-input generated seeds (CP / tensor ring), routed per task"
+    Options: ClassVar[type[MethodOptions]] = MetaLoraOptions
+    options: MetaLoraOptions
+
+    def __init__(self, options: MethodOptions, context: MethodContext) -> None:
+        super().__init__(options, context)
+        self.trains_jointly = self.options.cl_mode == "joint"  # instance override of the class flag
+        self.layers: dict[str, TensorAdapterLayer] = {}
+        self.block_of_task: dict[int, str | None] = {}  # task index -> block name (None: base session, no adapter)
+        self.slot_task: list[int] = []  # routing slot -> task index
+        self.slot_class: list[int] = []  # routing slot -> class id
+        self.feature_cache: dict[bytes, torch.Tensor] = {}
+        self.routing_counts: dict[str, list[int]] = {}  # task name -> [correct, total], last evaluation round
+        self._routes: list[torch.Tensor] = []
+        self._seeds: torch.Tensor | None = None
+        self._features: torch.Tensor | None = None
+        self.old_mapping: MappingNet | None = None
+
+    # ----- structure -----------------------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return self.options.cp_rank if self.options.decomposition == "cp" else self.options.tr_rank
+
+    @property
+    def expands(self) -> bool:
+        return self.options.cl_mode == "expand"
+
+    def attach(self, model: ContinualClassifier) -> None:
+        """Freeze the backbone, wrap the target slots (module order = seed slice order), register our state."""
+        super().attach(model)
+        model.backbone.freeze()
+        targets = resolve_metalora_targets(model.backbone.model, self.options.target_modules)
+        find_target_modules(model.backbone.model, targets)  # a clear error if nothing matches
+        self.layers = inject_adapters(model.backbone.model, targets, lambda module, name: TensorAdapterLayer(module, name))
+        self.state = MetaLoraState(model.backbone.hidden_size).to(next(model.backbone.parameters()).device)
+        model.add_module("metalora", self.state)
+
+    def seed_sizes(self) -> list[int]:
+        """Seed numbers per slot in slot order: R (CP), R^2 (TR full) or R (TR diag)."""
+        full_tr = self.options.decomposition == "tr" and self.options.tr_seed == "full"
+        return [self.rank * self.rank if full_tr else self.rank] * len(self.layers)
+
+    def add_block(self, block_name: str, seed_offset: int) -> None:
+        """Factors on every slot and a mapping net, from a seeded private RNG (warm start copies the last block)."""
+        assert self.model is not None
+        previous = self.block_names()[-1] if self.block_names() else None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.context.seed * 1000 + seed_offset)
+            for layer in self.layers.values():
+                block = layer.add_block(
+                    block_name,
+                    decomposition=self.options.decomposition,
+                    rank=self.rank,
+                    alpha=self.options.alpha,
+                    init=self.options.init,
+                    tr_seed=self.options.tr_seed,
+                    cp_conv_modes=self.options.cp_conv_modes,
+                )
+                block.generated = self.options.generate
+                if self.options.warm_start and previous is not None:
+                    block.load_state_dict(layer.blocks[previous].state_dict())
+                block.requires_grad_(True)
+            if self.options.generate:
+                device = next(self.model.backbone.parameters()).device
+                mapping = MappingNet(self.model.backbone.hidden_size, self.options.mapping_width, sum(self.seed_sizes())).to(device)
+                if self.options.warm_start and previous is not None:
+                    mapping.load_state_dict(self.state.mapping[previous].state_dict())
+                self.state.mapping[block_name] = mapping
+
+    def block_names(self) -> list[str]:
+        first = next(iter(self.layers.values()), None)
+        return [] if first is None else list(first.blocks.keys())
+
+    def freeze_block(self, block_name: str) -> None:
+        for layer in self.layers.values():
+            layer.blocks[block_name].requires_grad_(False)
+        if block_name in self.state.mapping:
+            self.state.mapping[block_name].requires_grad_(False)
+
+    # ----- lifecycle -----------------------------------------------------------------------------------
+    def begin_task(self, task: Task) -> None:
+        super().begin_task(task)
+        if self.expands:
+            for name in self.block_names():
+                self.freeze_block(name)
+            block_name = f"task_{task.index}"
+            self.add_block(block_name, seed_offset=task.index)
+        else:
+            block_name = "shared"
+            if block_name not in self.block_names():
+                self.add_block(block_name, seed_offset=0)
+            elif self.options.cl_mode == "shared" and self.options.lambda_sd > 0 and block_name in self.state.mapping:
+                self.old_mapping = copy.deepcopy(self.state.mapping[block_name]).requires_grad_(False)
+        self.block_of_task[task.index] = block_name
+        self.activate(block_name)
+
+    def absorb_base_session(self, task: Task, train_loader: Iterable[dict[str, Any]]) -> None:
+        """Task 0 trained the backbone itself: it routes to the plain model (no block)."""
+        super().absorb_base_session(task, train_loader)
+        self.block_of_task[task.index] = None
+        self.record_routing_stats(task, train_loader)
+
+    def end_task(self, task: Task, train_loader: Iterable[dict[str, Any]]) -> None:
+        """Freeze the task's block (expand), store routing class means of the frozen features."""
+        if self.expands:
+            self.freeze_block(self.block_of_task[task.index])
+        super().end_task(task, train_loader)
+        self.record_routing_stats(task, train_loader)
+        self._seeds = self._features = None
+
+    def restore_structure(self, finished_tasks: list[Task], base_session: bool = False) -> None:
+        """Blocks, mapping nets and routing slots of finished tasks, before load_state_dict."""
+        assert self.model is not None
+        for task in finished_tasks:
+            if task.index == 0 and base_session:
+                self.model.head.add_classes(task.class_ids)
+                self.current_task = task
+                self.block_of_task[0] = None
+            else:
+                self.begin_task(task)
+                if self.expands:
+                    self.freeze_block(self.block_of_task[task.index])
+            self.seen_tasks.append(task)
+            if self.expands:
+                self._add_routing_slots(task)
+
+    # ----- features and seeds --------------------------------------------------------------------------
+    @contextmanager
+    def adapters_off(self) -> Iterator[None]:
+        """The frozen base model: every slot's active block is switched off for the duration."""
+        active = {name: layer.active_block for name, layer in self.layers.items()}
+        for layer in self.layers.values():
+            layer.active_block = None
+        try:
+            yield
+        finally:
+            for name, layer in self.layers.items():
+                layer.active_block = active[name]
+
+    def activate(self, block_name: str | None) -> None:
+        for layer in self.layers.values():
+            layer.active_block = block_name
+
+    @torch.no_grad()
+    def frozen_features(self, inputs: dict[str, torch.Tensor], use_cache: bool = False) -> torch.Tensor:
+        """f(x): pooled output of the frozen backbone with adapters off [B, d_feat] (cached per example on request)."""
+        assert self.model is not None
+        if not (use_cache and self.options.cache_features):
+            with self.adapters_off():
+                return self.model.features(inputs)
+        keys = _example_keys(inputs)
+        missing = [index for index, key in enumerate(keys) if key not in self.feature_cache]
+        if missing:
+            subset = _select(inputs, torch.tensor(missing, device=_first(inputs).device))
+            with self.adapters_off():
+                computed = self.model.features(subset)
+            for index, feature in zip(missing, computed):
+                self.feature_cache[keys[index]] = feature.detach()
+        return torch.stack([self.feature_cache[key] for key in keys])
+
+    def set_seeds(self, block_name: str | None, features: torch.Tensor | None) -> torch.Tensor | None:
+        """Activate a block and hand each slot its slice of sigma = M(f) [B, D_seed]; returns sigma."""
+        self.activate(block_name)
+        sigma = None
+        if block_name is not None and block_name in self.state.mapping and features is not None:
+            sigma = self.state.mapping[block_name](features)
+        offset = 0
+        for layer, size in zip(self.layers.values(), self.seed_sizes()):
+            layer.generated_seed = None if sigma is None else sigma[:, offset : offset + size]
+            offset += size
+        return sigma
+
+    def clear_seeds(self) -> None:
+        for layer in self.layers.values():
+            layer.generated_seed = None
+
+    # ----- training ------------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Training forward of the current task's block: f once (no grad, cached), seeds, adapted pass."""
+        assert self.model is not None and self.current_task is not None
+        block_name = self.block_of_task[self.current_task.index]
+        features = self.frozen_features(batch["inputs"], use_cache=True) if self.options.generate else None
+        self._features = features
+        self._seeds = self.set_seeds(block_name, features)
+        try:
+            return self.model(batch["inputs"])
+        finally:
+            self.clear_seeds()
+
+    def extra_loss(self, batch: dict[str, Any], logits: torch.Tensor) -> torch.Tensor | None:
+        """Shared mode: seed distillation against the previous task's mapping net (spec eq. 8)."""
+        if self.options.cl_mode != "shared" or self.old_mapping is None or self._seeds is None or self.options.lambda_sd == 0:
+            return None
+        with torch.no_grad():
+            old = self.old_mapping(self._features)
+        return self.options.lambda_sd * (self._seeds - old).pow(2).sum(dim=1).mean()
+
+    def features_for_prototypes(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Prototype-head features of the current task's adapted model."""
+        assert self.model is not None and self.current_task is not None
+        return self.adapted_features(batch["inputs"], self.block_of_task[self.current_task.index])
+
+    @torch.no_grad()
+    def adapted_features(self, inputs: dict[str, torch.Tensor], block_name: str | None, features: torch.Tensor | None = None) -> torch.Tensor:
+        assert self.model is not None
+        if features is None and block_name is not None and self.options.generate:
+            features = self.frozen_features(inputs)
+        self.set_seeds(block_name, features)
+        try:
+            return self.model.features(inputs)
+        finally:
+            self.clear_seeds()
+
+    # ----- routing -------------------------------------------------------------------------------------
+    def _add_routing_slots(self, task: Task) -> None:
+        for class_id in task.class_ids:
+            self.slot_task.append(task.index)
+            self.slot_class.append(class_id)
+
+    @torch.no_grad()
+    def record_routing_stats(self, task: Task, train_loader: Iterable[dict[str, Any]]) -> None:
+        """Class means of normalised frozen features per (task, class) slot, and the shared scatter."""
+        if not self.expands:
+            return
+        first_slot = len(self.slot_task)
+        self._add_routing_slots(task)
+        slot_of_class = {class_id: first_slot + offset for offset, class_id in enumerate(task.class_ids)}
+        means = self.state.route_means
+        means.reset_classes(list(range(first_slot, len(self.slot_task))))
+        for batch in train_loader:
+            features = F.normalize(self.frozen_features(batch["inputs"], use_cache=True).float(), dim=-1)
+            slots = torch.tensor([slot_of_class[int(label)] for label in batch["labels"]], device=features.device)
+            means.accumulate(features, slots)
+            self.state.scatter += features.double().T @ features.double()
+            self.state.scatter_count += len(features)
+
+    def route(self, features: torch.Tensor) -> torch.Tensor:
+        """Task index per sample [B] from the frozen features (never from the batch's task ids)."""
+        normalised = F.normalize(features.float(), dim=-1)
+        means_module = self.state.route_means
+        if self.options.router == "cosine":
+            scores = means_module(normalised)
+        else:
+            means = means_module.means().to(normalised.device)
+            counts = means_module.counts.to(normalised.device)
+            second = self.state.scatter / self.state.scatter_count.clamp(min=1)
+            class_outer = (means.double().T * counts) @ means.double() / self.state.scatter_count.clamp(min=1)
+            covariance = second - class_outer  # within-class covariance
+            dim = covariance.shape[0]
+            shrink = self.options.mahalanobis_shrinkage
+            covariance = (1 - shrink) * covariance + shrink * covariance.trace() / dim * torch.eye(dim, dtype=covariance.dtype, device=covariance.device)
+            precision = torch.linalg.pinv(covariance).float()
+            difference = normalised.unsqueeze(1) - means.unsqueeze(0)  # [B, slots, d]
+            scores = -torch.einsum("bsd,de,bse->bs", difference, precision, difference)
+            scores = scores.masked_fill(counts.unsqueeze(0) == 0, float("-inf"))
+        slot_task = torch.tensor(self.slot_task, device=features.device)
+        return slot_task[scores.argmax(dim=1)]
+
+    # ----- inference -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Scores over all seen classes; expand mode routes each sample to one task block (spec section 5)."""
+        assert self.model is not None
+        inputs = batch["inputs"]
+        if not self.expands:
+            block_name = next(iter(self.block_of_task.values()), None)
+            return self._scores(self.adapted_features(inputs, block_name))
+        features = self.frozen_features(inputs)
+        if self.context.scenario == "task_incremental":
+            routes = batch["task_ids"].to(features.device)  # the protocol gives the task id
+        else:
+            routes = self.route(features)
+        self._routes.append(routes.cpu())
+        num_classes = self.model.head.num_classes if self.context.head.type == "linear" else self.model.prototypes.num_classes
+        scores = features.new_full((len(routes), num_classes), float("-inf"))
+        for task_index in routes.unique().tolist():
+            rows = (routes == task_index).nonzero().squeeze(1)
+            block_name = self.block_of_task[task_index]
+            group_features = self.adapted_features(_select(inputs, rows), block_name, features[rows] if block_name else None)
+            group_scores = self._scores(group_features).to(scores.dtype)
+            if self.options.restrict_to_routed_task:
+                allowed = torch.full_like(group_scores, float("-inf"))
+                allowed[:, self._task_classes(task_index)] = 0.0
+                group_scores = group_scores + allowed
+            scores[rows] = group_scores
+        return scores
+
+    def _scores(self, features: torch.Tensor) -> torch.Tensor:
+        assert self.model is not None
+        if self.context.head.type == "prototype":
+            return self.model.prototypes(features)
+        return self.model.head(features)
+
+    def _task_classes(self, task_index: int) -> list[int]:
+        return [class_id for slot_task, class_id in zip(self.slot_task, self.slot_class) if slot_task == task_index]
+
+    def after_evaluate_task(self, task: Task) -> None:
+        """Score the routes of the task just evaluated against its true index (after prediction, never during)."""
+        if not self._routes:
+            return
+        routes = torch.cat(self._routes)
+        self._routes = []
+        self.routing_counts[task.name] = [int((routes == task.index).sum()), len(routes)]
+
+    def task_metrics(self) -> dict[str, Any]:
+        """Routing accuracy of the last evaluation round (expand mode in class/domain-incremental runs)."""
+        if not self.routing_counts or self.context.scenario == "task_incremental":
+            return {}
+        correct = sum(count[0] for count in self.routing_counts.values())
+        total = sum(count[1] for count in self.routing_counts.values())
+        return {
+            "routing_accuracy": correct / total if total else None,
+            "routing_accuracy_per_task": {name: c / n if n else None for name, (c, n) in self.routing_counts.items()},
+        }
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"block_of_task": {str(k): v for k, v in self.block_of_task.items()}, "slot_task": self.slot_task}
+
+    # ----- accounting ----------------------------------------------------------------------------------
+    def block_parameter_count(self, block_name: str) -> int:
+        """|B_t|: the block's factors and base seeds on every slot plus its mapping net."""
+        count = sum(layer.blocks[block_name].parameter_count() for layer in self.layers.values())
+        if block_name in self.state.mapping:
+            count += sum(parameter.numel() for parameter in self.state.mapping[block_name].parameters())
+        return count
+
+    def mapping_is_zero(self, block_name: str) -> bool:
+        """True when the block's generated part is identically zero (then its update is static and mergeable)."""
+        return block_name not in self.state.mapping or self.state.mapping[block_name].is_zero()
+
+
+def _first(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    return next(iter(inputs.values()))
+
+
+def _select(inputs: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {key: value[rows] for key, value in inputs.items()}
+
+
+def _example_keys(inputs: dict[str, torch.Tensor]) -> list[bytes]:
+    """One exact key per example: its unpadded token ids (text) or its pixels (images)."""
+    if "input_ids" in inputs and "attention_mask" in inputs:
+        ids, mask = inputs["input_ids"].cpu(), inputs["attention_mask"].cpu().bool()
+        return [row[row_mask].numpy().tobytes() for row, row_mask in zip(ids, mask)]
+    tensor = _first(inputs).cpu()
+    return [row.numpy().tobytes() for row in tensor]
+
+
+__all__ = ["MappingNet", "MetaLora", "MetaLoraOptions", "resolve_metalora_targets"]
