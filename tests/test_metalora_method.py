@@ -1,0 +1,242 @@
+"""Method-level invariants of metalora on tiny-bert (spec metalora.md section 9): identity at each new task,
+block and trainable counts, frozen past, routing, seed layout, save/load, the CL modes and option errors."""
+
+import pytest
+import torch
+from helpers import tiny_config
+
+from loracl.backbones.classifier import ContinualClassifier
+from loracl.backbones.registry import load_backbone
+from loracl.config import HeadConfig, TrainConfig
+from loracl.data.stream import RawTask, build_stream
+from loracl.engine.loaders import SplitLoader
+from loracl.errors import ConfigError
+from loracl.methods.base import MethodContext
+from loracl.methods.registry import create_method
+
+ALPHABETS = ["abcde", "klmno", "vwxyz"]
+
+
+def separable_stream(scenario="class_incremental", per_class=6):
+    """Three tasks written in disjoint alphabets, so frozen features separate them."""
+    generator = torch.Generator().manual_seed(0)
+    tasks = []
+    for index, letters in enumerate(ALPHABETS):
+        def sample(count, offset):
+            pairs = []
+            for position in range(count):
+                picks = torch.randint(0, len(letters), (8,), generator=generator)
+                text = "".join(letters[i] for i in picks)
+                label = "yes" if position % 2 == 0 else "no"
+                pairs.append(((text + letters[0]) if label == "yes" else (text + letters[-1] * 3), label))
+            return pairs
+
+        tasks.append(RawTask(f"t{index}", ["yes", "no"], sample(2 * per_class, 0), sample(per_class, 1)))
+    return build_stream(tasks, scenario=scenario)
+
+
+def build(options=None, scenario="class_incremental", head="linear"):
+    backbone = load_backbone("tiny-bert", max_length=24, seed=0)
+    model = ContinualClassifier(backbone)
+    context = MethodContext(HeadConfig(type=head), TrainConfig(), seed=0, scenario=scenario, num_tasks=3)
+    method = create_method("metalora", {"mapping_width": 8, **(options or {})}, context)
+    method.attach(model)
+    return method, model
+
+
+def loader(method, split, task_index, shuffle=False):
+    return SplitLoader(split, method.model.backbone, 4, task_index, shuffle=shuffle)
+
+
+def train_task(method, task, steps=2):
+    method.begin_task(task)
+    parameters = method.trainable_parameters()
+    optimizer = torch.optim.AdamW(parameters, lr=5e-2)
+    for step, batch in enumerate(loader(method, task.train, task.index, shuffle=True)):
+        if step == steps:
+            break
+        logits = method.forward(batch)
+        loss = method.task_loss(logits, batch)
+        extra = method.extra_loss(batch, logits)
+        (loss if extra is None else loss + extra).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    method.end_task(task, loader(method, task.train, task.index))
+
+
+def probe_batch(method, stream):
+    return next(iter(loader(method, stream.tasks[0].test, 0)))
+
+
+def test_identity_at_every_new_task_and_trainable_count():
+    stream = separable_stream()
+    method, model = build()
+    batch = probe_batch(method, stream)
+    base = method.frozen_features(batch["inputs"])
+    for task in stream.tasks:
+        method.begin_task(task)
+        block = method.block_of_task[task.index]
+        assert torch.equal(method.adapted_features(batch["inputs"], block), base)
+        trainable = sum(p.numel() for p in method.trainable_parameters())
+        head_rows = len(task.class_ids) * (32 + 1)
+        assert trainable == method.block_parameter_count(block) + head_rows
+        method.end_task(task, loader(method, task.train, task.index))
+    # 4 slots (q, v of 2 layers, 32 -> 32), CP R = 8, mapping 32 -> 8 -> 4 * 8
+    assert method.block_parameter_count("task_0") == 4 * (8 * 64 + 8) + (2 * 32 + 32 * 8 + 8 + 8 * 32 + 32)
+
+
+def test_seed_layout_is_module_order():
+    for options, per_slot in [({}, 8), ({"decomposition": "tr"}, 9), ({"decomposition": "tr", "tr_seed": "diag"}, 3)]:
+        method, _ = build(options)
+        names = list(method.layers)
+        assert names == sorted(names, key=lambda name: (int(name.split(".")[2]), name.endswith("value")))
+        assert all(name.endswith(("query", "value")) for name in names) and len(names) == 4
+        assert method.seed_sizes() == [per_slot] * 4
+        task = separable_stream().tasks[0]
+        method.begin_task(task)
+        assert method.state.mapping["task_0"].out.out_features == 4 * per_slot
+
+
+def test_frozen_past_is_bit_identical_and_routing_is_right():
+    stream = separable_stream()
+    method, model = build()
+    batch = probe_batch(method, stream)
+    base = method.frozen_features(batch["inputs"])
+    train_task(method, stream.tasks[0])
+    route_0 = method.adapted_features(batch["inputs"], "task_0")
+    assert not torch.equal(route_0, base)  # the block learned something
+    block_0 = {key: value.clone() for key, value in method.state_dict().items() if "task_0" in key}
+    for task in stream.tasks[1:]:
+        train_task(method, task)
+    assert torch.equal(method.adapted_features(batch["inputs"], "task_0"), route_0)
+    assert all(torch.equal(value, method.state_dict()[key]) for key, value in block_0.items())
+    assert torch.equal(method.frozen_features(batch["inputs"]), base)
+    # routing the training samples of well separated tasks
+    correct = total = 0
+    for task in stream.tasks:
+        for train_batch in loader(method, task.train, task.index):
+            routes = method.route(method.frozen_features(train_batch["inputs"]))
+            correct += int((routes == task.index).sum())
+            total += len(routes)
+    assert correct / total >= 0.99
+
+
+def test_class_incremental_predict_never_reads_task_ids_and_scores_routing():
+    stream = separable_stream()
+    method, _ = build()
+    for task in stream.tasks:
+        train_task(method, task, steps=1)
+    for task in stream.tasks:
+        batch = next(iter(loader(method, task.test, task.index)))
+        without_ids = {"inputs": batch["inputs"], "labels": batch["labels"]}
+        scores = method.predict(without_ids)
+        routed = method._routes[-1]
+        allowed = torch.isfinite(scores)
+        for row, route in enumerate(routed.tolist()):  # only the routed task's classes can win
+            assert allowed[row].nonzero().squeeze(1).tolist() == stream.tasks[route].class_ids
+        method.after_evaluate_task(task)
+    metrics = method.task_metrics()
+    assert metrics["routing_accuracy"] >= 0.99 and set(metrics["routing_accuracy_per_task"]) == {"t0", "t1", "t2"}
+
+
+def test_task_incremental_uses_given_task_id():
+    stream = separable_stream("task_incremental")
+    method, _ = build(scenario="task_incremental")
+    for task in stream.tasks:
+        train_task(method, task, steps=1)
+    batch = next(iter(loader(method, stream.tasks[0].test, 0)))
+    batch["task_ids"] = torch.full_like(batch["task_ids"], 2)  # the router would say 0
+    method.predict(batch)
+    assert method._routes[-1].tolist() == [2] * len(batch["labels"])
+
+
+def test_predictions_are_per_sample():
+    stream = separable_stream()
+    method, _ = build({"decomposition": "tr"})
+    for task in stream.tasks:
+        train_task(method, task, steps=1)
+    batch = next(iter(SplitLoader(stream.tasks[1].test, method.model.backbone, 6, 1)))
+    together = method.predict(batch)
+    for row in range(len(batch["labels"])):
+        single = {"inputs": {key: value[row : row + 1] for key, value in batch["inputs"].items()}}
+        torch.testing.assert_close(method.predict(single), together[row : row + 1], atol=1e-5, rtol=0)
+    permutation = torch.randperm(len(batch["labels"]), generator=torch.Generator().manual_seed(0))
+    shuffled = {"inputs": {key: value[permutation] for key, value in batch["inputs"].items()}}
+    torch.testing.assert_close(method.predict(shuffled), together[permutation], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("options", [{}, {"decomposition": "tr", "router": "mahalanobis"}])
+def test_save_load_round_trip_reproduces_every_route(options):
+    stream = separable_stream()
+    method, _ = build(options)
+    for task in stream.tasks[:2]:
+        train_task(method, task, steps=1)
+    state, extra = method.state_dict(), method.extra_state()
+    restored, _ = build(options)
+    restored.restore_structure(stream.tasks[:2])
+    restored.load_state_dict(state)
+    restored.load_extra_state(extra)
+    assert restored.seed_sizes() == method.seed_sizes() and restored.slot_task == method.slot_task
+    batch = probe_batch(method, stream)
+    for block in ("task_0", "task_1"):
+        assert torch.equal(restored.adapted_features(batch["inputs"], block), method.adapted_features(batch["inputs"], block))
+    plain = {"inputs": batch["inputs"]}
+    assert torch.equal(restored.predict(plain), method.predict(plain))
+    # per-task storage: the block's parameters in fp32 plus its routing rows
+    per_block = sum(v.numel() * 4 for k, v in state.items() if "task_1" in k)
+    assert per_block == method.block_parameter_count("task_1") * 4
+
+
+def test_shared_mode_distils_seeds_and_keeps_one_block():
+    stream = separable_stream()
+    method, _ = build({"cl_mode": "shared", "lambda_sd": 1.0})
+    train_task(method, stream.tasks[0], steps=3)
+    method.begin_task(stream.tasks[1])
+    assert method.block_names() == ["shared"] and method.old_mapping is not None
+    batch = next(iter(loader(method, stream.tasks[1].train, 1)))
+    logits = method.forward(batch)
+    assert method.extra_loss(batch, logits).item() == pytest.approx(0.0, abs=1e-12)  # same generator so far
+    with torch.no_grad():
+        method.state.mapping["shared"].out.bias.add_(0.5)
+    logits = method.forward(batch)
+    assert method.extra_loss(batch, logits).item() > 0
+    naive, _ = build({"cl_mode": "naive"})
+    train_task(naive, stream.tasks[0], steps=1)
+    naive.begin_task(stream.tasks[1])
+    assert naive.extra_loss(batch, naive.forward(batch)) is None and naive.block_names() == ["shared"]
+
+
+def test_joint_mode_trains_jointly_and_static_control_has_no_mapping_net():
+    method, _ = build({"cl_mode": "joint"})
+    assert method.trains_jointly
+    static, _ = build({"generate": False})
+    stream = separable_stream()
+    train_task(static, stream.tasks[0], steps=1)
+    assert len(static.state.mapping) == 0 and static.mapping_is_zero("task_0")
+    layer = next(iter(static.layers.values()))
+    layer.active_block = "task_0"
+    layer.merge()  # static update: mergeable
+    layer.unmerge()
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("decomposition", "tucker"),
+        ("cp_rank", 0),
+        ("tr_rank", 0),
+        ("tr_seed", "half"),
+        ("cp_conv_modes", 2),
+        ("init", "random"),
+        ("mapping_width", 0),
+        ("cl_mode", "replay"),
+        ("lambda_sd", -1.0),
+        ("router", "soft"),
+        ("mahalanobis_shrinkage", 2.0),
+        ("alpha", 0.0),
+        ("no_such_knob", 1),
+    ],
+)
+def test_bad_option_values_name_the_key(key, value):
+    with pytest.raises(ConfigError, match=key):
+        tiny_config({"name": "metalora", key: value})
