@@ -205,7 +205,7 @@ class OaAdapter(Method):
     def record_budget(self, task: Task) -> None:
         branches = self.current_branches()
         self.budgets[task.name] = {site: branch.r_eff() for site, branch in branches.items()}
-        self.thresholds[task.name] = {site: float(branch.threshold) for site, branch in branches.items()}
+        self.thresholds[task.name] = {site: branch.threshold.item() for site, branch in branches.items()}
 
     # ----- inference ---------------------------------------------------------------------------------
     @torch.no_grad()

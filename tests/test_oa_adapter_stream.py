@@ -1,0 +1,52 @@
+"""oa_adapter end to end on tiny streams through the real engine: results, determinism, resume, ViT, ablations."""
+
+import json
+import shutil
+
+from helpers import tiny_config, tiny_digits_stream, tiny_text_stream
+
+from loracl.engine import run_experiment
+
+
+def test_tiny_text_stream_records_budgets_is_deterministic_and_resumes(tmp_path):
+    stream = tiny_text_stream(3, train=16, test=8)
+    config = tiny_config({"name": "oa_adapter", "rank": 4})
+    [first] = run_experiment(config, tmp_path / "a", stream=stream)
+    results = first.results
+    matrix = results["accuracy_matrix"]
+    assert len(matrix) == 3 and all(0.0 <= matrix[i][j] <= 1.0 for i in range(3) for j in range(i + 1))
+    metrics = results["method_metrics"]
+    assert list(metrics["r_eff"]) == ["t0", "t1", "t2"]
+    assert all(len(budget) == len(metrics["sites"]) and all(0 <= r <= 4 for r in budget) for budget in metrics["r_eff"].values())
+    assert results["per_task"][-1]["method_state"]["r_eff"]["t2"] == dict(zip(metrics["sites"], metrics["r_eff"]["t2"]))
+    assert all(active <= metrics["max_adapter_params_per_task"] for active in metrics["active_adapter_params_per_task"])
+    saved = json.loads((tmp_path / "a" / "oa_adapter" / "results.json").read_text())
+    assert saved["method_metrics"]["r_eff"] == metrics["r_eff"]
+
+    [second] = run_experiment(config, None, stream=stream)  # same seed, no checkpoints
+    assert second.results["method_metrics"]["r_eff"] == metrics["r_eff"]
+    assert second.results["accuracy_matrix"] == matrix
+    first_state, second_state = first.method.state_dict(), second.method.state_dict()
+    assert all(first_state[key].shape == second_state[key].shape for key in first_state)
+
+    shutil.rmtree(tmp_path / "a" / "oa_adapter" / "checkpoints" / "task_2")
+    [resumed] = run_experiment(config, tmp_path / "a", stream=stream)  # restores pruned task 0 and 1, trains task 2
+    assert resumed.results["accuracy_matrix"] == matrix
+    assert resumed.results["method_metrics"]["r_eff"] == metrics["r_eff"]
+
+
+def test_digits_vit_base_session_and_ablation_rows(tmp_path):
+    stream = tiny_digits_stream(3, max_train=16, max_test=8)
+    entries = [
+        {"name": "oa_adapter", "rank": 4},
+        {"name": "oa_adapter", "rank": 4, "orth_lambda": 0.0, "label": "oa_adapter_no_orth"},
+        {"name": "oa_adapter", "rank": 4, "budget": "fixed", "label": "oa_adapter_fixed_budget"},
+    ]
+    config = tiny_config(entries, backbone="tiny-vit", train={"base_session_epochs": 1, "epochs": 1})
+    results = {result.label: result.results for result in run_experiment(config, tmp_path, stream=stream)}
+    assert set(results) == {"oa_adapter", "oa_adapter_no_orth", "oa_adapter_fixed_budget"}
+    for result in results.values():
+        assert list(result["method_metrics"]["r_eff"]) == ["digits_2_3", "digits_4_5"]  # task 0 was the base session
+        assert len(result["accuracy_matrix"]) == 3
+    fixed = results["oa_adapter_fixed_budget"]["method_metrics"]
+    assert all(r == 4 for budget in fixed["r_eff"].values() for r in budget)
