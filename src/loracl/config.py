@@ -51,6 +51,7 @@ class StreamConfig(StrictModel):
     max_train_per_task: int | None = Field(default=None, ge=1)
     max_test_per_task: int | None = Field(default=None, ge=1)
     shuffle_task_order: bool = False
+    max_tasks: int | None = Field(default=None, ge=1)  # keep only the first N tasks (after ordering)
     classes_per_task: int = Field(default=2, ge=1)  # for sources without named tasks (digits)
     test_fraction: Float = Field(default=0.2, gt=0.0, lt=1.0)  # for sources without a test split
     text_column: str = "text"  # hf source

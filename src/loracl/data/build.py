@@ -56,6 +56,8 @@ def load_stream(config: StreamConfig, seed: int = 0) -> Stream:
         description = f"image_folder {config.path}"
     else:  # pragma: no cover - the config type admits only the names above
         raise ConfigError(f"stream.source: unknown source {config.source!r}")
+    if config.max_tasks is not None:
+        raw = raw[: config.max_tasks]
     return build_stream(
         raw,
         scenario=config.scenario,

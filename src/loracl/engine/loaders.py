@@ -25,6 +25,8 @@ class SplitLoader:
         seed: int = 0,
         device: torch.device | str = "cpu",
         sort_by_length: bool = False,
+        split_name: str = "train",
+        task_name: str = "",
     ) -> None:
         self.split = split
         self.backbone = backbone
@@ -34,6 +36,8 @@ class SplitLoader:
         self.seed = seed
         self.device = device
         self.sort_by_length = sort_by_length
+        self.split_name = split_name
+        self.task_name = task_name
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -58,4 +62,6 @@ class SplitLoader:
                 "inputs": {key: value.to(self.device) for key, value in inputs.items()},
                 "labels": torch.tensor([self.split.labels[i] for i in indices], device=self.device),
                 "task_ids": torch.full((len(indices),), self.task_index, device=self.device),
+                # (task, split, position) identifies an example, so methods can cache per-example features
+                "example_keys": [(self.task_name, self.split_name, int(i)) for i in indices],
             }

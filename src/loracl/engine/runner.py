@@ -126,16 +126,18 @@ class MethodRun:
         context = MethodContext(self.head, self.train, self.config.seed, self.stream.scenario, len(self.stream))
         return create_method(self.entry.name, self.entry.options, context)
 
-    def loader(self, split: Split, task_index: int, train: bool) -> SplitLoader:
+    def loader(self, split: Split, task: Task, train: bool, split_name: str | None = None) -> SplitLoader:
         return SplitLoader(
             split,
             self.model.backbone,
             self.train.batch_size if train else self.train.eval_batch_size,
-            task_index,
+            task.index,
             shuffle=train,
             seed=self.config.seed,
             device=self.device,
             sort_by_length=not train,
+            split_name=split_name or ("train" if train else "test"),
+            task_name=task.name,
         )
 
     # ----- training ----------------------------------------------------------------------------------
@@ -155,7 +157,7 @@ class MethodRun:
             return {"train_samples": 0, "steps": 0, "train_s": 0.0, "trainable_params": 0}
         optimizer = torch.optim.AdamW(groups, weight_decay=self.train.weight_decay)
         optimizer = self.accelerator.prepare_optimizer(optimizer)
-        loader = self.loader(task.train, task.index, train=True)
+        loader = self.loader(task.train, task, train=True)
         self.model.train()
         self.model.backbone.eval()  # no dropout in the frozen backbone's own layers unless a method wants it
         accumulation = self.train.gradient_accumulation_steps
@@ -220,7 +222,7 @@ class MethodRun:
         started = time.perf_counter()
         for task in tasks:
             correct = 0
-            for batch in self.loader(task.test, task.index, train=False):
+            for batch in self.loader(task.test, task, train=False):
                 scores = method.predict(batch).float()
                 if self.stream.scenario == "task_incremental":
                     allowed = torch.full_like(scores, float("-inf"))
@@ -292,12 +294,12 @@ class MethodRun:
         if task.index == 0 and base_session:
             train_stats = self.base_session(task)
             method.attach(self.model)
-            method.absorb_base_session(task, self.loader(task.train, 0, train=False))
+            method.absorb_base_session(task, self.loader(task.train, task, train=False, split_name="train"))
         else:
             method.begin_task(task)
-            method.prepare_task(task, self.loader(task.train, task.index, train=False))
+            method.prepare_task(task, self.loader(task.train, task, train=False, split_name="train"))
             train_stats = self.train_task(method, task, self.train.epochs, self.train.lr, description)
-            method.end_task(task, self.loader(task.train, task.index, train=False))
+            method.end_task(task, self.loader(task.train, task, train=False, split_name="train"))
         evaluation = self.evaluate(method, tasks[: task.index + 1])
         row = evaluation[0] + [None] * (len(tasks) - task.index - 1)
         self.records.append(self.task_record(method, task, row, train_stats, evaluation))
@@ -311,7 +313,7 @@ class MethodRun:
         method.attach(self.model)
         method.begin_task(joint)
         train_stats = self.train_task(method, joint, self.train.epochs, self.train.lr, f"{self.entry.run_label} all tasks")
-        method.end_task(joint, self.loader(joint.train, 0, train=False))
+        method.end_task(joint, self.loader(joint.train, joint, train=False, split_name="train"))
         evaluation = self.evaluate(method, self.stream.tasks)
         self.records.append(self.task_record(method, joint, evaluation[0], train_stats, evaluation))
         self.checkpoint(method, 0, with_backbone=base_session)
