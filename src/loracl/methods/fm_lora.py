@@ -55,7 +55,7 @@ class FmLoraOptions(MethodOptions):
     prompt_key_temperature: Float = Field(default=10.0, gt=0.0)  # kappa in softmax(kappa * cos(q, k_j))
     prompt_init_std: Float = Field(default=0.02, gt=0.0)
     prompt_anchor_weight: Float = Field(default=0.1, ge=0.0)  # lambda_P (0 on the first trained task)
-    meta_step: Float = Field(default=1.0, gt=0.0, le=1.0)  # epsilon of the Reptile-style prompt update
+    meta_step: Float = Field(default=1.0, ge=0.0, le=1.0)  # epsilon of the Reptile-style prompt update (0: P fixed after task 1)
     # cores, head, regularisers
     keep_task_cores: bool = True
     core_orth_weight: Float = Field(default=0.0, ge=0.0)  # lambda_orth; needs keep_task_cores

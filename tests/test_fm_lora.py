@@ -1,0 +1,222 @@
+"""fm_lora method invariants (specs/fm-lora.md section 9): DRS masks, H, prompt, parameter count, options."""
+
+import math
+
+import pytest
+import torch
+from helpers import tiny_config, tiny_text_stream
+
+from loracl.backbones.classifier import ContinualClassifier
+from loracl.backbones.registry import load_backbone
+from loracl.config import validate_config
+from loracl.errors import ConfigError
+from loracl.methods.base import MethodContext
+from loracl.methods.fm_lora import spectral_complexity, subspace_overlap
+from loracl.methods.registry import create_method
+
+
+def _method(backbone: str = "tiny-bert", **options):
+    config = tiny_config("seq_lora", backbone=backbone)
+    model = ContinualClassifier(load_backbone(backbone))
+    method = create_method("fm_lora", {"rank": 4, "prompt_len": 2, "complexity_samples": 16, **options}, MethodContext(config.head, config.train, 0))
+    method.attach(model)
+    return method, model
+
+
+def _batch(model, task):
+    inputs = model.backbone.collate(task.train.inputs[:8])
+    return {"inputs": inputs, "labels": torch.tensor(task.train.labels[:8])}
+
+
+STREAM = tiny_text_stream(2)
+
+
+def test_identity_at_attach_without_prompt_and_prompt_changes_features():
+    task = STREAM.tasks[0]
+    model = ContinualClassifier(load_backbone("tiny-bert"))
+    inputs = _batch(model, task)["inputs"]
+    before = model.features(inputs)
+    method, _ = _method(prompt_len=0)
+    assert torch.equal(method.model.features(inputs), before)
+    prompted, _ = _method(prompt_len=3, prompt_init_std=1.0)
+    after = prompted.model.features(inputs)
+    assert after.shape == before.shape and not torch.allclose(after, before, atol=1e-4)
+
+
+@pytest.mark.parametrize("pooling_backbone", ["tiny-bert", "tiny-vit"])
+def test_prompt_tokens_never_reach_the_output_and_padding_is_respected(pooling_backbone):
+    method, model = _method(pooling_backbone, prompt_len=3, prompt_init_std=1.0)
+    captured = {}
+    handle = model.backbone.model.register_forward_hook(lambda m, a, out: captured.update(tokens=out.last_hidden_state.shape[1]))
+    if pooling_backbone == "tiny-bert":
+        texts = ["ab", "a much longer sentence"]
+        inputs = model.backbone.collate(texts)
+        alone = model.features(model.backbone.collate(texts[:1]))
+        batched = model.features(inputs)
+        assert torch.allclose(batched[0], alone[0], atol=1e-5)  # the mask extension keeps padding masked
+        expected_tokens = inputs["input_ids"].shape[1]
+    else:
+        images = [torch.rand(1, 8, 8).numpy() for _ in range(2)]
+        model.features(model.backbone.collate(images))
+        expected_tokens = 1 + (8 // 2) ** 2
+    handle.remove()
+    assert captured["tokens"] == expected_tokens
+
+
+def test_identity_at_task_start_after_a_finished_task():
+    method, model = _method()
+    first, second = STREAM.tasks
+    batch = _batch(model, first)
+    method.begin_task(first)
+    method.prepare_task(first, [])
+    with torch.no_grad():
+        for layer in method.layers.values():
+            layer.core_N.normal_()
+    method.end_task(first, [])
+    model.eval()
+    before = model.features(batch["inputs"])
+    method.begin_task(second)
+    method.prepare_task(second, [])
+    for rank in method.candidate_ranks:
+        for layer in method.layers.values():
+            layer.rank_mask = method.prefix_mask(rank)
+        assert torch.allclose(model.features(batch["inputs"]), before, atol=1e-6)
+
+
+def test_drs_masks_temperature_commit_and_bias_gradient():
+    method, model = _method(rank_loss_weight=0.5)
+    task = STREAM.tasks[0]
+    method.begin_task(task)
+    method.prepare_task(task, [])
+    method.total_steps = 20
+    model.train()
+    for step in range(12):  # before the commit phase (the last 10 %)
+        method.step = step
+        mask = method.sample_mask()
+        assert set(mask.detach().tolist()) <= {0.0, 1.0}
+        ones = int(mask.sum())
+        assert ones in method.candidate_ranks and torch.equal(mask.detach(), method.prefix_mask(ones))
+    loss = method.extra_loss(_batch(model, task), None)
+    loss.backward()
+    assert method.state.drs_bias.grad is not None and method.state.drs_bias.grad.abs().sum() > 0
+    temperatures = [method.temperature(step) for step in range(21)]
+    assert all(a >= b for a, b in zip(temperatures, temperatures[1:]))
+    assert math.isclose(temperatures[10], method.options.tau_min) and math.isclose(temperatures[20], method.options.tau_min)
+    method.step = 19
+    assert method.in_commit_phase()
+    expected = method.candidate_ranks[int(method.selector_logits().argmax())]
+    assert torch.equal(method.sample_mask(), method.prefix_mask(expected))
+    method.end_task(task, [])
+    assert method.chosen_ranks == [expected]
+
+
+def test_deterministic_drs_picks_the_nearest_rank_and_off_uses_r():
+    method, _ = _method(drs="deterministic")
+    task = STREAM.tasks[0]
+    method.begin_task(task)
+    method.prepare_task(task, [])
+    complexity = method.complexity[-1]["H"]
+    nearest = min(method.candidate_ranks, key=lambda rank: abs(rank / 4 - complexity))
+    assert not method.state.drs_bias.requires_grad
+    method.end_task(task, [])
+    assert method.chosen_ranks == [nearest]
+    off, _ = _method(drs="off")
+    off.begin_task(task)
+    off.prepare_task(task, [])
+    off.end_task(task, [])
+    assert off.chosen_ranks == [4]
+
+
+def test_complexity_measure_properties():
+    generator = torch.Generator().manual_seed(0)
+    h_spec, _ = spectral_complexity(torch.randn(4000, 16, generator=generator))
+    assert 0.95 < h_spec <= 1.0
+    low_rank = torch.randn(500, 2, generator=generator) @ torch.randn(2, 16, generator=generator)
+    assert spectral_complexity(low_rank)[0] < 0.5
+    method, _ = _method(complexity_samples=1024)  # all 24 examples, so a copy of the task has the same covariance
+    task = STREAM.tasks[0]
+    first = method.measure_task(task)
+    assert first["h_sim"] == 1.0
+    again = method.measure_task(task.__class__("copy", 5, task.class_ids, task.train, task.test))
+    assert again["h_sim"] == pytest.approx(0.0, abs=1e-5)  # identical data: same subspace
+    basis = torch.linalg.qr(torch.randn(16, 4, generator=generator))[0]
+    assert subspace_overlap(basis, basis) == pytest.approx(1.0)
+
+
+def test_trainable_parameter_count_matches_the_formula():
+    method, model = _method(prompt_len=3)
+    task = STREAM.tasks[0]
+    method.begin_task(task)
+    method.prepare_task(task, [])
+    groups = method.parameter_groups(1e-3, 1e-2)
+    counted = sum(parameter.numel() for group in groups for parameter in group["params"])
+    layers, rank, hidden = len(method.layers), 4, model.backbone.hidden_size
+    expected = layers * 2 * rank * rank + 3 * hidden + len(method.candidate_ranks) + (hidden + 1) * len(task.class_ids)
+    assert counted == expected
+    assert any(group["lr"] == pytest.approx(1e-2) and group["params"] == [method.state.drs_bias] for group in groups)
+    trainable = {id(parameter) for parameter in model.parameters() if parameter.requires_grad}
+    assert trainable == {id(parameter) for group in groups for parameter in group["params"]}
+
+
+@pytest.mark.parametrize("step, expected_equal_to", [(1.0, "trained"), (0.0, "anchor"), (0.5, "half")])
+def test_meta_prompt_update(step, expected_equal_to):
+    method, _ = _method(meta_step=step)
+    task = STREAM.tasks[0]
+    method.begin_task(task)
+    method.prepare_task(task, [])
+    anchor = method.state.prompt.prompts.detach().clone()
+    with torch.no_grad():
+        method.state.prompt.prompts.add_(1.0)
+    trained = method.state.prompt.prompts.detach().clone()
+    method.end_task(task, [])
+    after = method.state.prompt.prompts.detach()
+    target = {"trained": trained, "anchor": anchor, "half": anchor + 0.5}[expected_equal_to]
+    assert torch.allclose(after, target, atol=1e-6)
+
+
+def test_prompt_anchor_loss_only_after_the_first_task():
+    method, model = _method(rank_loss_weight=0.0)
+    first, second = STREAM.tasks
+    method.begin_task(first)
+    method.prepare_task(first, [])
+    assert method.extra_loss(_batch(model, first), None) is None
+    method.end_task(first, [])
+    method.begin_task(second)
+    method.prepare_task(second, [])
+    with torch.no_grad():
+        method.state.prompt.prompts.add_(0.5)
+    loss = method.extra_loss(_batch(model, second), None)
+    expected = method.options.prompt_anchor_weight * 0.25 * method.state.prompt.prompts.numel()
+    assert loss.item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_dynamic_prompt_components_are_input_conditioned():
+    method, model = _method(prompt_components=3, prompt_init_std=1.0)
+    prompt = method.state.prompt
+    embedded = torch.randn(2, 5, model.backbone.hidden_size)
+    mixed = prompt.current(embedded)
+    assert mixed.shape == (2, 2, model.backbone.hidden_size)
+    assert not torch.allclose(mixed[0], mixed[1])
+
+
+@pytest.mark.parametrize(
+    "options, key",
+    [
+        ({"rank": 0}, "rank"),
+        ({"candidate_ranks": [4, 2]}, "candidate_ranks"),
+        ({"candidate_ranks": [2, 16]}, "candidate_ranks"),
+        ({"tau_min": 2.0}, "tau_min"),
+        ({"anneal_fraction": 0.95, "commit_fraction": 0.1}, "anneal_fraction"),
+        ({"shared_basis": "pca"}, "shared_basis"),
+        ({"drs": "sometimes"}, "drs"),
+        ({"prompt_len": -1}, "prompt_len"),
+        ({"meta_step": 1.5}, "meta_step"),
+        ({"core_orth_weight": 0.1, "keep_task_cores": False}, "core_orth_weight"),
+        ({"spectral_weight": 0.0, "similarity_weight": 0.0}, "spectral_weight"),
+        ({"head_init": "normal"}, "head_init"),
+        ({"ranks": 4}, "ranks"),
+    ],
+)
+def test_bad_options_name_the_key(options, key):
+    with pytest.raises(ConfigError, match=key):
+        validate_config({"backbone": {"name": "tiny-bert"}, "method": [{"name": "fm_lora", **options}]})

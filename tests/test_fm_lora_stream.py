@@ -1,0 +1,94 @@
+"""fm_lora through the real engine: tiny streams, stored ranks, freezing, storage formula, resume, ViT."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from helpers import tiny_config, tiny_digits_stream, tiny_text_stream
+from safetensors.torch import load_file
+
+from loracl.engine import run_experiment
+from loracl.engine.checkpoint import STATE_FILE
+
+OPTIONS = {"name": "fm_lora", "rank": 4, "prompt_len": 2, "complexity_samples": 16}
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fm_text")
+    [result] = run_experiment(tiny_config(OPTIONS), out, stream=tiny_text_stream(3))
+    return out, result
+
+
+def test_text_stream_records_ranks_and_reports(text_run):
+    out, result = text_run
+    results = result.results
+    assert len(results["accuracy_matrix"]) == 3
+    ranks = [record["method_state"]["chosen_ranks"] for record in results["per_task"]]
+    assert [len(r) for r in ranks] == [1, 2, 3] and all(rank in (1, 2, 3, 4) for rank in ranks[-1])
+    assert list(results["method_metrics"]["chosen_ranks"].values()) == ranks[-1]
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["runs"][0]["method_metrics"]["chosen_ranks"] == results["method_metrics"]["chosen_ranks"]
+
+
+def test_earlier_cores_bases_and_head_rows_stay_frozen(text_run):
+    out, result = text_run
+    after_first = load_file(str(out / "fm_lora" / "checkpoints" / "task_0" / STATE_FILE))
+    final = result.method.state_dict()
+    frozen = [key for key in after_first if "kept_cores" in key or "shared_" in key or key.startswith("head.")]
+    assert any("kept_cores" in key for key in frozen) and any("shared_A" in key for key in frozen)
+    for key in frozen:
+        assert torch.equal(after_first[key], final[key].cpu()), key
+    changed = [key for key in after_first if key.endswith("accumulated_core")]
+    assert changed and any(not torch.equal(after_first[key], final[key].cpu()) for key in changed)
+
+
+def test_stored_bytes_per_task_follow_the_formula(text_run):
+    _, result = text_run
+    method = result.method
+    hidden = method.model.backbone.hidden_size
+    for record, size, task_rank in zip(result.results["per_task"][1:], result.results["stored_bytes_per_task"][1:], method.chosen_ranks[1:]):
+        classes = 2
+        expected = 4 * (len(method.layers) * 2 * 4 * task_rank + hidden * 8 + (hidden + 1) * classes)
+        assert size == expected, record["task"]
+    trainable = result.results["trainable_params_per_task"]
+    assert trainable[0] == len(method.layers) * 2 * 16 + 2 * hidden + 4 + (hidden + 1) * 2
+
+
+def test_resume_gives_the_same_results(text_run, tmp_path):
+    out, result = text_run
+    copy = tmp_path / "resumed"
+    shutil.copytree(out, copy)
+    shutil.rmtree(copy / "fm_lora" / "checkpoints" / "task_2")
+    [resumed] = run_experiment(tiny_config(OPTIONS), copy, stream=tiny_text_stream(3))
+    assert resumed.accuracy_matrix == result.accuracy_matrix
+    assert resumed.method.chosen_ranks == result.method.chosen_ranks
+    original, again = result.method.state_dict(), resumed.method.state_dict()
+    assert original.keys() == again.keys()
+    assert all(torch.equal(original[key], again[key]) for key in original)
+
+
+def test_predict_needs_no_task_id_and_merge_keeps_predictions(text_run):
+    _, result = text_run
+    method = result.method
+    stream = tiny_text_stream(3)
+    inputs = method.model.backbone.collate(stream.tasks[0].test.inputs[:6])
+    scores = method.predict({"inputs": inputs})
+    assert scores.shape == (6, method.model.head.num_classes)
+    for layer in method.layers.values():
+        layer.merge()
+    assert torch.allclose(method.predict({"inputs": inputs}), scores, atol=1e-5)
+    for layer in method.layers.values():
+        layer.unmerge()
+
+
+def test_digits_vit_with_base_session_and_learned_bases(tmp_path):
+    config = tiny_config(
+        {**OPTIONS, "shared_basis": "learn_first_task"}, backbone="tiny-vit", train={"base_session_epochs": 1, "epochs": 1}
+    )
+    [result] = run_experiment(config, tmp_path, stream=tiny_digits_stream(3, max_train=24, max_test=12))
+    ranks = result.results["method_metrics"]["chosen_ranks"]
+    assert len(ranks) == 2 and list(ranks.values())[0] == 4  # DRS is off while the bases learn
+    assert result.results["method_metrics"]["adapted_layers"] == 4  # q and v of 2 blocks
+    assert all(not layer.shared_A.requires_grad for layer in result.method.layers.values())
