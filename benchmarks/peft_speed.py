@@ -1,0 +1,126 @@
+"""Training samples/s of loracl's seq_lora LoRA against PEFT's LoRA, and merged-adapter inference against the bare model.
+
+Both sides: all-MiniLM-L6-v2, rank 8 / alpha 16 on query and value, batch 16, max length 64, the same batches,
+the same mean-pooling + linear head + cross-entropy + AdamW step. Measurements are interleaved in one process
+(ours, PEFT, ours, PEFT, ...) so that machine load affects both alike; the figure is the median over rounds.
+
+    python benchmarks/peft_speed.py [--rounds 7] [--steps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import write_section  # noqa: E402
+
+from loracl.adapters import LoraLayer, inject_adapters, merge_adapters  # noqa: E402
+from loracl.backbones.base import mean_pool  # noqa: E402
+from loracl.backbones.registry import load_backbone  # noqa: E402
+from loracl.data.sources.json_dir import load_json_dir  # noqa: E402
+from loracl.resources import quickstart_data_dir  # noqa: E402
+
+RANK, ALPHA, BATCH, LENGTH = 8, 16.0, 16, 64
+
+
+def batches(tokenizer, count: int) -> list[dict[str, torch.Tensor]]:
+    [task] = load_json_dir(quickstart_data_dir(), ["sst2"])
+    texts = [text for text, _ in task.train]
+    out = []
+    for index in range(count):
+        chunk = texts[(index * BATCH) % len(texts) :][:BATCH]
+        encoded = tokenizer(chunk, padding="max_length", truncation=True, max_length=LENGTH, return_tensors="pt")
+        out.append({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]})
+    return out
+
+
+def make_step(model, head, parameters):
+    optimizer = torch.optim.AdamW(parameters, lr=1e-4)
+    labels = torch.zeros(BATCH, dtype=torch.long)
+
+    def step(batch):
+        hidden = model(**batch).last_hidden_state
+        loss = F.cross_entropy(head(mean_pool(hidden, batch["attention_mask"])), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def timed(function, items) -> float:
+    started = time.perf_counter()
+    for item in items:
+        function(item)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args()
+    from peft import LoraConfig, get_peft_model
+
+    backbone = load_backbone("minilm-l6")
+    data = batches(backbone.tokenizer, args.steps)
+    bare = backbone.model
+    ours = copy.deepcopy(bare)
+    layers = inject_adapters(ours, ["query", "value"], lambda module, name: LoraLayer(module, name))
+    for layer in layers.values():
+        layer.add_branch("default", RANK, ALPHA)
+    theirs = get_peft_model(copy.deepcopy(bare), LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["query", "value"]))
+    heads = [torch.nn.Linear(384, 2) for _ in range(2)]
+    our_step = make_step(ours, heads[0], [p for p in ours.parameters() if p.requires_grad] + list(heads[0].parameters()))
+    their_step = make_step(theirs, heads[1], [p for p in theirs.parameters() if p.requires_grad] + list(heads[1].parameters()))
+    ours.train(), theirs.train()
+    for step in (our_step, their_step):  # warm-up
+        timed(step, data[:2])
+    ours_s, theirs_s = [], []
+    for round_index in range(args.rounds):
+        pair = [(our_step, ours_s), (their_step, theirs_s)]
+        for step, store in pair if round_index % 2 == 0 else pair[::-1]:
+            store.append(timed(step, data))
+    samples = args.steps * BATCH
+    ours_rate, theirs_rate = samples / statistics.median(ours_s), samples / statistics.median(theirs_s)
+
+    merge_adapters(ours)
+    ours.eval(), bare.eval()
+    with torch.inference_mode():
+        forward = lambda model: (lambda batch: model(**batch))  # noqa: E731
+        for model in (ours, bare):
+            timed(forward(model), data[:2])
+        merged_s, bare_s = [], []
+        for round_index in range(args.rounds):
+            pair = [(ours, merged_s), (bare, bare_s)]
+            for model, store in pair if round_index % 2 == 0 else pair[::-1]:
+                store.append(timed(forward(model), data))
+    eval_ratio = statistics.median(merged_s) / statistics.median(bare_s)
+    train_ratio = ours_rate / theirs_rate
+    body = "\n".join(
+        [
+            "| measure | loracl | reference | ratio | target | met |",
+            "|---|---|---|---|---|---|",
+            f"| train samples/s, seq_lora vs PEFT LoRA | {ours_rate:.1f} | {theirs_rate:.1f} (PEFT) | {train_ratio:.3f} | >= 1.0 | {'yes' if train_ratio >= 1.0 else 'no'} |",
+            f"| eval time per batch, merged adapter vs bare model | {statistics.median(merged_s) / args.steps * 1000:.1f} ms | {statistics.median(bare_s) / args.steps * 1000:.1f} ms (bare) | {eval_ratio:.3f} | <= 1.02 | {'yes' if eval_ratio <= 1.02 else 'no'} |",
+            "",
+            f"MiniLM-L6, rank {RANK} / alpha {ALPHA:g} on query and value, batch {BATCH}, length {LENGTH} (padded), "
+            f"{args.steps} steps per round, median of {args.rounds} interleaved rounds. Both sides run the same "
+            "arithmetic (`B(A(x)) * scaling`); on a loaded machine the ratio can move a few percent either way, "
+            "so read values within about 0.03 of 1.0 as equal speed.",
+        ]
+    )
+    print(body)
+    write_section("peft_speed", "Speed against PEFT (benchmarks/peft_speed.py)", body)
+
+
+if __name__ == "__main__":
+    main()
