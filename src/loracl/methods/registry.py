@@ -16,6 +16,7 @@ METHOD_MODULES: dict[str, str] = {
     "inc_lora": "inc_lora",
     "joint": "joint",
     "probe": "probe",
+    "lorac_ipc": "lorac_ipc",
     "o_lora": "o_lora",
     "inflora": "inflora",
     "sd_lora": "sd_lora",

@@ -1,0 +1,598 @@
+"""lorac_ipc: orthogonal LoRA composition (LoRAC) + important-parameter constraints (IPC), arXiv 2504.13407.
+
+Per task: a new LoRA pair on every adapted matrix ("slot"), composed with the frozen earlier pairs through
+learnable coefficients ω; an orthogonality penalty on the stacked down-projections; after the task, the
+top-τ slots by AdaLoRA-style sensitivity × uncertainty of the whole effective weight are frozen for good.
+Each task's ω snapshot defines one composed model per task. At test time a Mahalanobis nearest-cluster rule
+on the first task's features (task-identity inference, TII) routes each example to its task's model, or the
+newest model serves every example (w/o TII). The linear head is re-aligned after each task on pseudo-features
+drawn from stored per-class Gaussians (task-adaptive prediction, TAP). Spec: specs/lorac-ipc.md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from loracl import metrics
+from loracl.adapters import inject_adapters
+from loracl.adapters.orthogonal import TRAINING, ComposedLoraLayer
+from loracl.backbones.classifier import ContinualClassifier
+from loracl.config import Float
+from loracl.data.stream import Task
+from loracl.errors import ConfigError
+from loracl.methods.base import Method, MethodOptions
+
+
+class LoracIpcOptions(MethodOptions):
+    """Defaults follow the official code's Sup-21K* CIFAR run (spec §6, §8 item 9) unless marked [D]."""
+
+    rank: int = Field(default=16, ge=1)
+    alpha: Float = Field(default=1.0, gt=0.0)  # scaling γ = alpha / rank = 1/r [C]
+    target_modules: str | list[str] = "all-linear"  # q, k, v, o, fc1, fc2 in every block [C]
+    ortho_weight: Float = Field(default=0.5, ge=0.0)  # λ_orth [C]
+    ortho_target: Literal["A", "Q"] = "A"  # [D] "A": raw A's as the code; "Q": QR factors as the paper figure
+    ortho_squared: bool = False  # [D] the code's Frobenius norm is not squared
+    omega_lr_scale: Float = Field(default=1.0, gt=0.0)  # lr of ω = lr × this [C]
+    first_session_lr: Float | None = Field(default=None, gt=0.0)  # [C] lr of the first adapted task
+    ipc_threshold: Float = Field(default=0.05, ge=0.0, le=1.0)  # τ; 0 turns IPC off (plain LoRAC) [C]
+    ipc_beta1: Float = Field(default=0.85, ge=0.0, lt=1.0)  # [C]
+    ipc_beta2: Float = Field(default=0.85, ge=0.0, lt=1.0)  # [C]
+    ipc_importance: Literal["effective_weight", "lora_factors"] = "effective_weight"  # [D] item 7
+    ipc_score: Literal["last_ema", "task_mean"] = "last_ema"  # [D] item 8
+    ipc_count: Literal["all", "free"] = "all"  # [D] item 6: k = ⌊τ·|S|⌋, or ⌊τ·#free⌋ (`--new_mask`)
+    ipc_selection: Literal["top_k", "threshold"] = "top_k"  # [D] item 6: top_k, or the code's ≥-threshold
+    tii: bool = True  # route each test example to its task's model; False = newest model for all [C]
+    tii_clusters: int = Field(default=4, ge=1)  # K per class [C]
+    tii_ridge: Float = Field(default=1.0e-4, ge=0.0)  # [C]
+    tii_cov: Literal["full", "diag"] = "full"  # [D] item 16: diag for memory-bound runs
+    head_realign: bool = True  # TAP after every task but the first [C]
+    tap_centroids: int = Field(default=10, ge=1)  # [C]
+    tap_epochs: int = Field(default=50, ge=0)  # [C, scripts]
+    tap_lr: Float = Field(default=0.005, gt=0.0)  # [C]
+    tap_momentum: Float = Field(default=0.9, ge=0.0, lt=1.0)  # [C]
+    tap_batch_size: int = Field(default=320, ge=1)  # 5 × batch size 64 [C]
+    tap_samples_per_cluster: int = Field(default=320, ge=1)  # [C]
+    tap_iters_per_epoch: int | None = Field(default=None, ge=1)  # [D] item 14: None = number of old classes [C]
+    tap_ridge: Float = Field(default=1.0e-4, ge=0.0)  # variance added when sampling [C]
+    measure_without_tii: bool = True  # [D] with tii on, also score the newest model (one extra eval forward)
+
+
+class ClassStatistics(nn.Module):
+    """Per-class feature statistics (no raw examples): TII clusters and TAP Gaussians, rows in class-id order."""
+
+    def __init__(self, hidden: int, tii_clusters: int, tap_centroids: int, full_cov: bool, device: torch.device) -> None:
+        super().__init__()
+        precision_shape = (0, tii_clusters, hidden, hidden) if full_cov else (0, tii_clusters, hidden)
+        self.register_buffer("tii_means", torch.zeros(0, tii_clusters, hidden, device=device))
+        self.register_buffer("tii_precisions", torch.zeros(precision_shape, device=device))
+        self.register_buffer("tii_valid", torch.zeros(0, tii_clusters, dtype=torch.bool, device=device))
+        self.register_buffer("tap_means", torch.zeros(0, tap_centroids, hidden, device=device))
+        self.register_buffer("tap_stds", torch.zeros(0, tap_centroids, hidden, device=device))
+        self.register_buffer("tap_valid", torch.zeros(0, tap_centroids, dtype=torch.bool, device=device))
+
+    def put(self, name: str, class_id: int, value: torch.Tensor) -> None:
+        """Store one class's row, growing the buffer to hold it."""
+        buffer = getattr(self, name)
+        if class_id >= buffer.shape[0]:
+            grown = buffer.new_zeros(class_id + 1, *buffer.shape[1:])
+            grown[: buffer.shape[0]] = buffer
+            setattr(self, name, grown)
+            buffer = grown
+        buffer[class_id] = value.to(buffer)
+
+
+def kmeans_labels(features: torch.Tensor, clusters: int, seed: int) -> torch.Tensor:
+    """Cluster assignments of [n, H] features into min(clusters, n) groups (scikit-learn, seeded)."""
+    from sklearn.cluster import KMeans
+
+    count = min(clusters, features.shape[0])
+    if count == 1:
+        return torch.zeros(features.shape[0], dtype=torch.long)
+    labels = KMeans(n_clusters=count, random_state=seed, n_init="auto").fit_predict(features.double().numpy())
+    return torch.as_tensor(labels, dtype=torch.long)
+
+
+def tii_precision(members: torch.Tensor, ridge: float, full: bool) -> torch.Tensor:
+    """Spec §3.3 steps 2-4: covariance + ridge·I, shrink by mean(diag)·I, correlation-normalise, pseudo-invert."""
+    hidden = members.shape[1]
+    members = members.double()
+    if members.shape[0] > 1:
+        cov = torch.cov(members.T)
+    else:
+        cov = torch.zeros(hidden, hidden, dtype=torch.float64)  # one member: no spread to estimate
+    cov = cov + ridge * torch.eye(hidden, dtype=torch.float64)
+    cov = cov + torch.diagonal(cov).mean() * torch.eye(hidden, dtype=torch.float64)
+    if not full:
+        return (1.0 / torch.diagonal(cov)).float()  # diag: inverse shrunk variances (no correlation step)
+    std = torch.diagonal(cov).sqrt()
+    correlation = cov / torch.outer(std, std)
+    return torch.linalg.pinv(correlation).float()
+
+
+def mahalanobis_to_classes(
+    queries: torch.Tensor, means: torch.Tensor, precisions: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """Eq. (11): d_c(z) = min_k (z−μ_ck)ᵀ P_ck (z−μ_ck); queries [B, H], means [C, K, H],
+    precisions [C, K, H, H] (or [C, K, H] diagonal), valid [C, K] -> distances [B, C]."""
+    diff = queries[:, None, None, :] - means[None]  # [B, C, K, H]
+    if precisions.dim() == 4:
+        projected = torch.einsum("bckh,ckhg->bckg", diff, precisions)
+    else:
+        projected = diff * precisions[None]
+    distances = (projected * diff).sum(-1)  # [B, C, K]
+    distances = distances.masked_fill(~valid[None], float("inf"))
+    return distances.min(dim=-1).values
+
+
+class LoracIpc(Method):
+    """LoRAC-IPC on the method contract; model k = the composition snapshot after the k-th adapted task."""
+
+    name = "lorac_ipc"
+    description = "orthogonal LoRA composition + freezing the most important matrices, TII routing (LoRAC-IPC)"
+    Options: ClassVar[type[MethodOptions]] = LoracIpcOptions
+    options: LoracIpcOptions
+
+    def __init__(self, options: MethodOptions, context: Any) -> None:
+        super().__init__(options, context)
+        self.layers: dict[str, ComposedLoraLayer] = {}
+        self.task_model: dict[int, int] = {}  # engine task index -> model index (0 = bare backbone)
+        self.routing_model: int | None = None  # model of the first task: TII features [C]
+        self.sensitivity: dict[str, torch.Tensor] = {}  # Ī per slot
+        self.uncertainty: dict[str, torch.Tensor] = {}  # Ū per slot
+        self.score_sum: dict[str, torch.Tensor] = {}  # Σ Ī·Ū over steps (ipc_score: task_mean)
+        self.importance_steps = 0
+        self.last_scores: dict[str, float] = {}
+        self.tii_counts = [0, 0]  # correct, total in the current evaluation round
+        self.tii_history: list[float] = []
+        self.newest_counts: dict[int, list[int]] = {}  # task -> [correct, total] of the w/o-TII shadow scores
+        self.newest_rows: list[list[float]] = []
+
+    # ----- structure --------------------------------------------------------------------------------
+    def attach(self, model: ContinualClassifier) -> None:
+        if self.context.head.type != "linear":
+            raise ConfigError("method `lorac_ipc`: needs head.type linear (TAP re-aligns the linear head)")
+        super().attach(model)
+        options = self.options
+        self.layers = inject_adapters(
+            model.backbone.model,
+            options.target_modules,
+            lambda module, name: ComposedLoraLayer(module, name, options.rank, options.alpha),
+        )
+        device = next(model.backbone.parameters()).device
+        memory = ClassStatistics(
+            model.backbone.hidden_size, options.tii_clusters, options.tap_centroids, options.tii_cov == "full", device
+        )
+        model.add_module("lorac_ipc_memory", memory)  # its buffers travel with the method's state_dict
+        self.memory = memory
+
+    @property
+    def pool_size(self) -> int:
+        return next(iter(self.layers.values())).pool_size
+
+    def set_model(self, model_index: int | None) -> None:
+        """Every layer computes model k's weights (None: the training composition)."""
+        for layer in self.layers.values():
+            layer.model_index = model_index
+
+    def begin_task(self, task: Task) -> None:
+        """Head rows, a new pair per slot (seeded), and which of A, B, ω train (spec §4 steps 1-3)."""
+        super().begin_task(task)
+        self._close_evaluation_round()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.context.seed * 1000 + task.index)
+            positions = {layer.add_pair() for layer in self.layers.values()}
+        (position,) = positions
+        self.task_model[task.index] = position + 1
+        track = self.options.ipc_threshold > 0 and self.options.ipc_importance == "effective_weight"
+        for layer in self.layers.values():
+            free = not layer.is_frozen
+            for index in range(layer.pool_size):
+                is_new = index == position
+                layer.factors_A[index].requires_grad_(free and is_new)
+                layer.factors_B[index].requires_grad_(free and is_new)
+                layer.omega[index].requires_grad_(free and index < position)  # ω_t stays 1 during task t [C]
+            layer.track_weight_gradient = track and free
+            layer.weight_gradient = None
+            layer.clear_cache()
+        self.set_model(TRAINING)
+        zero = torch.zeros(())
+        self.sensitivity = {name: zero.clone() for name in self.layers}
+        self.uncertainty = {name: zero.clone() for name in self.layers}
+        self.score_sum = {name: zero.clone() for name in self.layers}
+        self.importance_steps = 0
+
+    def _close_evaluation_round(self) -> None:
+        """Keep the routing accuracy and the w/o-TII row of the evaluation that followed the last task."""
+        if self.tii_counts[1]:
+            self.tii_history.append(self.tii_counts[0] / self.tii_counts[1])
+        if self.newest_counts:
+            self.newest_rows.append([correct / total for _, (correct, total) in sorted(self.newest_counts.items())])
+        self.tii_counts, self.newest_counts = [0, 0], {}
+
+    def absorb_base_session(self, task: Task, train_loader: Iterable[dict[str, Any]]) -> None:
+        """A base session trained the backbone: it is model 0, the routing model, with statistics like a task."""
+        super().absorb_base_session(task, train_loader)
+        self.task_model[task.index] = 0
+        self.routing_model = 0
+        self._store_statistics(task, train_loader, 0)
+
+    def restore_structure(self, finished_tasks: list[Task], base_session: bool = False) -> None:
+        super().restore_structure(finished_tasks, base_session)
+        if finished_tasks and finished_tasks[0].index == 0 and base_session:
+            self.task_model[0] = 0
+        if finished_tasks:
+            self.routing_model = self.task_model[finished_tasks[0].index]
+        self.tii_history, self.tii_counts, self.newest_rows, self.newest_counts = [], [0, 0], [], {}
+
+    # ----- training ---------------------------------------------------------------------------------
+    def parameter_groups(self, lr: float, head_lr: float | None) -> list[dict[str, Any]]:
+        """Adapter pairs at lr (first_session_lr on the first adapted task), ω at lr × omega_lr_scale, head."""
+        if self.pool_size == 1 and self.options.first_session_lr is not None:
+            lr = self.options.first_session_lr
+        omega_ids = {id(p) for layer in self.layers.values() for p in layer.omega}
+        groups = []
+        for group in super().parameter_groups(lr, head_lr):
+            omegas = [p for p in group["params"] if id(p) in omega_ids]
+            others = [p for p in group["params"] if id(p) not in omega_ids]
+            if others:
+                groups.append({**group, "params": others})
+            if omegas:
+                groups.append({**group, "params": omegas, "lr": group["lr"] * self.options.omega_lr_scale})
+        return groups
+
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        self.set_model(TRAINING)
+        return super().forward(batch)
+
+    def free_layers(self) -> dict[str, ComposedLoraLayer]:
+        return {name: layer for name, layer in self.layers.items() if not layer.is_frozen}
+
+    def orthogonality_loss(self) -> torch.Tensor:
+        """Eq. (4) summed over free slots: ‖ÃᵀÃ − I‖_F with Ã = [sg(A_1..A_{t−1}), A_t] (or their Q factors)."""
+        position = self.pool_size - 1
+        total = torch.zeros((), device=next(iter(self.layers.values())).factors_A[0].device)
+        for layer in self.free_layers().values():
+            blocks = []
+            for index in range(position + 1):
+                block = layer.factors_A[index]
+                if self.options.ortho_target == "Q":
+                    block = torch.linalg.qr(block).Q  # reduced QR, differentiable
+                blocks.append(block if index == position else block.detach())
+            stacked = torch.cat(blocks, dim=1)  # [d_in, t·r]
+            gram = stacked.T @ stacked - torch.eye(stacked.shape[1], device=stacked.device, dtype=stacked.dtype)
+            norm = torch.linalg.matrix_norm(gram)
+            total = total + (norm.square() if self.options.ortho_squared else norm)
+        return total
+
+    def extra_loss(self, batch: dict[str, Any], logits: torch.Tensor) -> torch.Tensor | None:
+        if self.options.ortho_weight == 0:
+            return None
+        return self.options.ortho_weight * self.orthogonality_loss()
+
+    def after_backward(self) -> None:
+        """IPC eqs. (6)-(8): instantaneous importance of each free slot, then the two EMAs."""
+        if self.options.ipc_threshold == 0:
+            return
+        beta1, beta2 = self.options.ipc_beta1, self.options.ipc_beta2
+        position = self.pool_size - 1
+        for name, layer in self.free_layers().items():
+            if self.options.ipc_importance == "effective_weight":
+                if layer.weight_gradient is None:
+                    continue
+                importance = (layer.weight_value * layer.weight_gradient).abs().mean()
+                layer.weight_gradient = None
+            else:
+                A, B = layer.factors_A[position], layer.factors_B[position]
+                if A.grad is None or B.grad is None:
+                    continue
+                importance = (A.detach() * A.grad).abs().mean() + (B.detach() * B.grad).abs().mean()
+            importance = importance.detach().cpu()
+            self.sensitivity[name] = beta1 * self.sensitivity[name] + (1 - beta1) * importance
+            self.uncertainty[name] = beta2 * self.uncertainty[name] + (1 - beta2) * (importance - self.sensitivity[name]).abs()
+            self.score_sum[name] = self.score_sum[name] + self.sensitivity[name] * self.uncertainty[name]
+        self.importance_steps += 1
+
+    # ----- after the task ---------------------------------------------------------------------------
+    def end_task(self, task: Task, train_loader: Iterable[dict[str, Any]]) -> None:
+        """Snapshot ω (eq. 3), IPC selection (eqs. 9-10), class statistics, TAP head re-alignment."""
+        position = self.pool_size - 1
+        for layer in self.layers.values():
+            layer.snapshot_omega(position)
+            layer.track_weight_gradient = False
+            layer.weight_gradient = None
+        self.select_frozen_slots(position + 1)
+        if self.routing_model is None:
+            self.routing_model = self.task_model[task.index]
+        self._store_statistics(task, train_loader, self.task_model[task.index])
+        super().end_task(task, train_loader)
+        if self.options.head_realign and len(self.seen_tasks) > 1:
+            self.realign_head()
+        self.set_model(TRAINING)
+
+    def importance_scores(self) -> dict[str, float]:
+        """S_s = Ī_s·Ū_s after the last step (or its mean over the task); frozen slots score 0."""
+        scores = {}
+        for name, layer in self.layers.items():
+            if layer.is_frozen:
+                scores[name] = 0.0
+            elif self.options.ipc_score == "last_ema":
+                scores[name] = float(self.sensitivity[name] * self.uncertainty[name])
+            else:
+                scores[name] = float(self.score_sum[name]) / max(self.importance_steps, 1)
+        return scores
+
+    def select_frozen_slots(self, next_position: int) -> list[str]:
+        """Freeze the top ⌊τ·N⌋ slots for every later task (eq. 10 with our tie rule); returns their names."""
+        tau = self.options.ipc_threshold
+        if tau == 0:
+            return []
+        scores = self.importance_scores()
+        self.last_scores = scores
+        free = [name for name, layer in self.layers.items() if not layer.is_frozen]
+        population = len(self.layers) if self.options.ipc_count == "all" else len(free)
+        k = math.floor(tau * population + 1e-9)
+        if k == 0 or not free:
+            return []
+        if self.options.ipc_selection == "top_k":
+            ranked = sorted(free, key=lambda name: -scores[name])  # sorted() is stable: ties keep model order
+            chosen = ranked[:k]
+        else:  # the official rule: θ = k-th largest score over all slots, freeze every free slot with S ≥ θ
+            threshold = sorted(scores.values(), reverse=True)[min(k, len(scores)) - 1]
+            chosen = [name for name in free if scores[name] >= threshold]
+        for name in chosen:
+            layer = self.layers[name]
+            layer.freeze_from(next_position)
+            for parameter in (*layer.factors_A, *layer.factors_B, *layer.omega):
+                parameter.requires_grad_(False)
+        return chosen
+
+    @torch.no_grad()
+    def _features(self, loader: Iterable[dict[str, Any]], model_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled features [n, H] (CPU, fp32) and labels of a loader under model k."""
+        assert self.model is not None
+        was_training = self.model.training
+        self.model.eval()
+        self.set_model(model_index)
+        features, labels = [], []
+        for batch in loader:
+            features.append(self.model.features(batch["inputs"]).float().cpu())
+            labels.append(batch["labels"].cpu())
+        self.set_model(TRAINING)
+        self.model.train(was_training)
+        return torch.cat(features), torch.cat(labels)
+
+    def _store_statistics(self, task: Task, loader: Iterable[dict[str, Any]], model_index: int) -> None:
+        """TAP Gaussians under the task's model, TII clusters under the routing model (spec §3.3, §3.4)."""
+        options = self.options
+        seed = self.context.seed
+        own = self._features(loader, model_index) if options.head_realign else None
+        routing = None
+        if options.tii:
+            routing = own if own is not None and self.routing_model == model_index else self._features(loader, self.routing_model)
+        for class_id in task.class_ids:
+            if own is not None:
+                members = own[0][own[1] == class_id]
+                means = torch.zeros(options.tap_centroids, members.shape[1])
+                stds = torch.zeros_like(means)
+                valid = torch.zeros(options.tap_centroids, dtype=torch.bool)
+                assignment = kmeans_labels(members, options.tap_centroids, seed)
+                for cluster in range(int(assignment.max()) + 1 if len(members) else 0):
+                    cluster_members = members[assignment == cluster]
+                    if cluster_members.shape[0] < 2 or cluster_members.var(dim=0).sum() == 0:
+                        continue  # no spread: the code skips such clusters
+                    means[cluster] = cluster_members.mean(0)
+                    stds[cluster] = (cluster_members.var(dim=0) + options.tap_ridge).sqrt()
+                    valid[cluster] = True
+                self.memory.put("tap_means", class_id, means)
+                self.memory.put("tap_stds", class_id, stds)
+                self.memory.put("tap_valid", class_id, valid)
+            if routing is not None:
+                members = F.normalize(routing[0][routing[1] == class_id], dim=-1)
+                hidden = members.shape[1]
+                means = torch.zeros(options.tii_clusters, hidden)
+                full = options.tii_cov == "full"
+                precisions = torch.zeros(options.tii_clusters, hidden, hidden) if full else torch.zeros(options.tii_clusters, hidden)
+                valid = torch.zeros(options.tii_clusters, dtype=torch.bool)
+                assignment = kmeans_labels(members, options.tii_clusters, seed)
+                for cluster in range(int(assignment.max()) + 1 if len(members) else 0):
+                    cluster_members = members[assignment == cluster]
+                    if cluster_members.shape[0] == 0:
+                        continue
+                    means[cluster] = cluster_members.mean(0)
+                    precisions[cluster] = tii_precision(cluster_members, options.tii_ridge, full)
+                    valid[cluster] = True
+                self.memory.put("tii_means", class_id, means)
+                self.memory.put("tii_precisions", class_id, precisions)
+                self.memory.put("tii_valid", class_id, valid)
+
+    def realign_head(self) -> None:
+        """TAP (spec §3.4): SGD on the whole head with pseudo-features from every seen class's Gaussians."""
+        assert self.model is not None and self.current_task is not None
+        options = self.options
+        head = self.model.head
+        device = head.weights[0].device
+        flags = [p.requires_grad for p in head.parameters()]
+        head.requires_grad_(True)
+        optimizer = torch.optim.SGD(head.parameters(), lr=options.tap_lr, momentum=options.tap_momentum, weight_decay=0.0)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(options.tap_epochs, 1))
+        generator = torch.Generator().manual_seed(self.context.seed * 1000 + self.current_task.index)
+        old_classes = sum(len(task.class_ids) for task in self.seen_tasks[:-1])
+        iterations = options.tap_iters_per_epoch or old_classes
+        seen = head.num_classes
+        class_ids, clusters = torch.nonzero(self.memory.tap_valid[:seen].cpu(), as_tuple=True)
+        means = self.memory.tap_means[class_ids, clusters].cpu()  # [M, H]
+        stds = self.memory.tap_stds[class_ids, clusters].cpu()
+        per = options.tap_samples_per_cluster
+        for _ in range(options.tap_epochs):
+            noise = torch.randn(len(class_ids), per, means.shape[1], generator=generator)
+            samples = (means[:, None] + stds[:, None] * noise).reshape(-1, means.shape[1])  # [M·per, H]
+            labels = class_ids.repeat_interleave(per)
+            order = torch.randperm(len(labels), generator=generator)
+            for step in range(iterations):
+                chosen = order[step * options.tap_batch_size : (step + 1) * options.tap_batch_size]
+                if len(chosen) == 0:
+                    break
+                logits = head(samples[chosen].to(device))
+                loss = F.cross_entropy(logits, labels[chosen].to(device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            scheduler.step()
+        for parameter, flag in zip(head.parameters(), flags):
+            parameter.requires_grad_(flag)
+
+    # ----- inference --------------------------------------------------------------------------------
+    def class_tasks(self) -> torch.Tensor:
+        """Engine task index of every seen class id (the latest task that holds it)."""
+        owner = torch.zeros(self.model.head.num_classes, dtype=torch.long)
+        for task in self.seen_tasks:
+            owner[task.class_ids] = task.index
+        return owner
+
+    def infer_tasks(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """TII (eq. 11): each example's task index and its routing-model features [B, H]."""
+        assert self.model is not None
+        self.set_model(self.routing_model)
+        features = self.model.features(inputs)
+        seen = self.model.head.num_classes
+        memory = self.memory
+        distances = mahalanobis_to_classes(
+            F.normalize(features.float(), dim=-1), memory.tii_means[:seen], memory.tii_precisions[:seen], memory.tii_valid[:seen]
+        )
+        nearest = distances.argmin(dim=1).cpu()
+        return self.class_tasks()[nearest], features
+
+    @torch.no_grad()
+    def predict(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Linear-head logits over the seen classes, each example through its (inferred) task's model."""
+        assert self.model is not None
+        inputs = batch["inputs"]
+        if not self.options.tii or len(self.seen_tasks) == 1:
+            logits = self.predict_with_newest_model(inputs)
+            if self.options.tii and self.options.measure_without_tii:
+                self._count_newest(logits, batch)
+            return logits
+        if self.options.measure_without_tii:
+            self._count_newest(self.predict_with_newest_model(inputs), batch)
+        tasks, routing_features = self.infer_tasks(inputs)
+        truth = batch["task_ids"].cpu()  # read only to measure routing accuracy, never to predict
+        self.tii_counts[0] += int((tasks == truth).sum())
+        self.tii_counts[1] += len(tasks)
+        logits = torch.empty(len(tasks), self.model.head.num_classes, device=routing_features.device)
+        for task_index in tasks.unique().tolist():
+            rows = (tasks == task_index).nonzero().squeeze(1)
+            model_index = self.task_model[task_index]
+            if model_index == self.routing_model:
+                features = routing_features[rows.to(routing_features.device)]
+            else:
+                self.set_model(model_index)
+                subset = {key: value[rows.to(value.device)] for key, value in inputs.items()}
+                features = self.model.features(subset)
+            logits[rows.to(logits.device)] = self.model.head(features).float()
+        self.set_model(TRAINING)
+        return logits
+
+    def predict_with_newest_model(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The w/o-TII prediction: every example through the latest task's composed model."""
+        assert self.model is not None
+        self.set_model(self.task_model[self.seen_tasks[-1].index])
+        logits = self.model(inputs)
+        self.set_model(TRAINING)
+        return logits
+
+    def _count_newest(self, logits: torch.Tensor, batch: dict[str, Any]) -> None:
+        """Measurement only: per-task accuracy of the w/o-TII scores, reading labels and task ids as the engine does."""
+        scores = logits.float()
+        task_ids = batch["task_ids"].cpu()
+        if self.context.scenario == "task_incremental":  # the engine masks the other tasks' classes likewise
+            allowed = torch.full_like(scores, float("-inf"))
+            for task in self.seen_tasks:
+                rows = (task_ids == task.index).nonzero().squeeze(1).to(scores.device)
+                allowed[rows[:, None], torch.tensor(task.class_ids, device=scores.device)[None]] = 0.0
+            scores = scores + allowed
+        correct = (scores.argmax(dim=1).cpu() == batch["labels"].cpu())
+        for task_index in task_ids.unique().tolist():
+            rows = task_ids == task_index
+            counts = self.newest_counts.setdefault(task_index, [0, 0])
+            counts[0] += int(correct[rows].sum())
+            counts[1] += int(rows.sum())
+
+    # ----- state ------------------------------------------------------------------------------------
+    def _unused_pair_keys(self, frozen_from: dict[str, int]) -> set[str]:
+        """Keys of pairs at frozen slots from the freeze on: never trained, never used, never stored."""
+        keys = set()
+        for name, layer in self.layers.items():
+            start = frozen_from.get(name, -1)
+            if start < 0:
+                continue
+            prefix = self._layer_prefix[name]
+            for index in range(start, layer.pool_size):
+                keys |= {f"{prefix}factors_A.{index}", f"{prefix}factors_B.{index}", f"{prefix}omega.{index}"}
+        return keys
+
+    @property
+    def _layer_prefix(self) -> dict[str, str]:
+        assert self.model is not None
+        by_id = {id(module): name for name, module in self.model.named_modules()}
+        return {name: by_id[id(layer)] + "." for name, layer in self.layers.items()}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = super().state_dict()
+        unused = self._unused_pair_keys({name: int(layer.frozen_from) for name, layer in self.layers.items()})
+        return {key: value for key, value in state.items() if key not in unused}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Pairs dropped by state_dict (frozen slots) keep their fresh, unused tensors."""
+        assert self.model is not None
+        prefixes = self._layer_prefix
+        frozen = {name: int(state[prefixes[name] + "frozen_from"]) for name in self.layers if prefixes[name] + "frozen_from" in state}
+        own = self.model.state_dict(keep_vars=True)
+        filled = dict(state)
+        for key in self._unused_pair_keys(frozen):
+            if key not in filled and key in own:
+                filled[key] = own[key].detach()
+        super().load_state_dict(filled)
+        for layer in self.layers.values():
+            layer.clear_cache()
+
+    def extra_state(self) -> dict[str, Any]:
+        return {
+            "frozen_slots": {name: int(layer.frozen_from) for name, layer in self.layers.items() if layer.is_frozen},
+            "task_model": {str(key): value for key, value in self.task_model.items()},
+        }
+
+    def task_metrics(self) -> dict[str, Any]:
+        """Routing accuracy per evaluation round (the last is after the final task) and the freeze record."""
+        history = list(self.tii_history)
+        if self.tii_counts[1]:
+            history.append(self.tii_counts[0] / self.tii_counts[1])
+        frozen = {name: int(layer.frozen_from) for name, layer in self.layers.items() if layer.is_frozen}
+        without_tii = {}
+        rows = list(self.newest_rows)
+        if self.newest_counts:
+            rows.append([correct / total for _, (correct, total) in sorted(self.newest_counts.items())])
+        if rows:
+            width = max(len(row) for row in rows)
+            matrix = [[round(v, 4) for v in row] + [None] * (width - len(row)) for row in rows]
+            summary = metrics.summarize(matrix, [1] * width)
+            without_tii = {
+                "without_tii_accuracy_matrix": matrix,
+                "without_tii_avg_accuracy": summary["avg_accuracy"],
+                "without_tii_forgetting": summary["forgetting"],
+            }
+        per_position = [sum(1 for start in frozen.values() if start == position + 1) for position in range(self.pool_size)]
+        return {
+            "tii_accuracy": history[-1] if history else None,
+            "tii_accuracy_per_round": [round(value, 4) for value in history],
+            "adapted_slots": len(self.layers),
+            "frozen_after_each_task": per_position,
+            "frozen_slots_total": len(frozen),
+            **without_tii,
+        }

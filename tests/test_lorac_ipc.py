@@ -1,0 +1,388 @@
+"""lorac_ipc invariants (spec §9): composition, ω snapshots, orthogonality, IPC, TII, merging, state."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import tiny_config, tiny_text_stream
+from torch import nn
+
+from loracl.adapters.orthogonal import TRAINING, ComposedLoraLayer
+from loracl.engine.runner import MethodRun
+from loracl.errors import ConfigError
+from loracl.methods.lorac_ipc import LoracIpc, mahalanobis_to_classes, tii_precision
+
+OPTIONS = {"name": "lorac_ipc", "rank": 4, "ipc_threshold": 0.25, "tap_epochs": 2, "tii_clusters": 2, "tap_centroids": 2}
+
+
+def build(options: dict | None = None, num_tasks: int = 3):
+    stream = tiny_text_stream(num_tasks, train=16, test=8)
+    config = tiny_config({**OPTIONS, **(options or {})}, train={"epochs": 1, "lr": 2e-2})
+    run = MethodRun(config, config.method[0], stream, None)
+    method = run.build()
+    method.attach(run.model)
+    return run, method, stream
+
+
+def train_loader(run, task):
+    return run.loader(task.train, task, train=False)
+
+
+def probe_inputs(run, stream):
+    return next(iter(train_loader(run, stream.tasks[0])))["inputs"]
+
+
+@torch.no_grad()
+def features(run, method, inputs, model_index):
+    method.set_model(model_index)
+    out = run.model.features(inputs)
+    method.set_model(TRAINING)
+    return out
+
+
+def learn(run, method, task):
+    method.begin_task(task)
+    run.train_task(method, task, 1, 2e-2, "test")
+    method.end_task(task, train_loader(run, task))
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """Three tasks learned; records each model's features and factors right after its task."""
+    run, method, stream = build()
+    inputs = probe_inputs(run, stream)
+    bare = run.model.features(inputs).detach()
+    records = []
+    for task in stream.tasks:
+        learn(run, method, task)
+        layer = next(iter(method.layers.values()))
+        records.append(
+            {
+                "features": features(run, method, inputs, method.task_model[task.index]),
+                "A": [a.detach().clone() for a in layer.factors_A],
+                "B": [b.detach().clone() for b in layer.factors_B],
+                "bank": {name: l.omega_bank.clone() for name, l in method.layers.items()},
+                "frozen": {name for name, l in method.layers.items() if l.is_frozen},
+            }
+        )
+    return run, method, stream, inputs, bare, records
+
+
+# ----- composition and snapshots -------------------------------------------------------------------
+
+
+def test_identity_at_start():
+    run, method, stream = build()
+    inputs = probe_inputs(run, stream)
+    bare = run.model.features(inputs).detach()
+    method.begin_task(stream.tasks[0])
+    with torch.no_grad():
+        assert torch.equal(run.model.features(inputs), bare)
+    assert all(torch.equal(layer.training_delta(), torch.zeros_like(layer.weight)) for layer in method.layers.values())
+
+
+def test_warm_start_of_each_task():
+    run, method, stream = build()
+    inputs = probe_inputs(run, stream)
+    for task in stream.tasks[:2]:
+        learn(run, method, task)
+    previous = features(run, method, inputs, method.task_model[1])
+    method.begin_task(stream.tasks[2])
+    start = features(run, method, inputs, TRAINING)
+    torch.testing.assert_close(start, previous, atol=1e-6, rtol=0)
+
+
+def test_training_changes_the_model_and_earlier_models_stay_exact(trained):
+    run, method, stream, inputs, bare, records = trained
+    assert not torch.allclose(records[0]["features"], bare, atol=1e-4)  # task 1 did adapt the backbone
+    layer = next(iter(method.layers.values()))
+    for index, record in enumerate(records):
+        now = features(run, method, inputs, method.task_model[index])
+        torch.testing.assert_close(now, record["features"], atol=1e-6, rtol=0)
+        assert all(torch.equal(a, b) for a, b in zip(record["A"], layer.factors_A))
+        assert all(torch.equal(a, b) for a, b in zip(record["B"], layer.factors_B))
+
+
+def test_omega_bank_rows_are_written_once(trained):
+    _, method, _, _, _, records = trained
+    for name, layer in method.layers.items():
+        bank = layer.omega_bank
+        for position in range(bank.shape[0]):
+            if layer.is_frozen and position >= int(layer.frozen_from):
+                continue
+            assert bank[position, position].item() == 1.0  # ω_t is 1 exactly at the end of task t
+        for position, record in enumerate(records):
+            row = record["bank"][name][position]
+            assert torch.equal(bank[position, : len(row)], row)
+
+
+def test_old_factors_and_frozen_slots_get_no_gradient():
+    run, method, stream = build({"ipc_threshold": 0.5})
+    learn(run, method, stream.tasks[0])
+    frozen = [layer for layer in method.layers.values() if layer.is_frozen]
+    assert frozen
+    expected = {id(layer): layer.inference_delta(1).clone() for layer in frozen}
+    task = stream.tasks[1]
+    method.begin_task(task)
+    batch = next(iter(run.loader(task.train, task, train=True)))
+    logits = method.forward(batch)
+    (method.task_loss(logits, batch) + method.extra_loss(batch, logits)).backward()
+    for layer in method.layers.values():
+        assert layer.factors_A[0].grad is None and layer.factors_B[0].grad is None
+        if layer.is_frozen:
+            assert all(p.grad is None for p in (*layer.factors_A, *layer.factors_B, *layer.omega))
+            assert torch.equal(layer.training_delta(), expected[id(layer)])
+        else:
+            assert layer.factors_B[1].grad is not None and layer.omega[0].grad is not None
+            assert layer.omega[1].grad is None  # the current task's ω stays 1 while it trains
+    run.train_task(method, task, 1, 2e-2, "test")
+    method.end_task(task, train_loader(run, task))
+    for layer in frozen:
+        assert torch.equal(layer.inference_delta(2), expected[id(layer)])
+
+
+def test_head_gradient_reaches_only_current_rows():
+    run, method, stream = build()
+    learn(run, method, stream.tasks[0])
+    task = stream.tasks[1]
+    method.begin_task(task)
+    batch = next(iter(run.loader(task.train, task, train=True)))
+    method.task_loss(method.forward(batch), batch).backward()
+    head = run.model.head
+    assert head.weights[0].grad is None and head.weights[1].grad is not None
+
+
+# ----- orthogonality -------------------------------------------------------------------------------
+
+
+def test_orthogonality_loss_brute_force_and_zero_when_orthonormal():
+    run, method, stream = build()
+    learn(run, method, stream.tasks[0])
+    method.begin_task(stream.tasks[1])
+    expected = 0.0
+    for layer in method.free_layers().values():
+        stacked = torch.cat([layer.factors_A[0], layer.factors_A[1]], dim=1).detach()
+        expected += math.sqrt(sum((float(v) - (i == j)) ** 2 for i, row in enumerate(stacked.T @ stacked) for j, v in enumerate(row)))
+    loss = method.orthogonality_loss()
+    assert loss.item() == pytest.approx(expected, rel=1e-4)
+    loss.backward()
+    for layer in method.free_layers().values():
+        assert layer.factors_A[0].grad is None and layer.factors_A[1].grad is not None
+    with torch.no_grad():
+        for layer in method.layers.values():
+            q = torch.linalg.qr(torch.randn(layer.fan_in, 2 * layer.rank)).Q
+            layer.factors_A[0].copy_(q[:, : layer.rank])
+            layer.factors_A[1].copy_(q[:, layer.rank :])
+    assert method.orthogonality_loss().item() == pytest.approx(0.0, abs=1e-4)
+
+
+# ----- IPC -----------------------------------------------------------------------------------------
+
+
+def test_importance_formula_on_a_toy_linear():
+    torch.manual_seed(0)
+    layer = ComposedLoraLayer(nn.Linear(5, 3), "toy", rank=2, alpha=1.0)
+    layer.add_pair()
+    with torch.no_grad():
+        layer.factors_B[0].normal_()
+    layer.track_weight_gradient = True
+    x, y = torch.randn(7, 5), torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    logits = layer(x)
+    weight = layer.base_layer.weight + layer.scaling * (layer.factors_A[0] @ layer.factors_B[0]).T
+    torch.testing.assert_close(logits, x @ weight.T + layer.base_layer.bias)
+    F.cross_entropy(logits, y).backward()
+    by_hand = ((logits.softmax(-1) - F.one_hot(y, 3)) / 7).T @ x  # ∂CE/∂W for W of shape [d_out, d_in]
+    torch.testing.assert_close(layer.weight_gradient, by_hand.detach())
+    torch.testing.assert_close(layer.weight_value, weight.detach())
+
+
+def test_ema_update_order():
+    run, method, stream = build()
+    task = stream.tasks[0]
+    method.begin_task(task)
+    batches = iter(run.loader(task.train, task, train=True))
+    beta1, beta2 = method.options.ipc_beta1, method.options.ipc_beta2
+    name, layer = next(iter(method.layers.items()))
+    sensitivity = uncertainty = 0.0
+    for _ in range(2):
+        batch = next(batches)
+        method.task_loss(method.forward(batch), batch).backward()
+        importance = float((layer.weight_value * layer.weight_gradient).abs().mean())
+        method.after_backward()
+        sensitivity = beta1 * sensitivity + (1 - beta1) * importance
+        uncertainty = beta2 * uncertainty + (1 - beta2) * abs(importance - sensitivity)
+        assert float(method.sensitivity[name]) == pytest.approx(sensitivity, rel=1e-5)
+        assert float(method.uncertainty[name]) == pytest.approx(uncertainty, rel=1e-5)
+    assert method.importance_scores()[name] == pytest.approx(sensitivity * uncertainty, rel=1e-5)
+
+
+def test_ipc_monotone_and_count(trained):
+    _, method, _, _, _, records = trained
+    slots = len(method.layers)
+    k = math.floor(method.options.ipc_threshold * slots)
+    previous: set[str] = set()
+    for record in records:
+        assert previous <= record["frozen"]
+        assert len(record["frozen"] - previous) == k
+        previous = record["frozen"]
+    scores = method.importance_scores()
+    assert all(scores[name] == 0.0 for name in previous)
+
+
+def test_tau_zero_freezes_nothing():
+    run, method, stream = build({"ipc_threshold": 0.0})
+    learn(run, method, stream.tasks[0])
+    assert not any(layer.is_frozen for layer in method.layers.values())
+    assert not any(layer.track_weight_gradient for layer in method.layers.values())
+
+
+def test_parameter_count_formula(trained):
+    _, method, stream, _, _, _ = trained
+    run2, fresh, _ = build()
+    for task in stream.tasks[:2]:
+        learn(run2, fresh, task)
+    task = stream.tasks[2]
+    fresh.begin_task(task)
+    free = list(fresh.free_layers().values())
+    head = (run2.model.head.hidden_size + 1) * len(task.class_ids)
+    expected = sum(layer.pair_parameter_count() for layer in free) + 2 * len(free) + head
+    assert sum(p.numel() for p in fresh.trainable_parameters()) == expected
+
+
+# ----- inference -----------------------------------------------------------------------------------
+
+
+def test_merge_equivalence_and_exact_unmerge(trained):
+    run, method, _, inputs, _, records = trained
+    originals = {name: layer.base_layer.weight.detach().clone() for name, layer in method.layers.items()}
+    with torch.no_grad():
+        method.set_model(method.task_model[1])
+        reference = run.model(inputs)
+        for layer in method.layers.values():
+            layer.merge(method.task_model[1])
+        merged = run.model(inputs)
+        for layer in method.layers.values():
+            layer.unmerge()
+    method.set_model(TRAINING)
+    torch.testing.assert_close(merged, reference, atol=1e-5, rtol=0)
+    assert all(torch.equal(layer.base_layer.weight, originals[name]) for name, layer in method.layers.items())
+
+
+def test_conv2d_slot_identity_and_merge():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, kernel_size=3, padding=1)
+    layer = ComposedLoraLayer(conv, "conv", rank=2)
+    x = torch.randn(2, 3, 5, 5)
+    expected = conv(x)
+    layer.add_pair()
+    torch.testing.assert_close(layer(x), expected, atol=0, rtol=0)
+    with torch.no_grad():
+        layer.factors_B[0].normal_()
+    layer.snapshot_omega(0)
+    layer.model_index = 1
+    adapted = layer(x)
+    assert not torch.allclose(adapted, expected)
+    layer.merge(1)
+    torch.testing.assert_close(layer(x), adapted, atol=1e-5, rtol=0)
+    layer.unmerge()
+    assert torch.equal(conv.weight, layer.base_layer.weight)
+
+
+def test_tii_distance_zero_at_a_cluster_mean_and_routes_to_its_task(trained):
+    run, method, stream, inputs, _, _ = trained
+    memory = method.memory
+    seen = run.model.head.num_classes
+    class_id = stream.tasks[1].class_ids[0]
+    cluster = int(memory.tii_valid[class_id].nonzero()[0])
+    query = memory.tii_means[class_id, cluster][None]
+    distances = mahalanobis_to_classes(query, memory.tii_means[:seen], memory.tii_precisions[:seen], memory.tii_valid[:seen])
+    assert distances[0, class_id].item() == pytest.approx(0.0, abs=1e-5)
+    assert method.class_tasks()[distances.argmin(dim=1)].item() == 1
+
+
+def test_tii_with_a_single_task_returns_the_first_task():
+    run, method, stream = build()
+    learn(run, method, stream.tasks[0])
+    tasks, _ = method.infer_tasks(probe_inputs(run, stream))
+    assert set(tasks.tolist()) == {0}
+
+
+def test_tii_precision_is_the_inverse_shrunk_correlation():
+    members = torch.randn(20, 3, dtype=torch.float64)
+    cov = torch.cov(members.T) + 1e-4 * torch.eye(3, dtype=torch.float64)
+    cov = cov + torch.diagonal(cov).mean() * torch.eye(3, dtype=torch.float64)
+    std = torch.diagonal(cov).sqrt()
+    expected = torch.linalg.inv(cov / torch.outer(std, std)).float()
+    torch.testing.assert_close(tii_precision(members, 1e-4, full=True), expected, atol=1e-5, rtol=1e-5)
+
+
+# ----- state and determinism -----------------------------------------------------------------------
+
+
+def test_state_round_trip_and_determinism(trained):
+    run, method, stream, inputs, _, _ = trained
+    state = method.state_dict()
+    for name, layer in method.layers.items():  # pairs of frozen slots after the freeze are not stored
+        prefix = [key for key in state if key.endswith(f"{name}.frozen_from")][0][: -len("frozen_from")]
+        if layer.is_frozen:
+            assert f"{prefix}factors_A.{int(layer.frozen_from)}" not in state
+    run2, again, _ = build()
+    for task in stream.tasks:
+        learn(run2, again, task)
+    assert again.extra_state() == method.extra_state()  # same seed: same masks
+    for name, layer in method.layers.items():
+        assert torch.equal(layer.omega_bank, again.layers[name].omega_bank)
+    run3, restored, _ = build()
+    restored.restore_structure(stream.tasks)
+    restored.load_state_dict(state)
+    batch = {"inputs": inputs, "labels": torch.zeros(1), "task_ids": torch.zeros(len(inputs["input_ids"]), dtype=torch.long)}
+    torch.testing.assert_close(restored.predict(batch), method.predict(batch), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("rank", 0),
+        ("alpha", 0.0),
+        ("ortho_weight", -1.0),
+        ("ortho_target", "R"),
+        ("omega_lr_scale", 0.0),
+        ("first_session_lr", -0.1),
+        ("ipc_threshold", 1.5),
+        ("ipc_beta1", 1.0),
+        ("ipc_beta2", -0.1),
+        ("ipc_importance", "grad"),
+        ("ipc_score", "max"),
+        ("ipc_count", "some"),
+        ("ipc_selection", "random"),
+        ("tii_clusters", 0),
+        ("tii_ridge", -1.0),
+        ("tii_cov", "shared"),
+        ("tap_centroids", 0),
+        ("tap_epochs", -1),
+        ("tap_lr", 0.0),
+        ("tap_momentum", 1.0),
+        ("tap_batch_size", 0),
+        ("tap_samples_per_cluster", 0),
+        ("tap_iters_per_epoch", 0),
+        ("tap_ridge", -1.0),
+        ("tii", "yes"),
+        ("no_such_knob", 1),
+    ],
+)
+def test_bad_option_names_the_key(key, value):
+    with pytest.raises(ConfigError, match=key):
+        tiny_config({"name": "lorac_ipc", key: value})
+
+
+def test_prototype_head_is_refused():
+    stream = tiny_text_stream(2, train=8, test=4)
+    config = tiny_config({"name": "lorac_ipc", "head": {"type": "prototype"}})
+    run = MethodRun(config, config.method[0], stream, None)
+    method = run.build()
+    assert isinstance(method, LoracIpc)
+    with pytest.raises(ConfigError, match="head.type"):
+        method.attach(run.model)
