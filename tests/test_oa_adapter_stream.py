@@ -39,12 +39,11 @@ def test_digits_vit_base_session_and_ablation_rows(tmp_path):
     stream = tiny_digits_stream(3, max_train=16, max_test=8)
     entries = [
         {"name": "oa_adapter", "rank": 4},
-        {"name": "oa_adapter", "rank": 4, "orth_lambda": 0.0, "label": "oa_adapter_no_orth"},
         {"name": "oa_adapter", "rank": 4, "budget": "fixed", "label": "oa_adapter_fixed_budget"},
     ]
     config = tiny_config(entries, backbone="tiny-vit", train={"base_session_epochs": 1, "epochs": 1})
     results = {result.label: result.results for result in run_experiment(config, tmp_path, stream=stream)}
-    assert set(results) == {"oa_adapter", "oa_adapter_no_orth", "oa_adapter_fixed_budget"}
+    assert set(results) == {"oa_adapter", "oa_adapter_fixed_budget"}
     for result in results.values():
         assert list(result["method_metrics"]["r_eff"]) == ["digits_2_3", "digits_4_5"]  # task 0 was the base session
         assert len(result["accuracy_matrix"]) == 3

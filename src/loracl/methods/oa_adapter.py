@@ -80,6 +80,7 @@ class OaAdapter(Method):
         self.budgets: dict[str, dict[str, int]] = {}  # task name -> site -> r_eff at task end
         self.thresholds: dict[str, dict[str, float]] = {}  # task name -> site -> τ at task end
         self.revivals: dict[str, dict[str, int]] = {}  # task name -> site -> inactive-to-active flips
+        self.orth_losses: dict[str, dict[str, float]] = {}  # task name -> site -> ‖W2ᵀH‖² at task end
         self._active: dict[str, torch.Tensor] = {}
 
     # ----- per-task structure ------------------------------------------------------------------------
@@ -206,6 +207,10 @@ class OaAdapter(Method):
         branches = self.current_branches()
         self.budgets[task.name] = {site: branch.r_eff() for site, branch in branches.items()}
         self.thresholds[task.name] = {site: branch.threshold.item() for site, branch in branches.items()}
+        with torch.no_grad():
+            self.orth_losses[task.name] = {
+                site: orthogonality_loss(branch.up, self.history.get(site)).item() for site, branch in branches.items()
+            }
 
     # ----- inference ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -238,12 +243,13 @@ class OaAdapter(Method):
         return sum(r * (d_in + d_out) + r + 1 for d_in, d_out in self.site_dims().values())
 
     def extra_state(self) -> dict[str, Any]:
-        return {"r_eff": self.budgets, "tau": self.thresholds, "revivals": self.revivals}
+        return {"r_eff": self.budgets, "tau": self.thresholds, "revivals": self.revivals, "orth_loss": self.orth_losses}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.budgets = {task: dict(sites) for task, sites in state.get("r_eff", {}).items()}
         self.thresholds = {task: dict(sites) for task, sites in state.get("tau", {}).items()}
         self.revivals = {task: dict(sites) for task, sites in state.get("revivals", {}).items()}
+        self.orth_losses = {task: dict(sites) for task, sites in state.get("orth_loss", {}).items()}
 
     def task_metrics(self) -> dict[str, Any]:
         """r_eff per task (list over `sites`), active / maximal / cumulative stored adapter parameters."""
