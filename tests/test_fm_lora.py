@@ -220,3 +220,23 @@ def test_dynamic_prompt_components_are_input_conditioned():
 def test_bad_options_name_the_key(options, key):
     with pytest.raises(ConfigError, match=key):
         validate_config({"backbone": {"name": "tiny-bert"}, "method": [{"name": "fm_lora", **options}]})
+
+
+@pytest.mark.parametrize("mode, trains_later", [("learn_first_task", False), ("learn_every_task", True), ("svd", False)])
+def test_which_tasks_train_the_shared_bases(mode, trains_later):
+    method, _ = _method(shared_basis=mode)
+    first, second = STREAM.tasks
+    method.begin_task(first)
+    method.prepare_task(first, [])
+    layer = next(iter(method.layers.values()))
+    learned = mode.startswith("learn")
+    assert layer.shared_A.requires_grad == learned and layer.shared_B.requires_grad == learned
+    assert layer.core_N.requires_grad != learned  # learned bases start with M = N = I frozen
+    assert method._drs_mode() == ("off" if learned else "gumbel")
+    method.end_task(first, [])
+    assert not layer.shared_A.requires_grad
+    method.begin_task(second)
+    method.prepare_task(second, [])
+    assert layer.shared_A.requires_grad == trains_later and layer.core_N.requires_grad
+    assert torch.equal(layer.core_N, torch.zeros_like(layer.core_N))
+    assert method._drs_mode() == "gumbel"
