@@ -244,7 +244,6 @@ class FmLora(Method):
         self.prompt_anchor: torch.Tensor | None = None
         self.total_steps = 1
         self.step = 0
-        self.committed_index: int | None = None
         self._soft_probs: torch.Tensor | None = None
         self._noise: torch.Generator | None = None
         self._live_mask: torch.Tensor | None = None
