@@ -479,23 +479,28 @@ class LoracIpc(Method):
             if self.options.tii and self.options.measure_without_tii:
                 self._count_newest(logits, batch)
             return logits
+        newest_logits = None
         if self.options.measure_without_tii:
-            self._count_newest(self.predict_with_newest_model(inputs), batch)
+            newest_logits = self.predict_with_newest_model(inputs)
+            self._count_newest(newest_logits, batch)
         tasks, routing_features = self.infer_tasks(inputs)
         truth = batch["task_ids"].cpu()  # read only to measure routing accuracy, never to predict
         self.tii_counts[0] += int((tasks == truth).sum())
         self.tii_counts[1] += len(tasks)
+        newest_task = self.seen_tasks[-1].index
         logits = torch.empty(len(tasks), self.model.head.num_classes, device=routing_features.device)
         for task_index in tasks.unique().tolist():
             rows = (tasks == task_index).nonzero().squeeze(1)
             model_index = self.task_model[task_index]
             if model_index == self.routing_model:
-                features = routing_features[rows.to(routing_features.device)]
+                group_logits = self.model.head(routing_features[rows.to(routing_features.device)])
+            elif task_index == newest_task and newest_logits is not None:
+                group_logits = newest_logits[rows.to(newest_logits.device)]  # already computed for the shadow scores
             else:
                 self.set_model(model_index)
                 subset = {key: value[rows.to(value.device)] for key, value in inputs.items()}
-                features = self.model.features(subset)
-            logits[rows.to(logits.device)] = self.model.head(features).float()
+                group_logits = self.model.head(self.model.features(subset))
+            logits[rows.to(logits.device)] = group_logits.float()
         self.set_model(TRAINING)
         return logits
 
