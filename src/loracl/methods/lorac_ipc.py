@@ -385,10 +385,11 @@ class LoracIpc(Method):
                 assignment = kmeans_labels(members, options.tap_centroids, seed)
                 for cluster in range(int(assignment.max()) + 1 if len(members) else 0):
                     cluster_members = members[assignment == cluster]
-                    if cluster_members.shape[0] < 2 or cluster_members.var(dim=0).sum() == 0:
-                        continue  # no spread: the code skips such clusters
+                    variance = cluster_members.var(dim=0, correction=0)  # population variance, as np.var [C]
+                    if cluster_members.shape[0] == 0 or variance.mean() == 0:
+                        continue  # no spread (e.g. one member): the code skips such clusters
                     means[cluster] = cluster_members.mean(0)
-                    stds[cluster] = (cluster_members.var(dim=0) + options.tap_ridge).sqrt()
+                    stds[cluster] = (variance + options.tap_ridge).sqrt()
                     valid[cluster] = True
                 self.memory.put("tap_means", class_id, means)
                 self.memory.put("tap_stds", class_id, stds)
