@@ -1,0 +1,120 @@
+"""SD-LoRA (baselines.md Part 4): normalised frozen directions, shared learnable magnitudes, reset switch, merge."""
+
+import pytest
+import torch
+from helpers import synthetic_text_tasks, tiny_config, tiny_digits_stream, tiny_text_stream
+
+from loracl.backbones.classifier import ContinualClassifier
+from loracl.backbones.registry import load_backbone
+from loracl.config import HeadConfig, TrainConfig, validate_config
+from loracl.data.stream import build_stream
+from loracl.engine import run_experiment
+from loracl.errors import ConfigError
+from loracl.methods.base import MethodContext
+from loracl.methods.registry import create_method
+
+
+def build(**options):
+    backbone = load_backbone("tiny-bert", "auto", 32, seed=0, local_files_only=True)
+    model = ContinualClassifier(backbone).eval()
+    method = create_method("sd_lora", options, MethodContext(HeadConfig(), TrainConfig(), seed=0, num_tasks=3))
+    method.attach(model)
+    stream = build_stream(synthetic_text_tasks(3, train=8, test=4), scenario="class_incremental")
+    batch = {"inputs": backbone.collate(stream.tasks[0].train.inputs), "labels": torch.tensor(stream.tasks[0].train.labels)}
+    return method, model, stream, batch
+
+
+def train_steps(method, batch, task, steps=2):
+    optimizer = torch.optim.SGD(method.trainable_parameters(), lr=0.1, momentum=0.9)
+    batch = {**batch, "labels": torch.tensor(task.class_ids[:1] * len(batch["labels"]))}
+    for _ in range(steps):
+        loss = method.task_loss(method.forward(batch), batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def test_layer_output_is_the_decoupled_formula_for_both_norms():
+    for norm in ("factor", "product"):
+        method, model, stream, batch = build(norm=norm)
+        for task in stream.tasks[:2]:
+            method.begin_task(task)
+            with torch.no_grad():
+                for layer in method.layers.values():
+                    layer.branches[f"task_{task.index}"].lora_B.normal_(0, 0.1)
+        with torch.no_grad():
+            method.magnitudes["task_0"].fill_(1.7)
+            method.magnitudes["task_1"].fill_(0.3)
+        name, layer = next(iter(method.layers.items()))
+        x = torch.randn(5, layer.in_features)
+        A0, B0 = layer.branches["task_0"].lora_A, layer.branches["task_0"].lora_B
+        A1, B1 = layer.branches["task_1"].lora_A, layer.branches["task_1"].lora_B
+        n0 = B0.norm() * A0.norm() if norm == "factor" else (B0 @ A0).norm()
+        expected = layer.base_layer(x) + 1.7 * x @ (B0 @ A0).T / n0 + 0.3 * x @ (B1 @ A1).T  # scale s = 1
+        assert torch.allclose(layer(x), expected, atol=1e-5)
+
+
+def test_magnitudes_shared_trainable_and_reset_in_code_mode_kept_in_paper_mode():
+    for reset in (True, False):
+        method, model, stream, batch = build(reset_magnitudes=reset)
+        method.begin_task(stream.tasks[0])
+        train_steps(method, batch, stream.tasks[0])
+        learned = method.magnitudes["task_0"].item()
+        assert learned != pytest.approx(0.8)
+        method.begin_task(stream.tasks[1])
+        assert method.magnitudes["task_0"].item() == pytest.approx(0.8 if reset else learned)
+        assert float(method.magnitudes["task_1"]) == pytest.approx(0.8)
+        trainable = {id(p) for p in method.trainable_parameters()}
+        assert id(method.magnitudes["task_0"]) in trainable and id(method.magnitudes["task_1"]) in trainable
+        # one scalar per task for all layers: the layers read the very same parameter
+        assert all(layer.magnitude_of("task_0") is method.magnitudes["task_0"] for layer in method.layers.values())
+
+
+def test_old_directions_bit_identical_trainable_count_and_merge():
+    method, model, stream, batch = build()
+    method.begin_task(stream.tasks[0])
+    train_steps(method, batch, stream.tasks[0])
+    method.begin_task(stream.tasks[1])
+    frozen = {key: value.clone() for key, value in model.state_dict().items() if "branches.task_0." in key or "base_layer" in key}
+    per_task = sum(10 * (layer.in_features + layer.out_features) for layer in method.layers.values())
+    classes = len(stream.tasks[1].class_ids)
+    assert sum(p.numel() for p in method.trainable_parameters()) == per_task + 2 + classes * 33  # + alpha_1, alpha_2
+    old_magnitude = float(method.magnitudes["task_0"])
+    train_steps(method, batch, stream.tasks[1])
+    state = model.state_dict()
+    assert all(torch.equal(state[key], value) for key, value in frozen.items())
+    assert float(method.magnitudes["task_0"]) != pytest.approx(old_magnitude)  # old magnitudes keep learning
+    unmerged = model.features(batch["inputs"])
+    for layer in method.layers.values():
+        layer.merge()
+    assert torch.allclose(model.features(batch["inputs"]), unmerged, atol=1e-5)
+    for layer in method.layers.values():
+        layer.unmerge()
+    restored = model.state_dict()
+    assert all(torch.allclose(restored[key], value, atol=1e-6) for key, value in frozen.items() if "base_layer" in key)
+    assert torch.allclose(model.features(batch["inputs"]), unmerged, atol=1e-6)
+
+
+def test_output_unchanged_when_the_first_branch_is_added():
+    method, model, stream, batch = build()
+    before = model.features(batch["inputs"])
+    method.begin_task(stream.tasks[0])
+    assert torch.equal(model.features(batch["inputs"]), before)
+
+
+def test_end_to_end_with_resume_and_digits_vit(tmp_path):
+    stream = tiny_text_stream(2, train=16, test=8)
+    [first] = run_experiment(tiny_config("sd_lora"), tmp_path / "text", stream=stream)
+    [again] = run_experiment(tiny_config("sd_lora"), tmp_path / "text", stream=stream)  # resumes from checkpoints
+    assert again.accuracy_matrix == first.accuracy_matrix and len(first.accuracy_matrix) == 2
+    assert again.method.magnitude_values() == first.method.magnitude_values()
+    config = tiny_config({"name": "sd_lora", "rank": 4}, backbone="tiny-vit", train={"base_session_epochs": 1})
+    [vit] = run_experiment(config, tmp_path / "vit", stream=tiny_digits_stream(3, max_train=24, max_test=12))
+    assert set(vit.method.layers) == {f"layers.{i}.attention.{p}" for i in range(2) for p in ("q_proj", "v_proj")}
+    assert len(vit.accuracy_matrix) == 3
+
+
+@pytest.mark.parametrize("key,value", [("rank", 0), ("norm", "spectral"), ("reset_magnitudes", "yes"), ("init", "zeros"), ("alpha", 2)])
+def test_bad_options_name_the_key(key, value):
+    with pytest.raises(ConfigError, match=key):
+        validate_config({"backbone": {"name": "tiny-bert"}, "method": {"name": "sd_lora", key: value}})
