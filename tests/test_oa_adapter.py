@@ -290,3 +290,16 @@ def test_whole_model_merge_matches_unmerged_logits():
 def test_bad_options_give_one_error_naming_the_key(options, key):
     with pytest.raises(ConfigError, match=key):
         tiny_config({"name": "oa_adapter", **options})
+
+
+def test_a_fully_pruned_branch_is_empty_and_adds_nothing():
+    layer = linear_layer(8, 7)
+    branch = layer.add_branch("t0", 3)
+    with torch.no_grad():
+        branch.up.normal_()
+        branch.gate.zero_()  # every dimension at or below τ
+    branch.prune()
+    x = torch.randn(2, 8)
+    assert branch.rank == 0 and branch.reserved_columns().shape == (7, 0)
+    assert torch.equal(layer(x), layer.base_layer(x))
+    assert orthogonality_loss(torch.randn(7, 3), branch.reserved_columns()) == 0
