@@ -1,0 +1,94 @@
+"""Task adapters to fuse: reading them (PEFT folders or one task's branch of a loracl run) and checking they fit.
+
+An adapter is `dict[module name, LoraPair]` (loracl.adapters.peft_io). Fusion needs every adapter to sit on the
+same base model, on the same modules, with the same ranks and shapes; anything else is refused naming the mismatch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from loracl.adapters.peft_io import _BRANCH_KEY, LoraPair, read_peft_adapter
+from loracl.errors import LoraclError
+
+
+@dataclass
+class TaskAdapter:
+    """One task's LoRA with where it came from and the base model it was trained on (None: unknown)."""
+
+    name: str
+    pairs: dict[str, LoraPair]
+    base_model: str | None = None
+    head: dict[str, torch.Tensor] = field(default_factory=dict)  # optional classifier rows (loracl runs)
+
+
+def read_adapter(folder: str | Path, name: str | None = None) -> TaskAdapter:
+    """A PEFT LoRA folder as a TaskAdapter."""
+    config, pairs = read_peft_adapter(folder)
+    return TaskAdapter(name or Path(folder).name, pairs, config.get("base_model_name_or_path"))
+
+
+def read_run_branch(run_dir: str | Path, task: int) -> TaskAdapter:
+    """Task `task`'s own LoRA branch (`task_<k>`, as inc_lora and icm_fusion store them) from a loracl run."""
+    from loracl.engine.checkpoint import RECORD_FILE, STATE_FILE, latest_checkpoint
+
+    run_dir = Path(run_dir)
+    folder = latest_checkpoint(run_dir)
+    if folder is None or not (folder / RECORD_FILE).is_file():
+        raise LoraclError(f"no finished checkpoint in {run_dir}/checkpoints")
+    record = json.loads((folder / RECORD_FILE).read_text(encoding="utf-8"))
+    entry = record.get("method_entry", {})
+    alpha, use_rslora = float(entry.get("alpha", 16.0)), bool(entry.get("use_rslora", False))
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in load_file(str(folder / STATE_FILE)).items():
+        match = _BRANCH_KEY.match(key)
+        if match and match.group(2) == f"task_{task}":
+            parts.setdefault(match.group(1), {})[match.group(3)] = value
+    if not parts:
+        raise LoraclError(f"{run_dir}: no LoRA branch `task_{task}` (only per-task-branch methods such as inc_lora, icm_fusion keep one)")
+    pairs = {}
+    for module, p in parts.items():
+        rank = p["A"].shape[0]
+        pairs[module] = LoraPair(p["A"], p["B"], alpha / rank**0.5 if use_rslora else alpha / rank)
+    return TaskAdapter(f"{run_dir.name}/task_{task}", pairs, record.get("backbone_path"))
+
+
+def check_compatible(adapters: list[TaskAdapter]) -> None:
+    """Refuse adapters that differ in base model, modules, ranks or shapes, naming the first mismatch."""
+    if not adapters:
+        raise LoraclError("no adapters to fuse")
+    first = adapters[0]
+    for other in adapters[1:]:
+        if first.base_model and other.base_model and first.base_model != other.base_model:
+            raise LoraclError(
+                f"adapters were trained on different base models: `{first.name}` on {first.base_model}, "
+                f"`{other.name}` on {other.base_model}"
+            )
+        missing, extra = sorted(set(first.pairs) - set(other.pairs)), sorted(set(other.pairs) - set(first.pairs))
+        if missing or extra:
+            raise LoraclError(
+                f"adapters target different modules: `{other.name}` lacks {missing[:3]} and adds {extra[:3]} "
+                f"compared with `{first.name}`"
+            )
+        for module, pair in first.pairs.items():
+            theirs = other.pairs[module]
+            if pair.lora_A.shape[0] != theirs.lora_A.shape[0]:
+                raise LoraclError(
+                    f"adapters have different ranks on `{module}`: `{first.name}` r={pair.lora_A.shape[0]}, "
+                    f"`{other.name}` r={theirs.lora_A.shape[0]}"
+                )
+            if pair.lora_A.shape != theirs.lora_A.shape or pair.lora_B.shape != theirs.lora_B.shape:
+                raise LoraclError(
+                    f"adapters have different shapes on `{module}`: `{first.name}` {tuple(pair.lora_B.shape)}x"
+                    f"{tuple(pair.lora_A.shape)}, `{other.name}` {tuple(theirs.lora_B.shape)}x{tuple(theirs.lora_A.shape)}"
+                )
+
+
+def delta_weights(pairs: dict[str, LoraPair]) -> dict[str, torch.Tensor]:
+    """scaling * B A per module (Linear layout [d_out, d_in])."""
+    return {module: (pair.lora_B.float() @ pair.lora_A.float().flatten(1)) * pair.scaling for module, pair in pairs.items()}

@@ -1,0 +1,265 @@
+"""ICM-Fusion (arXiv 2508.04153): fuse task LoRAs through task vectors, a fusion VAE and in-context meta-training.
+
+Phases (spec section 4): flatten every weight sample (checkpoints of each task's LoRA) -> task vectors ->
+F-VAE warm start as a plain CVAE (ICM-LoRA's training) -> meta phase (Algorithm 1: decode, K first-order
+in-context steps on the task's few examples, re-encode, decode, MSE to the real LoRA + KL) -> fusion rule
+(posterior means, weighted latent and task-vector arithmetic, decode, de-normalise).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from loracl.adapters.peft_io import LoraPair
+from loracl.config import Float, StrictModel
+from loracl.errors import LoraclError
+from loracl.fusion.flat import FlatLayout, TensorStats, flat_gradient, flatten, tensor_stats, unflatten
+from loracl.fusion.host import LoraHost, TaskSupport
+from loracl.fusion.vae import FusionVAE, cvae_loss, kl_divergence
+
+Adapter = dict[str, LoraPair]
+
+
+class IcmFusionOptions(StrictModel):
+    """ICM-Fusion knobs; [C] ICM-LoRA code, [A] the paper's Algorithm 1 as transcribed, [D] ours (spec 6, 8)."""
+
+    task_vector: Literal["features", "parameters"] = "features"  # [D] G2: (a) hidden-state vector, (b) parameter delta
+    latent_dim: int = Field(default=256, ge=1)  # [C]
+    channel_divisor: int = Field(default=1, ge=1)  # [D] 1 = ICM-LoRA's conv widths; k thins every conv layer k-fold
+    kl_weight: Float = Field(default=0.005, ge=0.0)  # [C]
+    normalisation: Literal["shared", "per_sample"] = "shared"  # [D] G5
+    warm_start_steps: int = Field(default=300, ge=0)  # [D] plain-CVAE steps (K = 0) before the meta phase
+    meta_steps: int = Field(default=30, ge=0)  # [D] outer steps of Algorithm 1
+    batch_size: int = Field(default=16, ge=2)  # [D] weight samples per VAE step (tasks drawn uniformly)
+    meta_batch_size: int = Field(default=4, ge=2)  # [D] tasks (with replacement) per meta step
+    inner_steps: int = Field(default=2, ge=0)  # K [D] G3
+    inner_lr: Float = Field(default=1e-3, gt=0.0)  # beta on the normalised scale [D] G3
+    outer_lr: Float = Field(default=1e-3, gt=0.0)  # gamma, AdamW [D] G3
+    meta_gradient: Literal["first_order"] = "first_order"  # [D] G3: stop-gradient on l_adapt
+    fusion_weights: Literal["uniform", "learned"] = "uniform"  # [D] G1
+    learned_weight_steps: int = Field(default=50, ge=1, le=50)  # [D] G1: <= 50 Adam steps
+    learned_weight_lr: Float = Field(default=0.05, gt=0.0)  # [D] G1
+    balance_directions: bool = False  # [D] eq. (16'): equal-norm task vectors before the weighted sum
+    refine_steps: int = Field(default=0, ge=0)  # [D] eq. (18): in-context steps on the fused LoRA, union of supports
+    noise_std: Float = Field(default=0.01, ge=0.0)  # [D] G7: jitter added to tasks with fewer than 5 samples
+    min_samples: int = Field(default=5, ge=1)  # [D] G7
+    seed: int = 0
+
+
+@dataclass
+class FusionTask:
+    """One task to fuse: its final LoRA, its weight samples (checkpoints; may be empty) and its few examples."""
+
+    name: str
+    final: Adapter
+    support: TaskSupport
+    samples: list[Adapter] = field(default_factory=list)
+
+
+@dataclass
+class IcmFusionResult:
+    adapter: Adapter
+    report: dict[str, Any]
+    vae: FusionVAE
+    task_vectors: torch.Tensor  # [T, d_v]
+    latents: torch.Tensor  # [T, d_z]
+    stats: TensorStats
+    layout: FlatLayout
+
+
+def parameter_task_vector(adapter: Adapter) -> torch.Tensor:
+    """Eq. (3b) compressed [D]: per module, mean |delta W| and the leading r singular values of delta W."""
+    parts = []
+    for module in sorted(adapter):
+        pair = adapter[module]
+        delta = (pair.lora_B.float() @ pair.lora_A.float().flatten(1)) * pair.scaling
+        rank = pair.lora_A.shape[0]
+        parts += [delta.abs().mean().reshape(1), torch.linalg.svdvals(delta)[:rank]]
+    return torch.cat(parts)
+
+
+class IcmFusion:
+    """Trains the F-VAE on the tasks' weight samples and decodes one fused LoRA."""
+
+    def __init__(self, options: IcmFusionOptions, host: LoraHost | None) -> None:
+        self.options = options
+        self.host = host
+        if host is None and (options.task_vector == "features" or options.inner_steps or options.refine_steps or options.fusion_weights == "learned"):
+            raise LoraclError(
+                "icm fusion without a base model and examples needs task_vector=parameters, inner_steps=0, "
+                "refine_steps=0 and fusion_weights=uniform (the data-free mode)"
+            )
+        self.generator = torch.Generator().manual_seed(options.seed)
+
+    # ----- data --------------------------------------------------------------------------------------
+    def task_vectors(self, tasks: list[FusionTask]) -> torch.Tensor:
+        if self.options.task_vector == "parameters":
+            return torch.stack([parameter_task_vector(task.final) for task in tasks])
+        assert self.host is not None
+        return torch.stack([self.host.task_vector(task.final, task.support.inputs) for task in tasks])
+
+    def weight_data(self, tasks: list[FusionTask], layout: FlatLayout) -> tuple[list[torch.Tensor], list[torch.Tensor], TensorStats]:
+        """Flat samples per task [n_i, N_pad], the flat final LoRAs [N_pad], and the stats used to decode."""
+        pooled = [sample for task in tasks for sample in [task.final, *task.samples]]
+        shared = tensor_stats(layout, pooled)
+        per_task, finals = [], []
+        for task in tasks:
+            own = None if self.options.normalisation == "per_sample" else shared
+            flats = [flatten(layout, sample, own)[0] for sample in [*task.samples, task.final]]
+            stack = torch.stack(flats)
+            if len(flats) < self.options.min_samples and self.options.noise_std > 0:
+                jitter = torch.randn((self.options.min_samples - len(flats), layout.padded), generator=self.generator)
+                noisy = stack[torch.arange(len(jitter)) % len(flats)] + self.options.noise_std * jitter
+                noisy[:, layout.numel :] = 0.0  # the padding stays zero
+                stack = torch.cat([stack, noisy])
+            per_task.append(stack)
+            finals.append(flats[-1])
+        if self.options.normalisation == "per_sample":
+            # a fused vector has no own statistics: decode with the mean of the final LoRAs' statistics [D]
+            own_stats = [tensor_stats(layout, [task.final]) for task in tasks]
+            shared = TensorStats(torch.stack([s.mean for s in own_stats]).mean(0), torch.stack([s.std for s in own_stats]).mean(0))
+        return per_task, finals, shared
+
+    def draw(self, per_task: list[torch.Tensor], count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tasks uniformly (long-tail: tail tasks are seen as often as head tasks), then a sample uniformly."""
+        task_ids = torch.randint(len(per_task), (count,), generator=self.generator)
+        rows = [per_task[t][torch.randint(len(per_task[t]), (1,), generator=self.generator)] for t in task_ids.tolist()]
+        return task_ids, torch.cat(rows)
+
+    # ----- training ----------------------------------------------------------------------------------
+    def in_context_adapt(self, flat: torch.Tensor, support: TaskSupport, layout: FlatLayout, stats: TensorStats, steps: int) -> torch.Tensor:
+        """Eq. (8): K plain gradient steps on the task loss w.r.t. the flat vector (first order: no graph kept)."""
+        assert self.host is not None
+        flat = flat.detach().clone()
+        for _ in range(steps):
+            _, grads = self.host.loss_and_grads(unflatten(layout, flat, stats), support)
+            flat = flat - self.options.inner_lr * flat_gradient(layout, grads, stats)
+        return flat
+
+    def meta_loss(self, vae: FusionVAE, targets: torch.Tensor, conditions: torch.Tensor, supports: list[TaskSupport], layout: FlatLayout, stats: TensorStats) -> torch.Tensor:
+        """Eqs. (6)-(12); with K = 0 it is the plain CVAE loss on the real samples (ICM-LoRA, invariant 9)."""
+        if self.options.inner_steps == 0:
+            reconstruction, mean, logvar = vae(targets, conditions)
+            return cvae_loss(targets, reconstruction, mean, logvar, self.options.kl_weight)
+        with torch.no_grad():  # first order: (6)-(7) get no gradient, they only produce l_init
+            initial = vae.decode(vae.sample(*vae.encode(targets, conditions)), conditions)
+        adapted = torch.stack(
+            [self.in_context_adapt(initial[i], supports[i], layout, stats, self.options.inner_steps) for i in range(len(supports))]
+        )
+        adapted[:, layout.numel :] = 0.0
+        mean, logvar = vae.encode(adapted, conditions)  # (9)
+        reconstruction = vae.decode(vae.sample(mean, logvar), conditions)  # (10)
+        return torch.nn.functional.mse_loss(reconstruction, targets) + self.options.kl_weight * kl_divergence(mean, logvar)
+
+    def train(self, vae: FusionVAE, per_task: list[torch.Tensor], vectors: torch.Tensor, tasks: list[FusionTask], layout: FlatLayout, stats: TensorStats) -> dict[str, float]:
+        """Warm start (plain CVAE) then the meta phase; returns the last losses."""
+        optimizer = torch.optim.AdamW(vae.parameters(), lr=self.options.outer_lr, weight_decay=0.0)
+        vae.train()
+        losses = {"warm_start_loss": float("nan"), "meta_loss": float("nan")}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.options.seed)
+            for _ in range(self.options.warm_start_steps):
+                task_ids, targets = self.draw(per_task, self.options.batch_size)
+                reconstruction, mean, logvar = vae(targets, vectors[task_ids])
+                loss = cvae_loss(targets, reconstruction, mean, logvar, self.options.kl_weight)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses["warm_start_loss"] = float(loss.detach())
+            for _ in range(self.options.meta_steps):
+                task_ids, targets = self.draw(per_task, self.options.meta_batch_size)
+                supports = [tasks[t].support for t in task_ids.tolist()]
+                loss = self.meta_loss(vae, targets, vectors[task_ids], supports, layout, stats)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses["meta_loss"] = float(loss.detach())
+        vae.eval()
+        return losses
+
+    # ----- fusion ------------------------------------------------------------------------------------
+    def fused_condition(self, vectors: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Eq. (16) (with (16') when balance_directions): v_f = sum_i w_i v_i."""
+        if self.options.balance_directions:
+            norms = vectors.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            vectors = vectors / norms * norms.mean()
+        return (weights[:, None] * vectors).sum(0)
+
+    def decode_fused(self, vae: FusionVAE, latents: torch.Tensor, vectors: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Eqs. (17)-(18): l_f = D([sum w_i z_i; v_f])."""
+        latent = (weights[:, None] * latents).sum(0, keepdim=True)
+        return vae.decode(latent, self.fused_condition(vectors, weights)[None])[0]
+
+    def learn_weights(self, vae: FusionVAE, latents: torch.Tensor, vectors: torch.Tensor, tasks: list[FusionTask], layout: FlatLayout, stats: TensorStats) -> torch.Tensor:
+        """[D] G1: softmax weights minimising the summed few-shot loss through the frozen decoder."""
+        assert self.host is not None
+        logits = torch.zeros(len(tasks), requires_grad=True)
+        optimizer = torch.optim.Adam([logits], lr=self.options.learned_weight_lr)
+        for parameter in vae.parameters():
+            parameter.requires_grad_(False)
+        for _ in range(self.options.learned_weight_steps):
+            flat = self.decode_fused(vae, latents, vectors, torch.softmax(logits, 0))
+            adapter = unflatten(layout, flat.detach(), stats)
+            gradient = torch.zeros_like(flat)
+            for task in tasks:
+                _, grads = self.host.loss_and_grads(adapter, task.support)
+                gradient += flat_gradient(layout, grads, stats)
+            optimizer.zero_grad(set_to_none=True)
+            flat.backward(gradient)  # chain rule: d loss / d logits through the decoder
+            optimizer.step()
+        for parameter in vae.parameters():
+            parameter.requires_grad_(True)
+        return torch.softmax(logits.detach(), 0)
+
+    def fuse(self, tasks: list[FusionTask]) -> IcmFusionResult:
+        """Train the F-VAE on the tasks' weight data and decode the fused LoRA (spec section 4, phases 0-2)."""
+        if not tasks:
+            raise LoraclError("no tasks to fuse")
+        started = time.perf_counter()
+        layout = FlatLayout.of(tasks[0].final)
+        per_task, finals, stats = self.weight_data(tasks, layout)
+        vectors = self.task_vectors(tasks)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.options.seed)
+            vae = FusionVAE(layout.padded, vectors.shape[1], self.options.latent_dim, self.options.channel_divisor)
+        losses = self.train(vae, per_task, vectors, tasks, layout, stats)
+        with torch.no_grad():
+            latents, _ = vae.encode(torch.stack(finals), vectors)  # (15): posterior means
+        if self.options.fusion_weights == "learned":
+            weights = self.learn_weights(vae, latents, vectors, tasks, layout, stats)
+        else:
+            weights = torch.full((len(tasks),), 1.0 / len(tasks))
+        with torch.no_grad():
+            flat = self.decode_fused(vae, latents, vectors, weights)
+        flat[layout.numel :] = 0.0
+        for _ in range(self.options.refine_steps):
+            adapter = unflatten(layout, flat, stats)
+            gradient = torch.zeros_like(flat)
+            for task in tasks:
+                _, grads = self.host.loss_and_grads(adapter, task.support)
+                gradient += flat_gradient(layout, grads, stats) / len(tasks)
+            flat = flat - self.options.inner_lr * gradient
+        adapter = {module: LoraPair(p.lora_A.contiguous(), p.lora_B.contiguous(), p.scaling) for module, p in unflatten(layout, flat.detach(), stats).items()}
+        with torch.no_grad():
+            reconstruction = vae.decode(latents, vectors)
+            reconstruction_mse = float(torch.nn.functional.mse_loss(reconstruction[:, : layout.numel], torch.stack(finals)[:, : layout.numel]))
+        vae_params = sum(p.numel() for p in vae.parameters())
+        report = {
+            "method": "icm",
+            "fusion_weights": [round(float(w), 4) for w in weights],
+            "weight_samples_per_task": [len(p) for p in per_task],
+            "lora_params": layout.numel,
+            "padded_length": layout.padded,
+            "vae_params": vae_params,
+            "task_vector_dim": int(vectors.shape[1]),
+            "final_reconstruction_mse": reconstruction_mse,
+            "storage_floats": vae_params + vectors.numel() + 2 * len(layout.keys) + layout.numel,  # invariant 11
+            "fusion_s": time.perf_counter() - started,
+            **losses,
+        }
+        return IcmFusionResult(adapter, report, vae, vectors, latents, stats, layout)
