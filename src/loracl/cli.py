@@ -69,6 +69,14 @@ def command_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_fuse(args: argparse.Namespace) -> int:
+    from loracl.fusion.cli import fuse_from_args
+
+    folder = fuse_from_args(args)
+    print(f"fused PEFT adapter written to {folder} (report: {folder / 'fusion_report.json'})")
+    return 0
+
+
 def command_list(args: argparse.Namespace) -> int:
     from loracl.backbones.registry import BACKBONES
     from loracl.data.build import SOURCES
@@ -102,6 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--task", type=int, default=-1, help="task index (default: the last finished)")
     export.add_argument("--out", required=True)
     export.set_defaults(handler=command_export)
+    fuse = commands.add_parser("fuse", help="fuse several task LoRAs into one PEFT adapter (icm_fusion, merges)")
+    fuse.add_argument("adapters", nargs="*", help="PEFT LoRA folders, one per task")
+    fuse.add_argument("--run", help="a method's run folder (OUT/<label>) whose per-task branches are fused")
+    fuse.add_argument("--tasks", help="with --run: comma-separated task indices (default: all)")
+    fuse.add_argument("--method", default="icm", help="icm, linear, cat, svd, ties, dare_ties, lorahub, ...")
+    fuse.add_argument("--examples", action="append", default=[], help="per adapter, in order: JSON/JSONL texts")
+    fuse.add_argument("--num-examples", type=int, default=16, help="examples used per task")
+    fuse.add_argument("--base", help="base model (registry name, HF id, directory); default: the adapters' own")
+    fuse.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a fusion option, e.g. icm.inner_steps=1")
+    fuse.add_argument("--out", required=True)
+    fuse.set_defaults(handler=command_fuse)
     listing = commands.add_parser("list", help="methods, backbones and data sources")
     listing.set_defaults(handler=command_list)
     return parser

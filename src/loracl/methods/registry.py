@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 METHOD_MODULES: dict[str, str] = {
     "seq_lora": "seq_lora",
     "inc_lora": "inc_lora",
+    "icm_fusion": "icm_fusion",
     "joint": "joint",
     "probe": "probe",
     "lorac_ipc": "lorac_ipc",

@@ -1,0 +1,84 @@
+"""`loracl fuse`: read the task adapters and their examples, fuse, write a PEFT folder and fusion_report.json."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loracl.adapters.peft_io import write_peft_adapter
+from loracl.config import apply_override, parse_override
+from loracl.errors import DataError, LoraclError
+from loracl.fusion import FUSION_METHODS, LoraHost, TaskAdapter, TaskSupport, fuse, fuse_options, read_adapter, read_run_branch
+
+
+def read_examples(path: str | Path, count: int) -> list[str]:
+    """The first `count` texts of a JSON list (strings or {"text": ...}) or a JSONL file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"example file {path} does not exist")
+    raw = path.read_text(encoding="utf-8").strip()
+    try:
+        items = json.loads(raw) if raw.startswith("[") else [json.loads(line) for line in raw.splitlines() if line.strip()]
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is neither a JSON list nor JSON lines: {exc.msg}") from None
+    texts = [item if isinstance(item, str) else item.get("text") if isinstance(item, dict) else None for item in items]
+    if any(not isinstance(text, str) for text in texts):
+        raise DataError(f"{path}: every example must be a string or an object with a `text` string")
+    if not texts:
+        raise DataError(f"{path} holds no examples: fusion needs a few examples per task")
+    return texts[:count]
+
+
+def collect_adapters(args: argparse.Namespace) -> list[TaskAdapter]:
+    adapters = [read_adapter(folder) for folder in args.adapters]
+    if args.run:
+        from loracl.engine.checkpoint import RECORD_FILE, latest_checkpoint
+
+        folder = latest_checkpoint(Path(args.run))
+        if folder is None:
+            raise LoraclError(f"no finished checkpoint in {args.run}/checkpoints")
+        record = folder / RECORD_FILE
+        finished = int(json.loads(record.read_text(encoding="utf-8"))["task_index"]) + 1 if record.is_file() else 0
+        indices = [int(part) for part in args.tasks.split(",")] if args.tasks else list(range(finished))
+        adapters += [read_run_branch(args.run, index) for index in indices]
+    if len(adapters) < 1:
+        raise LoraclError("give at least one adapter folder or --run")
+    return adapters
+
+
+def fuse_from_args(args: argparse.Namespace) -> Path:
+    """The whole `loracl fuse` command; raises LoraclError on bad input."""
+    if args.method not in FUSION_METHODS:
+        raise LoraclError(f"unknown fusion method {args.method!r}: use one of {', '.join(FUSION_METHODS)}")
+    data: dict[str, Any] = {}
+    for text in args.set:
+        path, value = parse_override(text)
+        apply_override(data, path, value)
+    options = fuse_options(data)
+    adapters = collect_adapters(args)
+    host, supports = None, None
+    if args.examples:
+        if len(args.examples) != len(adapters):
+            raise LoraclError(f"{len(args.examples)} --examples files for {len(adapters)} adapters: give one per adapter, in order")
+        from loracl.backbones.registry import load_backbone
+
+        base = args.base or adapters[0].base_model
+        if not base:
+            raise LoraclError("the adapters do not name their base model: give --base")
+        backbone = load_backbone(base, seed=0)
+        host = LoraHost(backbone, sorted(adapters[0].pairs))
+        supports = []
+        for adapter, path in zip(adapters, args.examples):
+            inputs = backbone.collate(read_examples(path, args.num_examples))
+            host.set_adapter(adapter.pairs)
+            with torch.no_grad():  # label-free: the fused LoRA should reproduce each task's own features
+                supports.append(TaskSupport(inputs, target_features=host.features(inputs)))
+    outcome = fuse(adapters, args.method, options, host=host, supports=supports)
+    out = Path(args.out)
+    write_peft_adapter(outcome.adapter, out, args.base or adapters[0].base_model)
+    (out / "fusion_report.json").write_text(json.dumps(outcome.report, indent=2, default=str), encoding="utf-8")
+    return out

@@ -1,0 +1,188 @@
+"""icm_fusion in the continual stream: per-task LoRAs (same init seed) fused by ICM-Fusion (spec 8.3).
+
+Modes [D]: `end` fuses all task LoRAs once after the last task (paper-faithful; earlier rows use every task
+LoRA summed, as inc_lora); `online` fuses tasks 1..t after every task and then replaces the stored past LoRAs
+by the F-VAE's regenerations D(z_j, v_j) (generative weight replay); `continue` also fuses after every task and
+starts the next task's LoRA from the fused one. Test-time predictions use the fused LoRA once one exists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field
+
+from loracl.adapters.peft_io import LoraPair
+from loracl.data.stream import Task
+from loracl.fusion.flat import unflatten
+from loracl.fusion.host import LoraHost, TaskSupport
+from loracl.fusion.icm_fusion import FusionTask, IcmFusion, IcmFusionOptions
+from loracl.methods.base import LoraMethod, LoraOptions
+
+FUSED = "fused"
+
+
+class IcmFusionMethodOptions(LoraOptions):
+    """LoRA knobs, the stream mode, checkpoint harvesting, the support buffer and the ICM-Fusion knobs."""
+
+    mode: Literal["end", "online", "continue"] = "end"
+    harvest_checkpoints: int = Field(default=8, ge=0)  # weight samples per task over the second half [D] G7
+    support_per_task: int = Field(default=16, ge=1)  # [D] G10: kept per task, counted as exemplar memory
+    fusion: IcmFusionOptions = Field(default_factory=IcmFusionOptions)
+
+
+class _TaskHead(torch.nn.Module):
+    """The task's columns of the shared linear head (its own head, task id given)."""
+
+    def __init__(self, head: torch.nn.Module, class_ids: list[int]) -> None:
+        super().__init__()
+        self.head, self.class_ids = head, class_ids
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features)[:, self.class_ids]
+
+
+class IcmFusionMethod(LoraMethod):
+    """A fresh LoRA per task from the same seed; ICM-Fusion turns them into the one LoRA that serves every task."""
+
+    name = "icm_fusion"
+    description = "per-task LoRAs fused into one by task vectors and a fusion VAE (ICM-Fusion)"
+    Options: ClassVar[type[IcmFusionMethodOptions]] = IcmFusionMethodOptions
+    options: IcmFusionMethodOptions
+
+    def __init__(self, options: IcmFusionMethodOptions, context: Any) -> None:
+        super().__init__(options, context)
+        self.samples: dict[int, list[dict[str, LoraPair]]] = {}
+        self.supports: dict[int, dict[str, torch.Tensor]] = {}
+        self.fusion_report: dict[str, Any] = {}
+        self._step, self._harvest_from, self._every = 0, 0, 1
+
+    # ----- lifecycle -------------------------------------------------------------------------------
+    def begin_task(self, task: Task) -> None:
+        super().begin_task(task)
+        self.freeze_branches()
+        branch = f"task_{task.index}"
+        self.add_branches(branch, seed_offset=0)  # same A_0 for every task (spec G6)
+        if self.options.mode == "continue" and self._has_fused():
+            with torch.no_grad():
+                for layer in self.layers.values():
+                    fused, new = layer.branches[FUSED], layer.branches[branch]
+                    if fused.lora_A.shape == new.lora_A.shape:
+                        new.lora_A.copy_(fused.lora_A)
+                        new.lora_B.copy_(fused.lora_B * (fused.scaling / new.scaling))
+        for layer in self.layers.values():  # train the new LoRA alone
+            layer.disabled_branches = {name for name in layer.branches if name != branch}
+        self.samples[task.index] = []
+
+    def prepare_task(self, task: Task, train_loader: Iterable[dict[str, Any]]) -> None:
+        steps = len(train_loader) * self.context.train.epochs // self.context.train.gradient_accumulation_steps  # type: ignore[arg-type]
+        self._step, self._harvest_from = 0, steps // 2
+        self._every = max(1, (steps - self._harvest_from) // max(1, self.options.harvest_checkpoints))
+
+    def after_step(self) -> None:
+        """Harvest a checkpoint of the current task's LoRA over the second half of training (ICM-LoRA)."""
+        self._step += 1
+        task = self.current_task
+        if task is None or not self.options.harvest_checkpoints or self._step <= self._harvest_from:
+            return
+        if (self._step - self._harvest_from) % self._every == 0 and len(self.samples[task.index]) < self.options.harvest_checkpoints:
+            self.samples[task.index].append(self._pairs(f"task_{task.index}"))
+
+    def end_task(self, task: Task, train_loader: Iterable[dict[str, Any]]) -> None:
+        super().end_task(task, train_loader)
+        first = next(iter(train_loader))
+        k = self.options.support_per_task
+        self.supports[task.index] = {
+            **{key: value[:k].detach().cpu() for key, value in first["inputs"].items()},
+            "labels": first["labels"][:k].detach().cpu(),
+        }
+        last = task.index == self.context.num_tasks - 1
+        for layer in self.layers.values():
+            layer.disabled_branches = {FUSED} if FUSED in layer.branches else set()
+        if self.options.mode != "end" or last:
+            self._fuse()
+
+    # ----- fusion ----------------------------------------------------------------------------------
+    def _pairs(self, branch: str) -> dict[str, LoraPair]:
+        return {
+            name: LoraPair(layer.branches[branch].lora_A.detach().clone(), layer.branches[branch].lora_B.detach().clone(), layer.branches[branch].scaling)
+            for name, layer in self.layers.items()
+        }
+
+    def _has_fused(self) -> bool:
+        return any(FUSED in layer.branches for layer in self.layers.values())
+
+    def _support(self, task: Task) -> TaskSupport:
+        stored = self.supports[task.index]
+        device = next(self.model.parameters()).device  # type: ignore[union-attr]
+        inputs = {key: value.to(device) for key, value in stored.items() if key != "labels"}
+        remap = {c: i for i, c in enumerate(task.class_ids)}
+        labels = torch.tensor([remap[int(y)] for y in stored["labels"]], device=device)
+        return TaskSupport(inputs, labels, _TaskHead(self.model.head, task.class_ids))  # type: ignore[union-attr]
+
+    def _fuse(self) -> None:
+        assert self.model is not None
+        tasks = [task for task in self.seen_tasks if task.index in self.supports]
+        host = LoraHost(self.model.backbone, sorted(self.layers))
+        fusion_tasks = [
+            FusionTask(task.name, self._pairs(f"task_{task.index}"), self._support(task), self.samples.get(task.index, []))
+            for task in tasks
+        ]
+        result = IcmFusion(self.options.fusion, host).fuse(fusion_tasks)
+        host.remove()
+        if self.options.mode == "online":  # keep generated, not stored, past LoRAs (generative weight replay)
+            with torch.no_grad():
+                regenerated = result.vae.decode(result.latents, result.task_vectors)
+            regenerated[:, result.layout.numel :] = 0.0
+            for row, task in zip(regenerated, tasks):
+                self._write_branch(f"task_{task.index}", unflatten(result.layout, row, result.stats))
+                self.samples[task.index] = []
+        self._write_branch(FUSED, result.adapter)
+        for layer in self.layers.values():
+            layer.disabled_branches = {name for name in layer.branches if name != FUSED}
+        self.fusion_report = {key: value for key, value in result.report.items() if key != "method"}
+
+    def _write_branch(self, branch: str, pairs: dict[str, LoraPair]) -> None:
+        for name, layer in self.layers.items():
+            pair = pairs[name]
+            if branch not in layer.branches:
+                layer.add_branch(branch, pair.lora_A.shape[0], alpha=1.0, init="none")
+            target = layer.branches[branch]
+            target.requires_grad_(False)
+            with torch.no_grad():
+                target.lora_A.copy_(pair.lora_A)
+                target.lora_B.copy_(pair.lora_B)
+            target.scaling = pair.scaling
+
+    # ----- state -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = super().state_dict()
+        for index, stored in self.supports.items():
+            for key, value in stored.items():
+                state[f"icm_fusion.support.{index}.{key}"] = value
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        state = dict(state)
+        supports: dict[int, dict[str, torch.Tensor]] = {}
+        for key in [key for key in state if key.startswith("icm_fusion.support.")]:
+            _, _, index, name = key.split(".", 3)
+            supports.setdefault(int(index), {})[name] = state.pop(key)
+        if any(f".branches.{FUSED}." in key for key in state) and not self._has_fused():
+            for layer in self.layers.values():  # the fused LoRA has the task LoRAs' rank and scaling
+                layer.add_branch(FUSED, self.options.rank, self.options.alpha, use_rslora=self.options.use_rslora, init="none")
+        super().load_state_dict(state)
+        self.supports = supports
+        for layer in self.layers.values():
+            layer.disabled_branches = {name for name in layer.branches if name != FUSED} if FUSED in layer.branches else set()
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"fused": self._has_fused(), "fusion": self.fusion_report}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.fusion_report = dict(state.get("fusion", {}))
+
+    def task_metrics(self) -> dict[str, Any]:
+        return {"mode": self.options.mode, **self.fusion_report}
