@@ -142,6 +142,7 @@ def test_end_to_end_penalty_reduces_overlap_and_resumes(tmp_path):
     assert len(penalised.accuracy_matrix) == 2
     [again] = run_experiment(tiny_config({"name": "o_lora", "lambda_orth": 5.0}), tmp_path, stream=stream)  # resumes
     assert again.accuracy_matrix == penalised.accuracy_matrix
+    assert again.results["method_metrics"] == pytest.approx(penalised.results["method_metrics"])
     state, reloaded = penalised.method.state_dict(), again.method.state_dict()
     assert all(torch.equal(state[key], reloaded[key]) for key in state)
 

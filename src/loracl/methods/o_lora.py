@@ -61,11 +61,18 @@ class OLora(LoraMethod):
                     self.current_branch, self.options.rank, self.options.alpha,
                     dropout=0.0, use_rslora=self.options.use_rslora, init=self.options.init,
                 )
-        # A_old [(t-1) r, d_in] per layer: the frozen down-projections, stacked once per task.
+        self.stack_old_down_projections()
+
+    def stack_old_down_projections(self) -> None:
+        """A_old [(t-1) r, d_in] per layer: the frozen down-projections, stacked once per task."""
         self._old_down = {}
         for name, layer in self.layers.items():
             old = [branch.lora_A.detach().flatten(1) for key, branch in layer.branches.items() if key != self.current_branch]
             self._old_down[name] = torch.cat(old, dim=0) if old else None
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        super().load_state_dict(state)
+        self.stack_old_down_projections()  # restore_structure stacked the fresh (pre-load) values
 
     def overlaps(self) -> list[torch.Tensor]:
         """O^l = A_old^l A_t^l^T [(t-1) r, r] for every adapted layer; empty on the first task."""
