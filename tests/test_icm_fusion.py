@@ -1,0 +1,124 @@
+"""ICM-Fusion invariants (spec section 9): flat codec, F-VAE shapes, KL, fusion rule, meta loss, frozen backbone, stream."""
+
+import pytest
+import torch
+
+from helpers import tiny_config, tiny_text_stream
+from loracl.adapters.peft_io import LoraPair
+from loracl.backbones.registry import load_backbone
+from loracl.engine import run_experiment
+from loracl.errors import LoraclError
+from loracl.fusion import LoraHost, TaskAdapter, TaskSupport, fuse
+from loracl.fusion.flat import FlatLayout, flatten, tensor_stats, unflatten
+from loracl.fusion.icm_fusion import IcmFusion, IcmFusionOptions
+from loracl.fusion.vae import FusionVAE, cvae_loss, kl_divergence
+
+MODULES = ["encoder.layer.0.attention.self.query", "encoder.layer.0.attention.self.value",
+           "encoder.layer.1.attention.self.query", "encoder.layer.1.attention.self.value"]
+QUICK = {"warm_start_steps": 2, "meta_steps": 1, "batch_size": 2, "meta_batch_size": 2, "inner_steps": 1, "latent_dim": 8, "channel_divisor": 8}
+
+
+def random_adapter(seed, rank=4):
+    generator = torch.Generator().manual_seed(seed)
+    return {m: LoraPair(torch.randn(rank, 32, generator=generator) * 0.2, torch.randn(32, rank, generator=generator) * 0.2, 2.0) for m in MODULES}
+
+
+def test_flatten_unflatten_round_trip_and_length_bookkeeping():
+    adapter = random_adapter(0)
+    layout = FlatLayout.of(adapter)
+    assert layout.numel == sum(p.lora_A.numel() + p.lora_B.numel() for p in adapter.values())
+    assert layout.padded % 4096 == 0 and layout.padded - 4096 < layout.numel <= layout.padded
+    flat, stats = flatten(layout, adapter)
+    assert flat.shape == (layout.padded,) and torch.count_nonzero(flat[layout.numel :]) == 0
+    for module, pair in unflatten(layout, flat, stats).items():
+        assert torch.allclose(pair.lora_A, adapter[module].lora_A, atol=1e-6)
+        assert torch.allclose(pair.lora_B, adapter[module].lora_B, atol=1e-6)
+    shared = tensor_stats(layout, [adapter, random_adapter(1)])
+    restored = unflatten(layout, flatten(layout, adapter, shared)[0], shared)
+    assert all(torch.allclose(restored[m].lora_B, adapter[m].lora_B, atol=1e-5) for m in MODULES)
+
+
+def test_vae_shapes_and_eval_determinism():
+    vae = FusionVAE(4096, condition_dim=5, latent_dim=8).eval()
+    flat, condition = torch.randn(1, 4096), torch.randn(1, 5)
+    mean, logvar = vae.encode(flat, condition)
+    assert mean.shape == logvar.shape == (1, 8)
+    assert vae.encoder(flat.unsqueeze(1)).shape == (1, 8, 1)  # 8 channels x L_last
+    first, second = vae.decode(mean, condition), vae.decode(mean, condition)
+    assert first.shape == (1, 4096) and torch.equal(first, second)
+    with pytest.raises(LoraclError, match="multiple of 4096"):
+        FusionVAE(5000, 5)
+
+
+def test_kl_matches_torch_distributions_and_vanishes_at_the_prior():
+    mean, logvar = torch.randn(3, 6), torch.randn(3, 6)
+    posterior = torch.distributions.Normal(mean, torch.exp(0.5 * logvar))
+    prior = torch.distributions.Normal(torch.zeros(3, 6), torch.ones(3, 6))
+    expected = torch.distributions.kl_divergence(posterior, prior).sum(1).mean()
+    assert torch.allclose(kl_divergence(mean, logvar), expected, atol=1e-5)
+    assert kl_divergence(torch.zeros(2, 6), torch.zeros(2, 6)) == 0
+
+
+def test_fusion_rule_single_task_and_permutation_invariance():
+    icm = IcmFusion(IcmFusionOptions(task_vector="parameters", inner_steps=0), None)
+    vae = FusionVAE(4096, 5, 8).eval()
+    latents, vectors = torch.randn(2, 8), torch.randn(2, 5)
+    with torch.no_grad():
+        single = icm.decode_fused(vae, latents[:1], vectors[:1], torch.ones(1))
+        assert torch.equal(single, vae.decode(latents[:1], vectors[:1])[0])  # T = 1: z_f = z_1, v_f = v_1
+        uniform = torch.full((2,), 0.5)
+        forward = icm.decode_fused(vae, latents, vectors, uniform)
+        backward = icm.decode_fused(vae, latents.flip(0), vectors.flip(0), uniform)
+    assert torch.allclose(forward, backward, atol=1e-6)
+
+
+def test_meta_loss_with_zero_inner_steps_is_the_plain_cvae_loss():
+    icm = IcmFusion(IcmFusionOptions(task_vector="parameters", inner_steps=0), None)
+    vae = FusionVAE(4096, 5, 8)
+    targets, conditions = torch.randn(2, 4096), torch.randn(2, 5)
+    torch.manual_seed(3)
+    meta = icm.meta_loss(vae, targets, conditions, [], None, None)
+    torch.manual_seed(3)
+    reconstruction, mean, logvar = vae(targets, conditions)
+    assert torch.allclose(meta, cvae_loss(targets, reconstruction, mean, logvar, 0.005))
+
+
+def test_icm_fusion_end_to_end_keeps_the_backbone_frozen_and_is_peft_shaped():
+    backbone = load_backbone("tiny-bert", seed=0)
+    before = {name: tensor.clone() for name, tensor in backbone.model.state_dict().items()}
+    host = LoraHost(backbone, MODULES)
+    adapters = [TaskAdapter(f"t{seed}", random_adapter(seed)) for seed in range(2)]
+    inputs = backbone.collate(["abc de", "fgh", "ijk lm"])
+    head = torch.nn.Linear(32, 2)
+    supports = [TaskSupport(inputs, torch.tensor([0, 1, 0]), head) for _ in adapters]
+    outcome = fuse(adapters, "icm", {"icm": QUICK}, host=host, supports=supports,
+                   samples=[[random_adapter(10 + seed)] for seed in range(2)])
+    assert set(outcome.adapter) == set(MODULES)
+    assert all(outcome.adapter[m].lora_A.shape == (4, 32) for m in MODULES)
+    assert outcome.report["weight_samples_per_task"] == [5, 5]  # 2 real + noise augmentation to min_samples
+    after = backbone.model.state_dict()
+    for name, tensor in before.items():
+        key = name if name in after else name.replace(".query.", ".query.base_layer.").replace(".value.", ".value.base_layer.")
+        assert torch.equal(after[key], tensor), name
+    with pytest.raises(LoraclError, match="data-free mode"):
+        fuse(adapters, "icm", {"icm": QUICK})
+
+
+@pytest.mark.parametrize("mode", ["online", "end"])
+def test_icm_fusion_method_runs_a_tiny_stream(tmp_path, mode):
+    method = {"name": "icm_fusion", "rank": 2, "mode": mode, "harvest_checkpoints": 2, "support_per_task": 4,
+              "fusion": {**QUICK, "latent_dim": 4}}
+    config = tiny_config(method, train={"batch_size": 4})
+    results = run_experiment(config, tmp_path / mode, stream=tiny_text_stream(3, train=12, test=6))[0].results
+    matrix = results["accuracy_matrix"]
+    assert len(matrix) == 3 and all(cell is not None for cell in matrix[-1])
+    assert results["method_metrics"]["mode"] == mode and "vae_params" in results["method_metrics"]
+
+
+def test_icm_fusion_method_rejects_bad_options():
+    from loracl.config import validate_config
+
+    with pytest.raises(LoraclError, match="mode"):
+        validate_config({"method": {"name": "icm_fusion", "mode": "sometimes"}})
+    with pytest.raises(LoraclError, match="fusion.kl_weight"):
+        validate_config({"method": {"name": "icm_fusion", "fusion": {"kl_weight": -1}}})
