@@ -20,10 +20,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_section  # noqa: E402
+
+from stream_benchmark import wait_for_the_machine  # noqa: E402
 
 from loracl.backbones.classifier import ContinualClassifier  # noqa: E402
 from loracl.backbones.registry import load_backbone  # noqa: E402
@@ -127,8 +127,8 @@ def main() -> None:
     parser.add_argument("--base-epochs", type=int, default=30)
     parser.add_argument("--stream-runs", default="runs/bench_metalora_text")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out)
+    lock = wait_for_the_machine(Path(__file__).resolve().parent.parent / "runs" / ".benchmark.lock")  # one benchmark at a time
     common = {"seed": 0, "head": {"type": "linear"}}
     rows: list[list[str]] = []
     for task in args.text_tasks:
@@ -149,6 +149,7 @@ def main() -> None:
                   "base_session_epochs": args.base_epochs, "base_session_lr": 1e-3, "progress": False},
     }
     rows += run_setting("digits-resnet 5-9", digits, args.digits_lora_rank, 1, out)
+    lock.close()
     parts = [
         f"Text: {args.max_train} train / {args.max_test} test examples per task, {args.text_epochs} epochs, MiniLM query/value "
         f"slots. Digits: `digits-resnet` base-trained {args.base_epochs} epochs on digits 0-4, then {args.digits_epochs} "
