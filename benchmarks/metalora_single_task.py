@@ -96,7 +96,7 @@ def stream_cost(folder: Path) -> list[list[str]]:
     paths = {label: folder / label / "results.json" for label in ("seq_lora", "metalora")}
     if not all(path.is_file() for path in paths.values()):
         return []
-    runs = {label: json.loads(path.read_text())["runs"][0] for label, path in paths.items()}
+    runs = {label: json.loads(path.read_text()) for label, path in paths.items()}  # one run's flat results.json
     base = runs["seq_lora"]
     rows = []
     for label, run in runs.items():

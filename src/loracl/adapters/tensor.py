@@ -151,19 +151,19 @@ class TensorBlock(nn.Module):
         if self.is_conv:
             return self._delta_conv(x, seed, base_layer)
         batch, r = x.shape[0], self.rank
-        middle = (1,) * (x.dim() - 2)  # token dims between batch and features
         if self.decomposition == "cp":
+            middle = (1,) * (x.dim() - 2)  # token dims between batch and features
             hidden = F.linear(x, self.factor_in)  # [B, ..., R]
             hidden = hidden * seed.view(batch, *middle, r)
             return F.linear(hidden, self.factor_out) * self.scaling
-        # G_in [c, i, e] -> [d_in, (c, e)]; Z [B, ..., c, e]
+        # G_in [c, i, e] -> [d_in, (c, e)]; Z [B, ..., (c, e)]
         in_matrix = self.core_in.permute(1, 0, 2).reshape(self.core_in.shape[1], r * r)
-        z = (x @ in_matrix).unflatten(-1, (r, r))
-        condition = self.condition_core(seed).view(batch, *middle, r, r)  # S_b [e, a]
-        p = z @ condition  # P[c, a] = sum_e Z[c, e] S[e, a]
+        z = x @ in_matrix
+        # P[c, a] = sum_e Z[c, e] S_b[e, a]: one bmm per batch, [B, (..., c), e] @ [B, e, a] (not per-token 3x3 matmuls)
+        p = torch.bmm(z.reshape(batch, -1, r), self.condition_core(seed)).reshape(z.shape)  # [B, ..., (c, a)]
         # G_out [a, o, c] -> [d_out, (c, a)]
         out_matrix = self.core_out.permute(1, 2, 0).reshape(self.core_out.shape[1], r * r)
-        return F.linear(p.flatten(-2), out_matrix) * self.scaling
+        return F.linear(p, out_matrix) * self.scaling
 
     def _delta_conv(self, x: torch.Tensor, seed: torch.Tensor, base_layer: nn.Conv2d) -> torch.Tensor:
         batch, r = x.shape[0], self.rank
@@ -186,9 +186,9 @@ class TensorBlock(nn.Module):
         kernel = torch.einsum("cid,dpf,fqe->ceipq", self.core_in, self.core_h, self.core_w).reshape(r * r, -1, *self.kernel_size)
         z = F.conv2d(x, kernel, stride=stride, padding=padding, dilation=dilation)  # [B, (c, e), H', W']
         height, width = z.shape[-2:]
-        z = z.view(batch, r, r, height * width).permute(0, 3, 1, 2)  # [B, HW, c, e]
-        p = z @ self.condition_core(seed).unsqueeze(1)  # [B, HW, c, a]
-        p = p.permute(0, 2, 3, 1).reshape(batch, r * r, height, width)  # [B, (c, a), H', W']
+        z = z.view(batch, r * r, height * width).transpose(1, 2).reshape(batch, height * width * r, r)  # [B, (HW, c), e]
+        p = torch.bmm(z, self.condition_core(seed))  # [B, (HW, c), a]
+        p = p.view(batch, height * width, r * r).transpose(1, 2).reshape(batch, r * r, height, width)  # [B, (c, a), H', W']
         out_matrix = self.core_out.permute(1, 2, 0).reshape(self.core_out.shape[1], r * r, 1, 1)
         return F.conv2d(p, out_matrix) * self.scaling
 
