@@ -143,10 +143,12 @@ class InfLora(LoraMethod):
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.bases = {
-            key[len(BASIS_PREFIX) :]: SubspaceBasis(value.clone().float()) for key, value in state.items() if key.startswith(BASIS_PREFIX)
+        device = next(iter(self.layers.values())).base_layer.weight.device
+        bases = {
+            key[len(BASIS_PREFIX) :]: SubspaceBasis(value.to(device=device, dtype=torch.float32).clone())
+            for key, value in state.items()
+            if key.startswith(BASIS_PREFIX)
         }
-        bases = self.bases
         self.bases = {}  # so the base class's key check sees only model tensors
         super().load_state_dict({key: value for key, value in state.items() if not key.startswith(BASIS_PREFIX)})
         self.bases = bases
