@@ -113,6 +113,10 @@ def test_icm_fusion_method_runs_a_tiny_stream(tmp_path, mode):
     matrix = results["accuracy_matrix"]
     assert len(matrix) == 3 and all(cell is not None for cell in matrix[-1])
     assert results["method_metrics"]["mode"] == mode and "vae_params" in results["method_metrics"]
+    from loracl.fusion import read_run_branch
+
+    branch = read_run_branch(tmp_path / mode / "icm_fusion", 1)  # what `loracl fuse --run` reads
+    assert all(pair.lora_A.shape[0] == 2 for pair in branch.pairs.values())
 
 
 def test_icm_fusion_method_rejects_bad_options():
