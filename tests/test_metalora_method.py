@@ -240,3 +240,15 @@ def test_joint_mode_trains_jointly_and_static_control_has_no_mapping_net():
 def test_bad_option_values_name_the_key(key, value):
     with pytest.raises(ConfigError, match=key):
         tiny_config({"name": "metalora", key: value})
+
+
+def test_warm_start_copies_the_previous_block_and_keeps_it_frozen():
+    stream = separable_stream()
+    method, _ = build({"warm_start": True})
+    train_task(method, stream.tasks[0], steps=2)
+    method.begin_task(stream.tasks[1])
+    state = method.state_dict()
+    copied = [key for key in state if "task_1" in key]
+    assert copied and all(torch.equal(state[key], state[key.replace("task_1", "task_0")]) for key in copied)
+    trainable = {id(p) for p in method.trainable_parameters()}
+    assert all(id(p) not in trainable for layer in method.layers.values() for p in layer.blocks["task_0"].parameters())
