@@ -14,17 +14,16 @@ if TYPE_CHECKING:
 METHOD_MODULES: dict[str, str] = {
     "seq_lora": "seq_lora",
     "inc_lora": "inc_lora",
-    "icm_fusion": "icm_fusion",
     "joint": "joint",
     "probe": "probe",
-    "lorac_ipc": "lorac_ipc",
     "o_lora": "o_lora",
     "inflora": "inflora",
     "sd_lora": "sd_lora",
-    "lorac_ipc": "lorac_ipc",
-    "metalora": "metalora",
     "fm_lora": "fm_lora",
+    "lorac_ipc": "lorac_ipc",
     "oa_adapter": "oa_adapter",
+    "metalora": "metalora",
+    "icm_fusion": "icm_fusion",
 }
 
 
