@@ -17,7 +17,7 @@ from loracl.methods.registry import create_method
 ALPHABETS = ["abcde", "klmno", "vwxyz"]
 
 
-def separable_stream(scenario="class_incremental", per_class=6):
+def separable_stream(scenario="class_incremental", per_class=4):
     """Three tasks written in disjoint alphabets, so frozen features separate them."""
     generator = torch.Generator().manual_seed(0)
     tasks = []
@@ -36,7 +36,7 @@ def separable_stream(scenario="class_incremental", per_class=6):
 
 
 def build(options=None, scenario="class_incremental", head="linear"):
-    backbone = load_backbone("tiny-bert", max_length=24, seed=0)
+    backbone = load_backbone("tiny-bert", max_length=16, seed=0)
     model = ContinualClassifier(backbone)
     context = MethodContext(HeadConfig(type=head), TrainConfig(), seed=0, scenario=scenario, num_tasks=3)
     method = create_method("metalora", {"mapping_width": 8, **(options or {})}, context)
