@@ -121,7 +121,7 @@ def test_real_entry_point_exits_2_without_traceback(tmp_path):
     assert "train.lr" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("method", ["inc_lora", "seq_lora"])
+@pytest.mark.parametrize("method", ["inc_lora"])
 def test_resume_after_interruption_gives_the_same_matrix(tmp_path, monkeypatch, method):
     stream = tiny_text_stream(3)
     config = tiny_config(method, train={"deterministic": True, "epochs": 2})
