@@ -108,14 +108,23 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="run folder (resumable)")
     parser.add_argument("--reference", default="seq_lora", help="label whose step time is 1.0x")
     parser.add_argument("--note", default="", help="a sentence printed under the table")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--no-queue", action="store_true", help="do not wait for other benchmarks (speed figures then share the CPU)"
+    )
     args = parser.parse_args()
     entries = [yaml.safe_load(item) if item.strip().startswith("{") else {"name": item} for item in args.method]
     config = load_config(args.config, [*args.set, "train.progress=false", f"method={yaml.safe_dump(entries, default_flow_style=True).strip()}"])
-    lock = wait_for_the_machine(Path(__file__).resolve().parent.parent / "runs" / ".benchmark.lock")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    lock = None if args.no_queue else wait_for_the_machine(Path(__file__).resolve().parent.parent / "runs" / ".benchmark.lock")
     try:
         results = run_experiment(config, Path(args.out))
     finally:
-        lock.close()
+        if lock is not None:
+            lock.close()
     runs = [result.results for result in results]
     body = render(runs, args.reference)
     if args.note:
