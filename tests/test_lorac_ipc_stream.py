@@ -8,14 +8,14 @@ from helpers import tiny_config, tiny_digits_stream, tiny_text_stream
 import loracl.engine.runner as runner_module
 from loracl.engine import run_experiment
 
-KNOBS = {"rank": 4, "ipc_threshold": 0.25, "tap_epochs": 2, "tii_clusters": 2, "tap_centroids": 3}
+KNOBS = {"rank": 4, "ipc_threshold": 0.25, "tap_epochs": 1, "tii_clusters": 2, "tap_centroids": 2}
 
 
 def test_text_stream_with_and_without_tii(tmp_path):
-    stream = tiny_text_stream(3, train=16, test=8)
+    stream = tiny_text_stream(3, train=12, test=6)
     config = tiny_config(
         [{"name": "lorac_ipc", **KNOBS}, {"name": "lorac_ipc", "label": "no_tii", "tii": False, **KNOBS}],
-        train={"epochs": 2, "lr": 2e-2},
+        train={"epochs": 1, "lr": 2e-2},
     )
     with_tii, without_tii = run_experiment(config, tmp_path, stream=stream)
     matrix = with_tii.accuracy_matrix
@@ -34,7 +34,7 @@ def test_text_stream_with_and_without_tii(tmp_path):
 
 
 def test_resume_after_interruption_gives_the_same_matrix(tmp_path, monkeypatch):
-    stream = tiny_text_stream(3, train=16, test=8)
+    stream = tiny_text_stream(3, train=12, test=6)
     config = tiny_config({"name": "lorac_ipc", **KNOBS}, train={"epochs": 1, "lr": 2e-2})
     [uninterrupted] = run_experiment(config, tmp_path / "a", stream=stream)
     original = runner_module.MethodRun._run_task
