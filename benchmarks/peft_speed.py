@@ -67,7 +67,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from peft import LoraConfig, get_peft_model
 
     backbone = load_backbone("minilm-l6")
@@ -113,7 +116,8 @@ def main() -> None:
             f"| eval time per batch, merged adapter vs bare model | {statistics.median(merged_s) / args.steps * 1000:.1f} ms | {statistics.median(bare_s) / args.steps * 1000:.1f} ms (bare) | {eval_ratio:.3f} | <= 1.02 | {'yes' if eval_ratio <= 1.02 else 'no'} |",
             "",
             f"MiniLM-L6, rank {RANK} / alpha {ALPHA:g} on query and value, batch {BATCH}, length {LENGTH} (padded), "
-            f"{args.steps} steps per round, median of {args.rounds} interleaved rounds. Both sides run the same "
+            f"{args.steps} steps per round, median of {args.rounds} interleaved rounds, {torch.get_num_threads()} torch "
+            "thread(s). Both sides run the same "
             "arithmetic (`B(A(x)) * scaling`); on a loaded machine the ratio can move a few percent either way, "
             "so read values within about 0.03 of 1.0 as equal speed.",
         ]

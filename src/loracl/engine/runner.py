@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import resource
 import time
 from dataclasses import dataclass, field
@@ -404,4 +403,4 @@ def run_experiment(config: RunConfig, out_dir: str | Path | None = None, stream:
     return results
 
 
-__all__ = ["MethodRun", "RunResult", "math", "run_experiment", "run_method"]
+__all__ = ["MethodRun", "RunResult", "run_experiment", "run_method"]
