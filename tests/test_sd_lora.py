@@ -63,7 +63,7 @@ def test_magnitudes_shared_trainable_and_reset_in_code_mode_kept_in_paper_mode()
         assert learned != pytest.approx(0.8)
         method.begin_task(stream.tasks[1])
         assert method.magnitudes["task_0"].item() == pytest.approx(0.8 if reset else learned)
-        assert float(method.magnitudes["task_1"]) == pytest.approx(0.8)
+        assert method.magnitudes["task_1"].item() == pytest.approx(0.8)
         trainable = {id(p) for p in method.trainable_parameters()}
         assert id(method.magnitudes["task_0"]) in trainable and id(method.magnitudes["task_1"]) in trainable
         # one scalar per task for all layers: the layers read the very same parameter
@@ -79,11 +79,11 @@ def test_old_directions_bit_identical_trainable_count_and_merge():
     per_task = sum(10 * (layer.in_features + layer.out_features) for layer in method.layers.values())
     classes = len(stream.tasks[1].class_ids)
     assert sum(p.numel() for p in method.trainable_parameters()) == per_task + 2 + classes * 33  # + alpha_1, alpha_2
-    old_magnitude = float(method.magnitudes["task_0"])
+    old_magnitude = method.magnitudes["task_0"].item()
     train_steps(method, batch, stream.tasks[1])
     state = model.state_dict()
     assert all(torch.equal(state[key], value) for key, value in frozen.items())
-    assert float(method.magnitudes["task_0"]) != pytest.approx(old_magnitude)  # old magnitudes keep learning
+    assert method.magnitudes["task_0"].item() != pytest.approx(old_magnitude)  # old magnitudes keep learning
     unmerged = model.features(batch["inputs"])
     for layer in method.layers.values():
         layer.merge()
