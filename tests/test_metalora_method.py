@@ -252,3 +252,15 @@ def test_warm_start_copies_the_previous_block_and_keeps_it_frozen():
     assert copied and all(torch.equal(state[key], state[key.replace("task_1", "task_0")]) for key in copied)
     trainable = {id(p) for p in method.trainable_parameters()}
     assert all(id(p) not in trainable for layer in method.layers.values() for p in layer.blocks["task_0"].parameters())
+
+
+def test_single_block_modes_serve_base_session_tasks_with_the_block():
+    stream = separable_stream()
+    method, _ = build({"cl_mode": "single"})
+    method.model.head.add_classes(stream.tasks[0].class_ids)  # the engine's base session does this
+    method.absorb_base_session(stream.tasks[0], loader(method, stream.tasks[0].train, 0))  # task 0: no block
+    train_task(method, stream.tasks[1], steps=2)
+    batch = next(iter(loader(method, stream.tasks[1].test, 1)))
+    expected = method._scores(method.adapted_features(batch["inputs"], "shared"))
+    assert torch.equal(method.predict({"inputs": batch["inputs"]}), expected)
+    assert not torch.equal(expected, method._scores(method.adapted_features(batch["inputs"], None)))

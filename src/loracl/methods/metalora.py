@@ -370,8 +370,8 @@ class MetaLora(Method):
         """Scores over all seen classes; expand mode routes each sample to one task block (spec section 5)."""
         assert self.model is not None
         inputs = batch["inputs"]
-        if not self.expands:
-            block_name = next(iter(self.block_of_task.values()), None)
+        if not self.expands:  # one block for every task (a base-session task has none, but is served by it too)
+            block_name = "shared" if "shared" in self.block_names() else None
             return self._scores(self.adapted_features(inputs, block_name))
         features = self.frozen_features(inputs)
         if self.context.scenario == "task_incremental":
