@@ -49,11 +49,17 @@ class MethodContext:
 
 
 def resolve_target_modules(model: nn.Module, target_modules: str | list[str]) -> str | list[str]:
-    """`auto` means PEFT's usual attention choice (query, value) when present, else all linear layers."""
+    """`auto` means PEFT's usual attention choice (query and value projections), else all linear layers.
+
+    BERT names them `query` / `value`; transformers 5's ViT and most decoders `q_proj` / `v_proj`.
+    """
     if target_modules != "auto":
         return target_modules
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    return ["query", "value"] if {"query", "value"} <= names else "all-linear"
+    for pair in (["query", "value"], ["q_proj", "v_proj"]):
+        if set(pair) <= names:
+            return pair
+    return "all-linear"
 
 
 class Method:
