@@ -195,7 +195,6 @@ class TensorBlock(nn.Module):
     # ----- materialised weights (reference and merging) -------------------------------------------------
     def delta_weight(self, seed: torch.Tensor) -> torch.Tensor:
         """gamma * Delta W(s) for one seed [seed_size], shaped like the base weight (eqs. 2, 4, 5, 6)."""
-        r = self.rank
         if self.decomposition == "cp":
             out = self.factor_out * seed  # U diag(s)  [d_out, R]
             if not self.is_conv:

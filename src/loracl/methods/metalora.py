@@ -28,7 +28,7 @@ from pydantic import Field
 from torch import nn
 
 from loracl.adapters.inject import find_target_modules, inject_adapters
-from loracl.adapters.tensor import TensorAdapterLayer, TensorBlock
+from loracl.adapters.tensor import TensorAdapterLayer
 from loracl.backbones.classifier import ContinualClassifier
 from loracl.backbones.heads import PrototypeHead
 from loracl.config import Float
