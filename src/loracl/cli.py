@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     except LoraclError as exc:
         print(f"loracl: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except BrokenPipeError:  # output piped into `head` and the like: not an error
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except KeyboardInterrupt:
         print("loracl: interrupted; run the same command again to resume after the last finished task", file=sys.stderr)
         return 130
