@@ -22,12 +22,7 @@ from _results import write_section  # noqa: E402
 
 from loracl.config import load_config  # noqa: E402
 from loracl.engine import run_experiment  # noqa: E402
-from loracl.report.render import SUMMARY_HEADER, matrix_rows, summary_rows  # noqa: E402
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+from loracl.report.render import SUMMARY_HEADER, markdown_table, matrix_rows, summary_rows  # noqa: E402
 
 
 def relative_step_time(runs: list[dict], reference: str) -> dict[str, float]:

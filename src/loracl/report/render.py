@@ -72,7 +72,7 @@ def _plain_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -114,7 +114,7 @@ def render_report_markdown(runs: list[dict[str, Any]], config: dict[str, Any] | 
         "Average accuracy is the mean of the last row of the accuracy matrix; forgetting is the mean drop from "
         "each earlier task's best accuracy to its final one; BWT the mean change from just-learned to final.",
         "",
-        _markdown_table(SUMMARY_HEADER, summary_rows(runs)),
+        markdown_table(SUMMARY_HEADER, summary_rows(runs)),
         "",
         "![accuracy matrices](accuracy_matrix.png)",
         "",
@@ -123,7 +123,7 @@ def render_report_markdown(runs: list[dict[str, Any]], config: dict[str, Any] | 
     ]
     for run in runs:
         header, rows = matrix_rows(run)
-        lines += [f"### {run['label']}", "", _markdown_table(header, rows), ""]
+        lines += [f"### {run['label']}", "", markdown_table(header, rows), ""]
         if run.get("method_metrics"):
             lines += [f"Method metrics: `{run['method_metrics']}`", ""]
     if config is not None:
