@@ -159,3 +159,32 @@ def test_all_linear_skips_heads_and_regex_is_full_match():
     assert len(adapter_layers(model)) == 12
     model2, _ = tiny_bert()
     assert len(inject_adapters(model2, r".*\.query", lambda m, n: LoraLayer(m, n))) == 2
+
+
+def test_layer_dropout_is_one_mask_for_every_branch_and_matches_peft_with_one_branch():
+    base = nn.Linear(6, 5)
+    shared = LoraLayer(copy.deepcopy(base), "shared", dropout=0.5)
+    for name in ("a", "b"):
+        shared.add_branch(name, 2, 4.0)
+        with torch.no_grad():
+            shared.branches[name].lora_B.normal_()
+    shared.train()
+    x = torch.randn(3, 6)
+    torch.manual_seed(7)
+    dropped = nn.functional.dropout(x, 0.5, training=True)
+    expected = base(x) + shared.branches["a"](dropped) + shared.branches["b"](dropped)
+    torch.manual_seed(7)
+    assert torch.allclose(shared(x), expected, atol=1e-6)  # one mask; per-branch masks would differ
+
+    single = LoraLayer(copy.deepcopy(base), "single", dropout=0.5)  # one branch: same as PEFT's lora_dropout
+    single.add_branch("default", 2, 4.0)
+    peft_like = LoraLayer(copy.deepcopy(base), "peft_like")
+    peft_like.add_branch("default", 2, 4.0, dropout=0.5)
+    peft_like.load_state_dict(single.state_dict())
+    with torch.no_grad():
+        for layer in (single, peft_like):
+            layer.branches["default"].lora_B.fill_(0.3)
+    torch.manual_seed(3)
+    first = single(x)
+    torch.manual_seed(3)
+    assert torch.allclose(first, peft_like(x), atol=1e-6)

@@ -127,8 +127,8 @@ def test_zero_penalties_equal_inc_lora_weights(tmp_path):
     stream = tiny_text_stream(2, train=8, test=4)
     [inc] = run_experiment(tiny_config("inc_lora"), None, stream=stream)
     [olora] = run_experiment(
-        tiny_config({"name": "o_lora", "lambda_orth": 0.0, "lambda_l2": 0.0, "alpha": 16.0, "dropout": 0.0}), None, stream=stream
-    )
+        tiny_config({"name": "o_lora", "lambda_orth": 0.0, "lambda_l2": 0.0}), None, stream=stream
+    )  # both at their defaults: alpha 32, one shared dropout mask of 0.1 (spec 2.1: identical weights)
     inc_state, olora_state = inc.method.state_dict(), olora.method.state_dict()
     assert inc_state.keys() == olora_state.keys()
     assert all(torch.equal(inc_state[key], olora_state[key]) for key in inc_state)

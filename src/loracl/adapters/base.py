@@ -62,3 +62,96 @@ class AdapterLayer(nn.Module):
     @property
     def merged(self) -> bool:
         raise NotImplementedError
+
+
+class MultiBranchLayer(AdapterLayer):
+    """A frozen layer plus named additive branches (one per task or per adapter), each mergeable into W0.
+
+        y = W0 x + b0 + sum over active branches of branch(drop(x))
+
+    `drop` is one dropout mask shared by every branch (O-LoRA's and OA-Adapter's code); a branch may add its own.
+    Subclasses create branches (`add_branch`) and may re-weight them (`branch_output`, `branch_delta`). A branch
+    is a module with `forward(x)`, `delta_weight()` shaped like W0, and a `dtype` property.
+    """
+
+    branch_kind = "adapter"
+    remembers_merged_deltas = False  # True when a branch's delta can change while merged (then unmerge is exact)
+
+    def __init__(self, base_layer: nn.Module, name: str = "", dropout: float = 0.0) -> None:
+        super().__init__(base_layer, name)
+        self.branches = nn.ModuleDict()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged_branches: list[str] = []
+        self.disabled_branches: set[str] = set()
+        self._merged_deltas: dict[str, torch.Tensor] = {}
+
+    def register_branch(self, branch_name: str, branch: nn.Module) -> nn.Module:
+        """Add a built branch under a new name; refused while merged, since unmerge could not remove it."""
+        if branch_name in self.branches:
+            raise LoraclError(f"module `{self.module_name}` already has a {self.branch_kind} branch named {branch_name!r}")
+        if self.merged_branches:
+            raise LoraclError(f"module `{self.module_name}`: unmerge before adding branches")
+        self.branches[branch_name] = branch
+        return branch
+
+    def active_branches(self) -> list[tuple[str, nn.Module]]:
+        """Branches that add to the output and are not already inside the base weight."""
+        return [
+            (name, branch)
+            for name, branch in self.branches.items()
+            if name not in self.merged_branches and name not in self.disabled_branches
+        ]
+
+    def branch_output(self, branch_name: str, branch: nn.Module, dropped: torch.Tensor) -> torch.Tensor:
+        """One branch's additive output for the dropped-out input."""
+        return branch(dropped.to(branch.dtype))
+
+    def branch_delta(self, branch_name: str) -> torch.Tensor:
+        """One branch's weight delta, shaped like W0."""
+        return self.branches[branch_name].delta_weight()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        active = self.active_branches()
+        if not active:
+            return result
+        dropped = self.dropout(x)
+        for name, branch in active:
+            result = result + self.branch_output(name, branch, dropped).to(result.dtype)
+        return result
+
+    def delta_weight(self, branch_names: list[str] | None = None) -> torch.Tensor:
+        """Sum of the named (default: all enabled) branches' deltas, shaped like W0."""
+        if branch_names is None:
+            branch_names = [name for name in self.branches if name not in self.disabled_branches]
+        total = torch.zeros_like(self.base_layer.weight)
+        for name in branch_names:
+            total = total + self.branch_delta(name).to(total.dtype)
+        return total
+
+    @torch.no_grad()
+    def merge(self, branch_names: list[str] | None = None) -> None:
+        """Fold the named (default: all active) branches into W0; inference then costs the base layer's."""
+        names = [name for name, _ in self.active_branches()] if branch_names is None else branch_names
+        for name in names:
+            if name in self.merged_branches:
+                continue
+            delta = self.branch_delta(name).to(self.base_layer.weight.dtype)
+            self.base_layer.weight.add_(delta)
+            if self.remembers_merged_deltas:
+                self._merged_deltas[name] = delta
+            self.merged_branches.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract merged branches in reverse order (the remembered tensor where deltas can drift)."""
+        while self.merged_branches:
+            name = self.merged_branches.pop()
+            delta = self._merged_deltas.pop(name, None)
+            if delta is None:
+                delta = self.branch_delta(name).to(self.base_layer.weight.dtype)
+            self.base_layer.weight.sub_(delta)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_branches)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loracl.adapters.base import AdapterLayer
+from loracl.adapters.base import MultiBranchLayer
 from loracl.errors import LoraclError
 
 
@@ -76,6 +76,10 @@ class GatedBranch(nn.Module):
         """Boolean [r]: dimensions with a non-zero mask value."""
         return self.gamma().detach() != 0
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.down.dtype
+
     def r_eff(self) -> int:
         return int(self.active_mask().sum())
 
@@ -124,73 +128,20 @@ def orthogonality_loss(up: torch.Tensor, history: torch.Tensor | None) -> torch.
     return (up.transpose(0, 1) @ history).pow(2).sum()
 
 
-class GatedLayer(AdapterLayer):
+class GatedLayer(MultiBranchLayer):
     """A frozen nn.Linear plus named gated branches that share one input dropout and can be merged into W0."""
 
+    branch_kind = "gated"
+
     def __init__(self, base_layer: nn.Module, name: str = "", dropout: float = 0.0) -> None:
-        super().__init__(base_layer, name)
+        super().__init__(base_layer, name, dropout)
         if self.is_conv:
             raise LoraclError(f"module `{name}` is a Conv2d; gated adapters wrap nn.Linear only")
-        self.branches = nn.ModuleDict()
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged_branches: list[str] = []
-        self.disabled_branches: set[str] = set()
 
     def add_branch(self, branch_name: str, rank: int, **kwargs) -> GatedBranch:
         """A new branch with W2 = 0, so the layer's output is unchanged until it trains."""
-        if branch_name in self.branches:
-            raise LoraclError(f"module `{self.module_name}` already has a gated branch named {branch_name!r}")
-        if self.merged_branches:
-            raise LoraclError(f"module `{self.module_name}`: unmerge before adding branches")
         weight = self.base_layer.weight
         branch = GatedBranch(
             self.in_features, self.out_features, rank, device=weight.device, dtype=weight.dtype, **kwargs
         )
-        self.branches[branch_name] = branch
-        return branch
-
-    def active_branches(self) -> list[tuple[str, GatedBranch]]:
-        """Branches that add to the output and are not already inside the base weight."""
-        return [
-            (name, branch)
-            for name, branch in self.branches.items()
-            if name not in self.merged_branches and name not in self.disabled_branches
-        ]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
-        branches = self.active_branches()
-        if not branches:
-            return result
-        dropped = self.dropout(x)  # one drop(x) for every branch, as in Σ_k W2ΓW1 drop(x)
-        for _, branch in branches:
-            result = result + branch(dropped.to(branch.down.dtype)).to(result.dtype)
-        return result
-
-    def delta_weight(self, branch_names: list[str] | None = None) -> torch.Tensor:
-        """Sum of the named (default: all enabled) branches' deltas [d_out, d_in]."""
-        names = [name for name in self.branches if name not in self.disabled_branches] if branch_names is None else branch_names
-        total = torch.zeros_like(self.base_layer.weight)
-        for name in names:
-            total = total + self.branches[name].delta_weight().to(total.dtype)
-        return total
-
-    @torch.no_grad()
-    def merge(self, branch_names: list[str] | None = None) -> None:
-        """Fold the named (default: all active) branches into W0; inference cost becomes the base layer's."""
-        names = [name for name, _ in self.active_branches()] if branch_names is None else branch_names
-        for name in names:
-            if name in self.merged_branches:
-                continue
-            self.base_layer.weight.add_(self.branches[name].delta_weight().to(self.base_layer.weight.dtype))
-            self.merged_branches.append(name)
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        while self.merged_branches:
-            name = self.merged_branches.pop()
-            self.base_layer.weight.sub_(self.branches[name].delta_weight().to(self.base_layer.weight.dtype))
-
-    @property
-    def merged(self) -> bool:
-        return bool(self.merged_branches)
+        return self.register_branch(branch_name, branch)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loracl.adapters.base import AdapterLayer
+from loracl.adapters.base import MultiBranchLayer
 from loracl.errors import LoraclError
 
 
@@ -79,66 +79,25 @@ class LoraBranch(nn.Module):
         # A: [r, c_in, kh, kw] -> [c_in, r, kh, kw]; conv with B [c_out, r, 1, 1] -> [c_in, c_out, kh, kw]
         return F.conv2d(self.lora_A.transpose(0, 1), self.lora_B).transpose(0, 1) * self.scaling
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lora_A.dtype
+
     def parameter_count(self) -> int:
         return self.lora_A.numel() + self.lora_B.numel()
 
 
-class LoraLayer(AdapterLayer):
-    """A frozen Linear/Conv2d plus named LoRA branches, each mergeable into the base weight."""
+class LoraLayer(MultiBranchLayer):
+    """A frozen Linear/Conv2d plus named LoRA branches, each mergeable into the base weight.
 
-    def __init__(self, base_layer: nn.Module, name: str = "") -> None:
-        super().__init__(base_layer, name)
-        self.branches = nn.ModuleDict()
-        self.merged_branches: list[str] = []
-        self.disabled_branches: set[str] = set()
+    `dropout` is one mask shared by all branches (O-LoRA's code); a branch's own `dropout` (PEFT's per-adapter
+    dropout) is drawn separately. With one branch the two are the same thing.
+    """
+
+    branch_kind = "LoRA"
 
     def add_branch(self, branch_name: str, rank: int, alpha: float, **kwargs) -> LoraBranch:
         """Create a new (A, B) pair; its delta is zero until B trains."""
-        if branch_name in self.branches:
+        if branch_name in self.branches:  # checked before the (costly) construction too
             raise LoraclError(f"module `{self.module_name}` already has a LoRA branch named {branch_name!r}")
-        if self.merged_branches:
-            raise LoraclError(f"module `{self.module_name}`: unmerge before adding branches")
-        branch = LoraBranch(self.base_layer, rank, alpha, **kwargs)
-        self.branches[branch_name] = branch
-        return branch
-
-    def active_branches(self) -> list[tuple[str, LoraBranch]]:
-        """Branches that add to the output and are not already inside the base weight."""
-        return [
-            (name, branch)
-            for name, branch in self.branches.items()
-            if name not in self.merged_branches and name not in self.disabled_branches
-        ]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
-        for _, branch in self.active_branches():
-            result = result + branch(x.to(branch.lora_A.dtype)).to(result.dtype)
-        return result
-
-    def delta_weight(self, branch_names: list[str] | None = None) -> torch.Tensor:
-        """Sum of the named (default: all enabled) branches' deltas."""
-        names = [name for name in self.branches if name not in self.disabled_branches] if branch_names is None else branch_names
-        total = torch.zeros_like(self.base_layer.weight)
-        for name in names:
-            total = total + self.branches[name].delta_weight().to(total.dtype)
-        return total
-
-    @torch.no_grad()
-    def merge(self, branch_names: list[str] | None = None) -> None:
-        names = [name for name, _ in self.active_branches()] if branch_names is None else branch_names
-        for name in names:
-            if name in self.merged_branches:
-                continue
-            self.base_layer.weight.add_(self.branches[name].delta_weight().to(self.base_layer.weight.dtype))
-            self.merged_branches.append(name)
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        while self.merged_branches:
-            name = self.merged_branches.pop()
-            self.base_layer.weight.sub_(self.branches[name].delta_weight().to(self.base_layer.weight.dtype))
-
-    @property
-    def merged(self) -> bool:
-        return bool(self.merged_branches)
+        return self.register_branch(branch_name, LoraBranch(self.base_layer, rank, alpha, **kwargs))

@@ -27,11 +27,13 @@ class MethodOptions(StrictModel):
 
 
 class LoraOptions(MethodOptions):
-    """Knobs shared by the LoRA-based methods (PEFT's names and defaults where PEFT has them)."""
+    """Knobs shared by the LoRA-based methods; defaults are the O-LoRA code's (baselines.md Part 2: seq_lora and
+    inc_lora are O-LoRA with its regularisers off): rank 8, alpha 32 (scale 4), dropout 0.1 on the input, one mask
+    shared by every branch of a layer."""
 
     rank: int = Field(default=8, ge=1)
-    alpha: Float = 16.0
-    dropout: Float = Field(default=0.0, ge=0.0, lt=1.0)
+    alpha: Float = 32.0
+    dropout: Float = Field(default=0.1, ge=0.0, lt=1.0)
     target_modules: str | list[str] = "auto"  # "auto": query and value where they exist, else all-linear
     use_rslora: bool = False
     init: Literal["kaiming", "gaussian"] = "kaiming"
@@ -243,7 +245,7 @@ class LoraMethod(Method):
         super().attach(model)
         targets = resolve_target_modules(model.backbone.model, self.options.target_modules)
         self.layers: dict[str, LoraLayer] = inject_adapters(
-            model.backbone.model, targets, lambda module, name: LoraLayer(module, name)
+            model.backbone.model, targets, lambda module, name: LoraLayer(module, name, self.options.dropout)
         )
 
     def add_branches(self, branch_name: str, seed_offset: int) -> None:
@@ -255,7 +257,6 @@ class LoraMethod(Method):
                     branch_name,
                     self.options.rank,
                     self.options.alpha,
-                    dropout=self.options.dropout,
                     use_rslora=self.options.use_rslora,
                     init=self.options.init,
                 )

@@ -15,6 +15,7 @@ import torch
 from pydantic import Field
 
 from loracl.adapters.peft_io import LoraPair
+from loracl.config import Float
 from loracl.data.stream import Task
 from loracl.fusion.flat import unflatten
 from loracl.fusion.host import LoraHost, TaskSupport
@@ -25,7 +26,13 @@ FUSED = "fused"
 
 
 class IcmFusionMethodOptions(LoraOptions):
-    """LoRA knobs, the stream mode, checkpoint harvesting, the support buffer and the ICM-Fusion knobs."""
+    """LoRA knobs, the stream mode, checkpoint harvesting, the support buffer and the ICM-Fusion knobs.
+
+    LoRA defaults are icm-fusion.md 8.2's per-task LoRAs [D] (r 8, alpha 16, dropout 0.05), not LoraOptions'.
+    """
+
+    alpha: Float = 16.0
+    dropout: Float = Field(default=0.05, ge=0.0, lt=1.0)
 
     mode: Literal["end", "online", "continue"] = "end"
     harvest_checkpoints: int = Field(default=8, ge=0)  # weight samples per task over the second half [D] G7

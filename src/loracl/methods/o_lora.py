@@ -9,7 +9,7 @@ import torch
 from pydantic import Field
 
 from loracl.adapters import inject_adapters
-from loracl.adapters.baseline_lora import SharedDropoutLoraLayer
+from loracl.adapters.lora import LoraLayer
 from loracl.backbones.classifier import ContinualClassifier
 from loracl.config import Float
 from loracl.data.stream import Task
@@ -18,11 +18,9 @@ from loracl.methods.base import LoraMethod, LoraOptions, Method
 
 
 class OLoraOptions(LoraOptions):
-    """Defaults are the official code's (rank 8, alpha 32 so s = 4, dropout 0.1, lambda_1 0.5, lambda_2 0)."""
+    """Defaults are the official code's: LoraOptions' rank 8, alpha 32 (s = 4), shared dropout 0.1; lambda_1 0.5,
+    lambda_2 0."""
 
-    rank: int = Field(default=8, ge=1)
-    alpha: Float = 32.0
-    dropout: Float = Field(default=0.1, ge=0.0, lt=1.0)
     lambda_orth: Float = Field(default=0.5, ge=0.0)  # lambda_1
     lambda_l2: Float = Field(default=0.0, ge=0.0)  # lambda_2
     orth_penalty: Literal["abs", "squared"] = "abs"  # code: sum |entries|; "squared" as some paper summaries
@@ -45,7 +43,7 @@ class OLora(LoraMethod):
         targets = resolve_projection_targets(model.backbone.model, self.options.target_modules)
         dropout = self.options.dropout
         self.layers = inject_adapters(
-            model.backbone.model, targets, lambda module, name: SharedDropoutLoraLayer(module, name, dropout)
+            model.backbone.model, targets, lambda module, name: LoraLayer(module, name, dropout)
         )
         self.current_branch: str | None = None
         self._old_down: dict[str, torch.Tensor | None] = {}
