@@ -69,3 +69,31 @@ def test_prototype_head_is_nearest_class_mean(metric):
     assert scores.argmax(1).tolist() == [0, 1]
     head.reset_classes([3])  # a class without examples never wins
     assert head(torch.tensor([[0.0, 1.0]])).argmax(1).item() == 1 and head.num_classes == 4
+
+
+def test_cosine_head_is_scaled_cosine_without_bias_and_ignores_norms():
+    head = LinearHead(4, cosine_scale=16.0)
+    head.add_classes([0, 1])
+    head.add_classes([2])
+    assert not any(bias.requires_grad for bias in head.biases)  # no bias in the cosine head
+    features = torch.randn(5, 4)
+    logits = head(features)
+    weight = torch.cat(list(head.weights))
+    expected = 16.0 * torch.nn.functional.cosine_similarity(features[:, None], weight[None], dim=-1)
+    assert torch.allclose(logits, expected, atol=1e-5)
+    assert logits.abs().max() <= 16.0 + 1e-5
+    with torch.no_grad():
+        head.weights[1].mul_(50.0)  # a row's norm does not change its logits, unlike the plain head
+    assert torch.allclose(head(3.0 * features), logits, atol=1e-4)
+
+
+def test_cosine_head_end_to_end_and_named_in_the_label():
+    from helpers import tiny_config, tiny_text_stream
+
+    from loracl.engine import run_experiment
+
+    stream = tiny_text_stream(2, train=8, test=4)
+    [run] = run_experiment(tiny_config({"name": "inc_lora", "head": {"type": "cosine", "cosine_scale": 8.0}}), None, stream=stream)
+    assert run.label == "inc_lora+cosine"
+    assert run.method.model.head.cosine_scale == 8.0
+    assert len(run.accuracy_matrix) == 2

@@ -60,8 +60,9 @@ class StreamConfig(StrictModel):
 
 
 class HeadConfig(StrictModel):
-    type: Literal["linear", "prototype"] = "linear"
+    type: Literal["linear", "cosine", "prototype"] = "linear"
     metric: Literal["cosine", "euclidean"] = "cosine"  # prototype head only
+    cosine_scale: Float = Field(default=16.0, gt=0.0)  # cosine head only: logits = scale * cos [D]
     freeze_old: bool = True  # earlier tasks' head rows stop training when a new task begins
     loss_scope: Literal["current_task", "seen"] = "current_task"  # classes the training loss sees
 

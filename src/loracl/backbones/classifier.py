@@ -12,10 +12,10 @@ from loracl.backbones.heads import LinearHead, PrototypeHead
 class ContinualClassifier(nn.Module):
     """Backbone features -> linear logits (training signal) or prototype scores (nearest class mean)."""
 
-    def __init__(self, backbone: Backbone, prototype_metric: str = "cosine") -> None:
+    def __init__(self, backbone: Backbone, prototype_metric: str = "cosine", cosine_scale: float | None = None) -> None:
         super().__init__()
         self.backbone = backbone
-        self.head = LinearHead(backbone.hidden_size)
+        self.head = LinearHead(backbone.hidden_size, cosine_scale)
         self.prototypes = PrototypeHead(backbone.hidden_size, prototype_metric)
 
     def features(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

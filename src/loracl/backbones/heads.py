@@ -8,11 +8,17 @@ from torch import nn
 
 
 class LinearHead(nn.Module):
-    """One weight block per task, concatenated in class-id order; old blocks can be frozen."""
+    """One weight block per task, concatenated in class-id order; old blocks can be frozen.
 
-    def __init__(self, hidden_size: int) -> None:
+    With `cosine_scale` set it is a cosine classifier, logits = s · cos(feature, row) with no bias: every row's
+    logits lie in [-s, s] whatever its norm, so rows trained on different tasks stay comparable (the plain
+    head's known weakness in class-incremental runs, docs/harness.md).
+    """
+
+    def __init__(self, hidden_size: int, cosine_scale: float | None = None) -> None:
         super().__init__()
         self.hidden_size = hidden_size
+        self.cosine_scale = cosine_scale
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
         self.class_ids: list[int] = []
@@ -33,7 +39,8 @@ class LinearHead(nn.Module):
         bound = 1.0 / self.hidden_size**0.5  # nn.Linear's default init
         weight = (torch.rand(len(new_ids), self.hidden_size, generator=generator) * 2 - 1) * bound
         self.weights.append(nn.Parameter(weight.to(device)))
-        self.biases.append(nn.Parameter(torch.zeros(len(new_ids), device=device)))
+        # the cosine head has no bias: its (zero) bias rows exist only so both heads share one state layout
+        self.biases.append(nn.Parameter(torch.zeros(len(new_ids), device=device), requires_grad=self.cosine_scale is None))
         self.class_ids.extend(new_ids)
         return new_ids
 
@@ -44,6 +51,9 @@ class LinearHead(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """[B, H] -> [B, num_classes]."""
         weight = torch.cat(list(self.weights), dim=0)
+        if self.cosine_scale is not None:
+            cosine = F.normalize(features, dim=-1) @ F.normalize(weight.to(features.dtype), dim=-1).T
+            return self.cosine_scale * cosine
         bias = torch.cat(list(self.biases), dim=0)
         return F.linear(features, weight.to(features.dtype), bias.to(features.dtype))
 

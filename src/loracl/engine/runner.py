@@ -121,7 +121,9 @@ class MethodRun:
             local_files_only=self.config.backbone.local_files_only,
         )
         check_stream_fits_backbone(self.stream, backbone)
-        self.model = ContinualClassifier(backbone, self.head.metric).to(self.device)
+        self.model = ContinualClassifier(
+            backbone, self.head.metric, self.head.cosine_scale if self.head.type == "cosine" else None
+        ).to(self.device)
         context = MethodContext(self.head, self.train, self.config.seed, self.stream.scenario, len(self.stream))
         return create_method(self.entry.name, self.entry.options, context)
 

@@ -156,8 +156,8 @@ class LoracIpc(Method):
 
     # ----- structure --------------------------------------------------------------------------------
     def attach(self, model: ContinualClassifier) -> None:
-        if self.context.head.type != "linear":
-            raise ConfigError("method `lorac_ipc`: needs head.type linear (TAP re-aligns the linear head)")
+        if self.context.head.type == "prototype":
+            raise ConfigError("method `lorac_ipc`: needs head.type linear or cosine (TAP re-aligns a trained head)")
         super().attach(model)
         options = self.options
         self.layers = inject_adapters(

@@ -379,7 +379,7 @@ class MetaLora(Method):
         else:
             routes = self.route(features)
         self._routes.append(routes.cpu())
-        num_classes = self.model.head.num_classes if self.context.head.type == "linear" else self.model.prototypes.num_classes
+        num_classes = self.model.head.num_classes if self.context.head.type != "prototype" else self.model.prototypes.num_classes
         scores = features.new_full((len(routes), num_classes), float("-inf"))
         for task_index in routes.unique().tolist():
             rows = (routes == task_index).nonzero().squeeze(1)
