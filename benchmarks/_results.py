@@ -18,6 +18,12 @@ HEADER = (
     "# Measured results\n\n"
     "Every figure on this page was written by a script in `benchmarks/`; the command that produced each\n"
     "section is printed in it. Re-run the command to reproduce it. Nothing here is typed by hand.\n"
+    '\n'
+    'Defaults changed on 2026-11-22 (commit "LoRA defaults follow the O-LoRA code"): `seq_lora`, `inc_lora`,\n'
+    '`joint` and the other `LoraOptions` users moved from alpha 16 / dropout 0 to alpha 32 / shared dropout 0.1\n'
+    '(baselines.md Part 2). Sections whose title says "300 train / 200 test" were run before that change, with the\n'
+    'old defaults; their commands now reproduce them only with `alpha: 16, dropout: 0` added to those entries.\n'
+    'Sections named `*_full` use the new defaults.\n'
 )
 
 

@@ -68,3 +68,11 @@ def test_shipped_configs_validate():
     root = Path(__file__).resolve().parent.parent / "configs"
     for path in sorted(root.glob("*.yaml")):
         load_config(path)
+
+
+@pytest.mark.parametrize("path", sorted((__import__("pathlib").Path(__file__).resolve().parent.parent / "configs").glob("*.yaml")))
+def test_every_shipped_config_validates_with_its_method_options(path):
+    config = load_config(path)
+    assert config.method, f"{path.name} names no method"
+    for entry in config.method:
+        assert entry.options is not None  # each entry's knobs validate against its method's Options

@@ -219,12 +219,17 @@ class Method:
         """Re-create per-task structure (branches, head rows) for finished tasks, before load_state_dict."""
         assert self.model is not None
         for task in finished_tasks:
-            if task.index == 0 and base_session:
-                self.model.head.add_classes(task.class_ids)
-                self.current_task = task
-            else:
-                self.begin_task(task)
+            self.restore_task(task, from_base_session=base_session and task.index == 0)
             self.seen_tasks.append(task)
+
+    def restore_task(self, task: Task, from_base_session: bool) -> None:
+        """One finished task's structure as begin_task built it (a base session only grew the head)."""
+        assert self.model is not None
+        if from_base_session:
+            self.model.head.add_classes(task.class_ids)
+            self.current_task = task
+        else:
+            self.begin_task(task)
 
     def after_evaluate_task(self, task: Task) -> None:
         """Called once every test batch of `task` was predicted; lets a method score its own task-id inference

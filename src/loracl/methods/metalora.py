@@ -216,21 +216,15 @@ class MetaLora(Method):
         self.record_routing_stats(task, train_loader)
         self._seeds = self._features = None
 
-    def restore_structure(self, finished_tasks: list[Task], base_session: bool = False) -> None:
-        """Blocks, mapping nets and routing slots of finished tasks, before load_state_dict."""
-        assert self.model is not None
-        for task in finished_tasks:
-            if task.index == 0 and base_session:
-                self.model.head.add_classes(task.class_ids)
-                self.current_task = task
-                self.block_of_task[0] = None
-            else:
-                self.begin_task(task)
-                if self.expands:
-                    self.freeze_block(self.block_of_task[task.index])
-            self.seen_tasks.append(task)
-            if self.expands:
-                self._add_routing_slots(task)
+    def restore_task(self, task: Task, from_base_session: bool) -> None:
+        """The task's block (frozen), mapping net and routing slots, before load_state_dict."""
+        super().restore_task(task, from_base_session)
+        if from_base_session:
+            self.block_of_task[0] = None
+        elif self.expands:
+            self.freeze_block(self.block_of_task[task.index])
+        if self.expands:
+            self._add_routing_slots(task)
 
     # ----- features and seeds --------------------------------------------------------------------------
     @contextmanager
