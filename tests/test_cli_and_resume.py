@@ -142,3 +142,9 @@ def test_resume_after_interruption_gives_the_same_matrix(tmp_path, monkeypatch, 
     [resumed] = run_experiment(config, tmp_path / "b", stream=stream)
     assert resumed.accuracy_matrix == uninterrupted.accuracy_matrix
     assert resumed.results["stored_bytes_cumulative"] == uninterrupted.results["stored_bytes_cumulative"]
+    # wall time counts the tasks of the interrupted session too, not only the resumed one
+    task_walls = [record["wall_s"] for record in resumed.results["per_task"]]
+    assert len(task_walls) == 3 and all(wall > 0 for wall in task_walls)
+    assert resumed.results["wall_s"] >= sum(task_walls)
+    [finished] = run_experiment(config, tmp_path / "b", stream=stream)  # nothing left to run
+    assert finished.results["wall_s"] >= sum(task_walls)

@@ -80,6 +80,13 @@ def _peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
+def _task_wall_s(record: dict[str, Any]) -> float:
+    """A finished task's wall time; records written before it was stored give their training plus evaluation."""
+    if "wall_s" in record:
+        return float(record["wall_s"])
+    return float(record.get("train_s", 0.0)) + float(record.get("eval_s", 0.0))
+
+
 def _joint_task(stream: Stream) -> Task:
     """All tasks' training data as one task over every class."""
     inputs, labels = [], []
@@ -254,7 +261,9 @@ class MethodRun:
         backbone_state = self.base_backbone_state if with_backbone else None
         save_checkpoint(self.run_dir, task_index, method.state_dict(), record, backbone_state)
 
-    def task_record(self, method: Method, task: Task, row: list[float], train: dict, evaluation: tuple) -> dict:
+    def task_record(
+        self, method: Method, task: Task, row: list[float], train: dict, evaluation: tuple, wall_s: float
+    ) -> dict:
         _, eval_samples, eval_s = evaluation
         return {
             "task": task.name,
@@ -262,6 +271,7 @@ class MethodRun:
             **train,
             "eval_samples": eval_samples,
             "eval_s": eval_s,
+            "wall_s": wall_s,  # the task's whole time: set-up, training, end-of-task work, evaluation
             "stored_bytes": self.stored_bytes(method),
             "method_state": method.extra_state(),
         }
@@ -285,12 +295,14 @@ class MethodRun:
                 method.attach(self.model)
             for task in tasks[finished:]:
                 self._run_task(method, task, base_session)
-        results = self.results(method, time.perf_counter() - started)
+        outside_tasks = time.perf_counter() - started - sum(record["wall_s"] for record in self.records[finished:])
+        results = self.results(method, outside_tasks)
         return RunResult(self.entry.run_label, results, self.run_dir, method)
 
     def _run_task(self, method: Method, task: Task, base_session: bool) -> None:
         """Train (or base-train) one task, evaluate every task seen so far, checkpoint."""
         tasks = self.stream.tasks
+        started = time.perf_counter()
         description = f"{self.entry.run_label} task {task.index + 1}/{len(tasks)}"
         if task.index == 0 and base_session:
             train_stats = {**self.base_session(task), "base_session": True}
@@ -303,11 +315,12 @@ class MethodRun:
             method.end_task(task, self.loader(task.train, task, train=False, split_name="train"))
         evaluation = self.evaluate(method, tasks[: task.index + 1])
         row = evaluation[0] + [None] * (len(tasks) - task.index - 1)
-        self.records.append(self.task_record(method, task, row, train_stats, evaluation))
+        self.records.append(self.task_record(method, task, row, train_stats, evaluation, time.perf_counter() - started))
         logger.info("%s: after task %s accuracy %s", self.entry.run_label, task.name, [round(a, 4) for a in evaluation[0]])
         self.checkpoint(method, task.index, with_backbone=base_session and task.index == 0)
 
     def _run_joint(self, method: Method, base_session: bool) -> None:
+        started = time.perf_counter()
         joint = _joint_task(self.stream)
         if base_session:
             self.base_session(self.stream.tasks[0])
@@ -316,7 +329,7 @@ class MethodRun:
         train_stats = self.train_task(method, joint, self.train.epochs, self.train.lr, f"{self.entry.run_label} all tasks")
         method.end_task(joint, self.loader(joint.train, joint, train=False, split_name="train"))
         evaluation = self.evaluate(method, self.stream.tasks)
-        self.records.append(self.task_record(method, joint, evaluation[0], train_stats, evaluation))
+        self.records.append(self.task_record(method, joint, evaluation[0], train_stats, evaluation, time.perf_counter() - started))
         self.checkpoint(method, 0, with_backbone=base_session)
 
     def _resume_if_possible(self, method: Method, base_session: bool) -> int:
@@ -344,7 +357,8 @@ class MethodRun:
         logger.info("%s: resumed after %d finished task(s) from %s", self.entry.run_label, finished, folder)
         return finished
 
-    def results(self, method: Method, wall_s: float) -> dict[str, Any]:
+    def results(self, method: Method, outside_tasks_s: float) -> dict[str, Any]:
+        """The run's summary; wall time sums every task's, across resumed sessions, plus this session's set-up."""
         matrix = [record["accuracy_row"] for record in self.records]
         test_sizes = [len(task.test) for task in self.stream.tasks]
         # The base session trains the whole backbone, not the method: it stays out of the method's speed.
@@ -374,7 +388,7 @@ class MethodRun:
             "train_step_s": train_s / steps if steps else None,
             "eval_samples_per_s": eval_samples / eval_s if eval_s > 0 else None,
             "peak_memory_bytes": _peak_memory_bytes(self.device),
-            "wall_s": wall_s,
+            "wall_s": outside_tasks_s + sum(_task_wall_s(record) for record in self.records),
             "per_task": self.records,
             "method_metrics": method.task_metrics(),
             "config_fingerprint": self.fingerprint,
