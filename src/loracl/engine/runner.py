@@ -14,6 +14,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from loracl import metrics
+from loracl.adapters.base import AdapterLayer
 from loracl.backbones.classifier import ContinualClassifier
 from loracl.backbones.registry import load_backbone
 from loracl.config import MethodConfig, RunConfig, config_to_dict
@@ -114,7 +115,9 @@ class MethodRun:
         self.device = self.accelerator.device
         self.progress = config.train.progress and self.accelerator.is_local_main_process
         run_config = config_to_dict(config)
-        run_config["method"] = [entry.model_dump(mode="json")]
+        # the resolved knobs, defaults included: a run must not resume under changed defaults
+        resolved = {"name": entry.name, "head": self.head.model_dump(mode="json"), **entry.options.model_dump(mode="json")}
+        run_config["method"] = [resolved]
         self.fingerprint = config_fingerprint(run_config)
         self.records: list[dict[str, Any]] = []
 
@@ -168,6 +171,9 @@ class MethodRun:
         loader = self.loader(task.train, task, train=True)
         self.model.train()
         self.model.backbone.eval()  # no dropout in the frozen backbone's own layers unless a method wants it
+        for module in self.model.backbone.modules():
+            if isinstance(module, AdapterLayer):
+                module.train()  # but the adapters' own dropout is on while they train, as in PEFT
         accumulation = self.train.gradient_accumulation_steps
         samples, steps = 0, 0
         started = time.perf_counter()

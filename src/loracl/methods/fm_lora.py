@@ -358,8 +358,11 @@ class FmLora(Method):
         old_rows = len(self.model.head.weights)
         super().begin_task(task)
         if self.options.head_init == "zero":
+            new_rows = list(self.model.head.biases)[old_rows:]
+            if self.model.head.cosine_scale is None:  # a cosine row needs a direction: zero would normalise to 0/0
+                new_rows += list(self.model.head.weights)[old_rows:]
             with torch.no_grad():
-                for parameter in list(self.model.head.weights)[old_rows:] + list(self.model.head.biases)[old_rows:]:
+                for parameter in new_rows:
                     parameter.zero_()
         learn_bases = self._bases_train_now()
         identity_cores = self._learning_bases_from_zero()
