@@ -15,15 +15,18 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results.md"
 HEADER = (
-    "# Measured results\n\n"
-    "Every figure on this page was written by a script in `benchmarks/`; the command that produced each\n"
-    "section is printed in it. Re-run the command to reproduce it. Nothing here is typed by hand.\n"
+    '# Measured results\n\n'
+    'Every figure on this page was written by a script in `benchmarks/`; the command that produced each\n'
+    'section is printed in it. Re-run the command to reproduce it. Nothing here is typed by hand.\n'
     '\n'
-    'Defaults changed on 2026-11-22 (commit "LoRA defaults follow the O-LoRA code"): `seq_lora`, `inc_lora`,\n'
-    '`joint` and the other `LoraOptions` users moved from alpha 16 / dropout 0 to alpha 32 / shared dropout 0.1\n'
-    '(baselines.md Part 2). Sections whose title says "300 train / 200 test" were run before that change, with the\n'
-    'old defaults; their commands now reproduce them only with `alpha: 16, dropout: 0` added to those entries.\n'
-    'Sections named `*_full` use the new defaults.\n'
+    'Two changes on 2026-11-22 split this page; each section\'s "written" line tells which side it is on.\n'
+    '(1) 22:02 UTC: `LoraOptions` defaults (seq_lora, inc_lora, joint) moved from alpha 16 / dropout 0 to the O-LoRA\n'
+    "code's alpha 32 / dropout 0.1 shared by a layer's branches (baselines.md Part 2). (2) 22:19 UTC: a harness bug\n"
+    "was fixed that kept every adapter's dropout off while training (the frozen backbone was put in eval mode with\n"
+    "the adapters inside it); before it, o_lora's and oa_adapter's configured dropout 0.1 never acted either.\n"
+    'Sections written before 22:02 used alpha 16 / no dropout; sections written between 22:02 and 22:19 used\n'
+    'alpha 32 / no dropout; sections written later use alpha 32 / dropout 0.1. Methods without adapter dropout\n'
+    '(probe, inflora, sd_lora, lorac_ipc, metalora, fm_lora) are unaffected by both.\n'
 )
 
 

@@ -12,6 +12,7 @@ A --method is a registry name or a YAML mapping (a method entry with knobs). Run
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -21,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_section  # noqa: E402
 
 from loracl.config import load_config  # noqa: E402
+from loracl.data.build import load_stream  # noqa: E402
 from loracl.engine import run_experiment  # noqa: E402
 from loracl.report.render import SUMMARY_HEADER, markdown_table, matrix_rows, summary_rows  # noqa: E402
 
@@ -93,6 +95,21 @@ def wait_for_the_machine(lock_path: Path):
     return handle
 
 
+def collect_run(folders: list[str], label: str, stream_summary: dict, seed: int) -> dict:
+    """A finished run's results.json from the first folder holding `label`, refused unless it ran on this stream."""
+    for folder in folders:
+        path = Path(folder) / label / "results.json"
+        if path.is_file():
+            run = json.loads(path.read_text(encoding="utf-8"))
+            for key in ("tasks", "train_sizes", "test_sizes"):
+                if run["stream"].get(key) != stream_summary.get(key):
+                    raise SystemExit(f"{path}: stream {key} {run['stream'].get(key)} differ from the config's")
+            if run["seed"] != seed:
+                raise SystemExit(f"{path}: seed {run['seed']} is not the config's {seed}")
+            return run
+    raise SystemExit(f"no finished run labelled {label!r} in {folders}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
@@ -107,6 +124,13 @@ def main() -> None:
     parser.add_argument(
         "--no-queue", action="store_true", help="do not wait for other benchmarks (speed figures then share the CPU)"
     )
+    parser.add_argument(
+        "--collect",
+        action="append",
+        default=[],
+        help="run folder(s) to read finished runs from (OUT/<label>/results.json) instead of training: "
+        "a section that compares runs made by several benchmark invocations",
+    )
     args = parser.parse_args()
     entries = [yaml.safe_load(item) if item.strip().startswith("{") else {"name": item} for item in args.method]
     config = load_config(args.config, [*args.set, "train.progress=false", f"method={yaml.safe_dump(entries, default_flow_style=True).strip()}"])
@@ -114,13 +138,17 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    lock = None if args.no_queue else wait_for_the_machine(Path(__file__).resolve().parent.parent / "runs" / ".benchmark.lock")
-    try:
-        results = run_experiment(config, Path(args.out))
-    finally:
-        if lock is not None:
-            lock.close()
-    runs = [result.results for result in results]
+    if args.collect:
+        summary = load_stream(config.stream, config.seed).summary()
+        runs = [collect_run(args.collect, entry.run_label, summary, config.seed) for entry in config.method]
+    else:
+        lock = None if args.no_queue else wait_for_the_machine(Path(__file__).resolve().parent.parent / "runs" / ".benchmark.lock")
+        try:
+            results = run_experiment(config, Path(args.out))
+        finally:
+            if lock is not None:
+                lock.close()
+        runs = [result.results for result in results]
     body = render(runs, args.reference)
     if args.note:
         body = args.note + "\n\n" + body

@@ -1,5 +1,7 @@
 """Config loading: defaults, overrides, and one clear error per bad key or value."""
 
+from pathlib import Path
+
 import pytest
 
 from loracl.config import load_config, validate_config
@@ -70,9 +72,17 @@ def test_shipped_configs_validate():
         load_config(path)
 
 
-@pytest.mark.parametrize("path", sorted((__import__("pathlib").Path(__file__).resolve().parent.parent / "configs").glob("*.yaml")))
-def test_every_shipped_config_validates_with_its_method_options(path):
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml")))
+def test_every_method_entry_of_a_shipped_config_attaches_to_a_tiny_model_of_its_modality(path):
+    from loracl.backbones.classifier import ContinualClassifier
+    from loracl.backbones.registry import load_backbone
+    from loracl.methods.base import MethodContext
+    from loracl.methods.registry import create_method
+
     config = load_config(path)
-    assert config.method, f"{path.name} names no method"
+    tiny = "tiny-vit" if config.stream.source in ("digits", "image_folder") else "tiny-bert"
     for entry in config.method:
-        assert entry.options is not None  # each entry's knobs validate against its method's Options
+        context = MethodContext(config.head_for(entry), config.train, config.seed, config.stream.scenario, 5)
+        method = create_method(entry.name, entry.options, context)
+        method.attach(ContinualClassifier(load_backbone(tiny, seed=0)))
+        assert method.model is not None, f"{path.name}: {entry.run_label} did not attach"
