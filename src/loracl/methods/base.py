@@ -16,7 +16,12 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from loracl.adapters import LoraLayer, adapter_layers, find_target_modules, inject_adapters
+from loracl.adapters import (
+    LoraLayer,
+    adapter_layers,
+    find_target_modules,
+    inject_adapters,
+)
 from loracl.backbones.classifier import ContinualClassifier
 from loracl.config import Float, HeadConfig, StrictModel, TrainConfig
 from loracl.data.stream import Task
@@ -50,17 +55,23 @@ class MethodContext:
     num_tasks: int = 1
 
 
-def resolve_target_modules(model: nn.Module, target_modules: str | list[str]) -> str | list[str]:
-    """`auto` means PEFT's usual attention choice (query and value projections), else all linear layers.
+# The attention projections `auto` adapts, under the names different Hugging Face models use (BERT, ViT and
+# most decoders, T5); InfLoRA's code adapts key and value instead.
+QUERY_VALUE_NAMES = (["query", "value"], ["q_proj", "v_proj"], ["q", "v"])
+KEY_VALUE_NAMES = (["key", "value"], ["k_proj", "v_proj"], ["k", "v"])
 
-    BERT names them `query` / `value`; transformers 5's ViT and most decoders `q_proj` / `v_proj`.
-    """
+
+def resolve_target_modules(
+    model: nn.Module, target_modules: str | list[str], candidates: tuple[list[str], ...] = QUERY_VALUE_NAMES
+) -> str | list[str]:
+    """`auto`: the first candidate pair of attention projections the model has (PEFT's usual query/value
+    choice by default), else every linear layer; anything else is passed through."""
     if target_modules != "auto":
         return target_modules
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    for pair in (["query", "value"], ["q_proj", "v_proj"]):
+    for pair in candidates:
         if set(pair) <= names:
-            return pair
+            return list(pair)
     return "all-linear"
 
 
@@ -246,12 +257,17 @@ class LoraMethod(Method):
     Options: ClassVar[type[MethodOptions]] = LoraOptions
     options: LoraOptions
 
+    target_candidates: ClassVar[tuple[list[str], ...]] = QUERY_VALUE_NAMES  # what `target_modules: auto` adapts
+
     def attach(self, model: ContinualClassifier) -> None:
         super().attach(model)
-        targets = resolve_target_modules(model.backbone.model, self.options.target_modules)
-        self.layers: dict[str, LoraLayer] = inject_adapters(
-            model.backbone.model, targets, lambda module, name: LoraLayer(module, name, self.options.dropout)
-        )
+        targets = resolve_target_modules(model.backbone.model, self.options.target_modules, self.target_candidates)
+        self.layers: dict[str, LoraLayer] = inject_adapters(model.backbone.model, targets, self.make_layer)
+
+    def make_layer(self, module: nn.Module, name: str) -> LoraLayer:
+        """The wrapper put around each targeted module (dropout on its input when the options have one)."""
+        dropout = self.options.dropout if isinstance(self.options, LoraOptions) else 0.0
+        return LoraLayer(module, name, dropout)
 
     def add_branches(self, branch_name: str, seed_offset: int) -> None:
         """A new LoRA pair on every adapted layer, initialised from a seeded private RNG."""
@@ -281,4 +297,6 @@ __all__ = [
     "adapter_layers",
     "find_target_modules",
     "resolve_target_modules",
+    "KEY_VALUE_NAMES",
+    "QUERY_VALUE_NAMES",
 ]

@@ -14,12 +14,10 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field, model_validator
 
-from loracl.adapters import LoraLayer, inject_adapters
 from loracl.backbones.classifier import ContinualClassifier
 from loracl.config import Float
 from loracl.data.stream import Task
 from loracl.errors import LoraclError
-from loracl.methods._peer import KEY_VALUE_NAMES, resolve_projection_targets
 from loracl.methods._subspace import (
     SubspaceBasis,
     collect_input_covariances,
@@ -28,7 +26,7 @@ from loracl.methods._subspace import (
     threshold_for_task,
     update_basis,
 )
-from loracl.methods.base import LoraMethod, MethodOptions
+from loracl.methods.base import KEY_VALUE_NAMES, LoraMethod, MethodOptions
 
 BASIS_PREFIX = "inflora_basis."
 
@@ -60,12 +58,10 @@ class InfLora(LoraMethod):
     Options: ClassVar[type[MethodOptions]] = InfLoraOptions
     options: InfLoraOptions
 
+    target_candidates = KEY_VALUE_NAMES  # the code adapts key and value
+
     def attach(self, model: ContinualClassifier) -> None:
-        super(LoraMethod, self).attach(model)
-        targets = resolve_projection_targets(model.backbone.model, self.options.target_modules, KEY_VALUE_NAMES)
-        self.layers: dict[str, LoraLayer] = inject_adapters(
-            model.backbone.model, targets, lambda module, name: LoraLayer(module, name)
-        )
+        super().attach(model)
         conv = [name for name, layer in self.layers.items() if layer.is_conv]
         if conv:
             raise LoraclError(f"inflora adapts linear layers only; target `{conv[0]}` is a Conv2d")

@@ -8,13 +8,10 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field
 
-from loracl.adapters import inject_adapters
-from loracl.adapters.lora import LoraLayer
 from loracl.backbones.classifier import ContinualClassifier
 from loracl.config import Float
 from loracl.data.stream import Task
-from loracl.methods._peer import resolve_projection_targets
-from loracl.methods.base import LoraMethod, LoraOptions, Method
+from loracl.methods.base import LoraMethod, LoraOptions
 
 
 class OLoraOptions(LoraOptions):
@@ -39,12 +36,7 @@ class OLora(LoraMethod):
     options: OLoraOptions
 
     def attach(self, model: ContinualClassifier) -> None:
-        Method.attach(self, model)
-        targets = resolve_projection_targets(model.backbone.model, self.options.target_modules)
-        dropout = self.options.dropout
-        self.layers = inject_adapters(
-            model.backbone.model, targets, lambda module, name: LoraLayer(module, name, dropout)
-        )
+        super().attach(model)
         self.current_branch: str | None = None
         self._old_down: dict[str, torch.Tensor | None] = {}
 

@@ -12,13 +12,11 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from loracl.adapters import inject_adapters
 from loracl.adapters.baseline_lora import MagnitudeLoraLayer
 from loracl.backbones.classifier import ContinualClassifier
 from loracl.config import Float
 from loracl.data.stream import Task
-from loracl.methods._peer import resolve_projection_targets
-from loracl.methods.base import LoraMethod, Method, MethodOptions
+from loracl.methods.base import LoraMethod, MethodOptions
 
 MAGNITUDES_MODULE = "sd_lora_magnitudes"
 
@@ -43,15 +41,13 @@ class SdLora(LoraMethod):
     options: SdLoraOptions
 
     def attach(self, model: ContinualClassifier) -> None:
-        Method.attach(self, model)
         # Registered on the model so state_dict, checkpoints and trainable_parameters see them.
         self.magnitudes = nn.ParameterDict()
         model.add_module(MAGNITUDES_MODULE, self.magnitudes)
-        targets = resolve_projection_targets(model.backbone.model, self.options.target_modules)
-        norm = self.options.norm
-        self.layers = inject_adapters(
-            model.backbone.model, targets, lambda module, name: MagnitudeLoraLayer(module, name, self.magnitude, norm)
-        )
+        super().attach(model)
+
+    def make_layer(self, module: nn.Module, name: str) -> MagnitudeLoraLayer:
+        return MagnitudeLoraLayer(module, name, self.magnitude, self.options.norm)
 
     def magnitude(self, branch_name: str) -> torch.Tensor:
         return self.magnitudes[branch_name]
