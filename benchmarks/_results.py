@@ -27,6 +27,11 @@ HEADER = (
     'Sections written before 22:02 used alpha 16 / no dropout; sections written between 22:02 and 22:19 used\n'
     'alpha 32 / no dropout; sections written later use alpha 32 / dropout 0.1. Methods without adapter dropout\n'
     '(probe, inflora, sd_lora, lorac_ipc, metalora, fm_lora) are unaffected by both.\n'
+    '\n'
+    'Where to look first: the full text stream in `text_stream_baselines_full` (baselines, linear and prototype\n'
+    'heads), one `*_text_full` section per method issue, `text_stream_cosine_head_full`, and `step_time_text`\n'
+    '(train step time of every method on an idle machine); the default run in `quickstart_time`; speed against\n'
+    'PEFT in `peft_speed`. Sections with "300 train / 200 test" in their title are the earlier reduced stream.\n'
 )
 
 
