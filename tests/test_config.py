@@ -42,6 +42,9 @@ def test_overrides_reach_nested_keys_and_every_method_entry(tmp_path):
         ({"method": {"name": "seq_lora", "rank": "big"}}, "rank"),
         ({"method": [{"name": "seq_lora"}, {"name": "seq_lora"}]}, "unique"),
         ({"head": {"type": "tree"}}, "head.type"),
+        ({"head": {"type": "cosine", "cosine_scale": 0}}, "head.cosine_scale"),
+        ({"head": {"cosine_scale": "big"}}, "head.cosine_scale"),
+        ({"method": {"name": "seq_lora", "dropout": 1.0}}, "dropout"),
     ],
 )
 def test_bad_values_name_the_culprit(data, culprit):
