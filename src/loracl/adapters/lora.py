@@ -98,6 +98,4 @@ class LoraLayer(MultiBranchLayer):
 
     def add_branch(self, branch_name: str, rank: int, alpha: float, **kwargs) -> LoraBranch:
         """Create a new (A, B) pair; its delta is zero until B trains."""
-        if branch_name in self.branches:  # checked before the (costly) construction too
-            raise LoraclError(f"module `{self.module_name}` already has a LoRA branch named {branch_name!r}")
         return self.register_branch(branch_name, LoraBranch(self.base_layer, rank, alpha, **kwargs))
