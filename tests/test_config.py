@@ -45,6 +45,9 @@ def test_overrides_reach_nested_keys_and_every_method_entry(tmp_path):
         ({"head": {"type": "cosine", "cosine_scale": 0}}, "head.cosine_scale"),
         ({"head": {"cosine_scale": "big"}}, "head.cosine_scale"),
         ({"method": {"name": "seq_lora", "dropout": 1.0}}, "dropout"),
+        ({"head": {"type": "prototype", "align": True}}, "head.align"),
+        ({"head": {"align": True, "align_epochs": 0}}, "head.align_epochs"),
+        ({"head": {"align": "yes"}}, "head.align"),
     ],
 )
 def test_bad_values_name_the_culprit(data, culprit):

@@ -65,6 +65,19 @@ class HeadConfig(StrictModel):
     cosine_scale: Float = Field(default=16.0, gt=0.0)  # cosine head only: logits = scale * cos [D]
     freeze_old: bool = True  # earlier tasks' head rows stop training when a new task begins
     loss_scope: Literal["current_task", "seen"] = "current_task"  # classes the training loss sees
+    # [D] classifier alignment (backbones/alignment.py): after every task but the first, re-train all head rows
+    # on pseudo-features from per-class Gaussians stored when each class was learned; LoRAC-IPC's TAP settings
+    align: bool = False
+    align_epochs: int = Field(default=50, ge=1)
+    align_lr: Float = Field(default=0.005, gt=0.0)
+    align_centroids: int = Field(default=10, ge=1)  # k-means clusters per class, each a diagonal Gaussian
+    align_samples_per_cluster: int = Field(default=320, ge=1)
+
+    @model_validator(mode="after")
+    def _align_needs_a_trained_head(self) -> "HeadConfig":
+        if self.align and self.type == "prototype":
+            raise ValueError("head.align re-trains a linear or cosine head; the prototype head has nothing to align")
+        return self
 
 
 class TrainConfig(StrictModel):
@@ -118,7 +131,9 @@ class MethodConfig(StrictModel):
         """A folder-safe name for this entry's run."""
         if self.label:
             return self.label
-        return self.name if self.head is None else f"{self.name}+{self.head.type}"
+        if self.head is None:
+            return self.name
+        return f"{self.name}+{self.head.type}" + ("+align" if self.head.align else "")
 
 
 class RunConfig(StrictModel):

@@ -22,6 +22,7 @@ from loracl.adapters import (
     find_target_modules,
     inject_adapters,
 )
+from loracl.backbones.alignment import ClassGaussians, realign_head
 from loracl.backbones.classifier import ContinualClassifier
 from loracl.config import Float, HeadConfig, StrictModel, TrainConfig
 from loracl.data.stream import Task
@@ -96,6 +97,11 @@ class Method:
         """Remember the model and which tensors are the frozen pre-trained ones; subclasses inject adapters."""
         self.model = model
         self._base_tensor_ids = {id(tensor) for tensor in model.backbone.state_dict(keep_vars=True).values()}
+        self.class_gaussians: ClassGaussians | None = None
+        if self.context.head.align:
+            device = next(model.backbone.parameters()).device
+            self.class_gaussians = ClassGaussians(model.backbone.hidden_size, self.context.head.align_centroids, device=device)
+            model.add_module("class_gaussians", self.class_gaussians)  # its buffers travel with state_dict
 
     def begin_task(self, task: Task) -> None:
         """Grow the head for the task's new classes and freeze earlier head rows (head.freeze_old)."""
@@ -152,10 +158,15 @@ class Method:
         """Work after each optimizer step (re-normalisation, clamping)."""
 
     def end_task(self, task: Task, train_loader: Iterable[dict[str, Any]]) -> None:
-        """After training: prototypes of the task's classes when the prototype head is used."""
+        """After training: prototypes of the task's classes (prototype head), or the task's class Gaussians and
+        a re-alignment of the whole head on every seen class (head.align)."""
         self.seen_tasks.append(task)
         if self.context.head.type == "prototype":
             self.update_prototypes(task, train_loader)
+        if self.class_gaussians is not None:
+            self.store_class_gaussians(task, train_loader)
+            if len(self.seen_tasks) > 1:
+                self.align_head(task)
 
     def absorb_base_session(self, task: Task, train_loader: Iterable[dict[str, Any]]) -> None:
         """Task 0 was a base session that trained the whole backbone: record it as a finished task."""
@@ -163,17 +174,51 @@ class Method:
         self.seen_tasks.append(task)
         if self.context.head.type == "prototype":
             self.update_prototypes(task, train_loader)
+        if self.class_gaussians is not None:
+            self.store_class_gaussians(task, train_loader)
 
     @torch.no_grad()
-    def update_prototypes(self, task: Task, train_loader: Iterable[dict[str, Any]]) -> None:
-        """Class means of the task's training features under the current model."""
+    def task_features(self, train_loader: Iterable[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features [n, H] (features_for_prototypes, eval mode, CPU fp32) and labels [n] of a whole loader."""
         assert self.model is not None
         was_training = self.model.training
         self.model.eval()
-        self.model.prototypes.reset_classes(task.class_ids)
+        features, labels = [], []
         for batch in train_loader:
-            self.model.prototypes.accumulate(self.features_for_prototypes(batch), batch["labels"])
+            features.append(self.features_for_prototypes(batch).float().cpu())
+            labels.append(batch["labels"].cpu())
         self.model.train(was_training)
+        return torch.cat(features), torch.cat(labels)
+
+    def update_prototypes(self, task: Task, train_loader: Iterable[dict[str, Any]]) -> None:
+        """Class means of the task's training features under the current model."""
+        assert self.model is not None
+        features, labels = self.task_features(train_loader)
+        device = self.model.prototypes.sums.device
+        self.model.prototypes.reset_classes(task.class_ids)
+        self.model.prototypes.accumulate(features.to(device), labels.to(device))
+
+    def store_class_gaussians(self, task: Task, train_loader: Iterable[dict[str, Any]]) -> None:
+        """head.align: the task's classes as diagonal Gaussians of their features under the model just trained."""
+        assert self.class_gaussians is not None
+        features, labels = self.task_features(train_loader)
+        self.class_gaussians.store_features(features, labels, task.class_ids, self.context.seed)
+
+    def align_head(self, task: Task) -> None:
+        """head.align: re-train every head row on pseudo-features of all seen classes (backbones/alignment.py)."""
+        assert self.model is not None and self.class_gaussians is not None
+        head = self.context.head
+        realign_head(
+            self.model.head,
+            self.class_gaussians,
+            epochs=head.align_epochs,
+            lr=head.align_lr,
+            momentum=0.9,  # LoRAC-IPC's TAP values
+            batch_size=320,
+            samples_per_cluster=head.align_samples_per_cluster,
+            iterations_per_epoch=None,  # one pass over the samples
+            generator=torch.Generator().manual_seed(self.context.seed * 1000 + task.index),
+        )
 
     def features_for_prototypes(self, batch: dict[str, Any]) -> torch.Tensor:
         assert self.model is not None

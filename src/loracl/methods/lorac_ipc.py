@@ -23,6 +23,7 @@ from torch import nn
 from loracl import metrics
 from loracl.adapters import inject_adapters
 from loracl.adapters.orthogonal import TRAINING, ComposedLoraLayer
+from loracl.backbones.alignment import ClassGaussians, kmeans_labels, put_row, realign_head
 from loracl.backbones.classifier import ContinualClassifier
 from loracl.config import Float
 from loracl.data.stream import Task
@@ -67,36 +68,19 @@ class LoracIpcOptions(MethodOptions):
 class ClassStatistics(nn.Module):
     """Per-class feature statistics (no raw examples): TII clusters and TAP Gaussians, rows in class-id order."""
 
-    def __init__(self, hidden: int, tii_clusters: int, tap_centroids: int, full_cov: bool, device: torch.device) -> None:
+    def __init__(
+        self, hidden: int, tii_clusters: int, tap_centroids: int, full_cov: bool, ridge: float, device: torch.device
+    ) -> None:
         super().__init__()
         precision_shape = (0, tii_clusters, hidden, hidden) if full_cov else (0, tii_clusters, hidden)
         self.register_buffer("tii_means", torch.zeros(0, tii_clusters, hidden, device=device))
         self.register_buffer("tii_precisions", torch.zeros(precision_shape, device=device))
         self.register_buffer("tii_valid", torch.zeros(0, tii_clusters, dtype=torch.bool, device=device))
-        self.register_buffer("tap_means", torch.zeros(0, tap_centroids, hidden, device=device))
-        self.register_buffer("tap_stds", torch.zeros(0, tap_centroids, hidden, device=device))
-        self.register_buffer("tap_valid", torch.zeros(0, tap_centroids, dtype=torch.bool, device=device))
+        self.tap = ClassGaussians(hidden, tap_centroids, ridge, device)
 
     def put(self, name: str, class_id: int, value: torch.Tensor) -> None:
         """Store one class's row, growing the buffer to hold it."""
-        buffer = getattr(self, name)
-        if class_id >= buffer.shape[0]:
-            grown = buffer.new_zeros(class_id + 1, *buffer.shape[1:])
-            grown[: buffer.shape[0]] = buffer
-            setattr(self, name, grown)
-            buffer = grown
-        buffer[class_id] = value.to(buffer)
-
-
-def kmeans_labels(features: torch.Tensor, clusters: int, seed: int) -> torch.Tensor:
-    """Cluster assignments of [n, H] features into min(clusters, n) groups (scikit-learn, seeded)."""
-    from sklearn.cluster import KMeans
-
-    count = min(clusters, features.shape[0])
-    if count == 1:
-        return torch.zeros(features.shape[0], dtype=torch.long)
-    labels = KMeans(n_clusters=count, random_state=seed, n_init="auto").fit_predict(features.double().numpy())
-    return torch.as_tensor(labels, dtype=torch.long)
+        put_row(self, name, class_id, value)
 
 
 def tii_precision(members: torch.Tensor, ridge: float, full: bool) -> torch.Tensor:
@@ -158,6 +142,8 @@ class LoracIpc(Method):
     def attach(self, model: ContinualClassifier) -> None:
         if self.context.head.type == "prototype":
             raise ConfigError("method `lorac_ipc`: needs head.type linear or cosine (TAP re-aligns a trained head)")
+        if self.context.head.align:
+            raise ConfigError("method `lorac_ipc`: head.align is its own TAP step (head_realign); leave head.align false")
         super().attach(model)
         options = self.options
         self.layers = inject_adapters(
@@ -167,7 +153,12 @@ class LoracIpc(Method):
         )
         device = next(model.backbone.parameters()).device
         memory = ClassStatistics(
-            model.backbone.hidden_size, options.tii_clusters, options.tap_centroids, options.tii_cov == "full", device
+            model.backbone.hidden_size,
+            options.tii_clusters,
+            options.tap_centroids,
+            options.tii_cov == "full",
+            options.tap_ridge,
+            device,
         )
         model.add_module("lorac_ipc_memory", memory)  # its buffers travel with the method's state_dict
         self.memory = memory
@@ -378,22 +369,7 @@ class LoracIpc(Method):
             routing = own if own is not None and self.routing_model == model_index else self._features(loader, self.routing_model)
         for class_id in task.class_ids:
             if own is not None:
-                members = own[0][own[1] == class_id]
-                means = torch.zeros(options.tap_centroids, members.shape[1])
-                stds = torch.zeros_like(means)
-                valid = torch.zeros(options.tap_centroids, dtype=torch.bool)
-                assignment = kmeans_labels(members, options.tap_centroids, seed)
-                for cluster in range(int(assignment.max()) + 1 if len(members) else 0):
-                    cluster_members = members[assignment == cluster]
-                    variance = cluster_members.var(dim=0, correction=0)  # population variance, as np.var [C]
-                    if cluster_members.shape[0] == 0 or variance.mean() == 0:
-                        continue  # no spread (e.g. one member): the code skips such clusters
-                    means[cluster] = cluster_members.mean(0)
-                    stds[cluster] = (variance + options.tap_ridge).sqrt()
-                    valid[cluster] = True
-                self.memory.put("tap_means", class_id, means)
-                self.memory.put("tap_stds", class_id, stds)
-                self.memory.put("tap_valid", class_id, valid)
+                self.memory.tap.store(class_id, own[0][own[1] == class_id], seed)
             if routing is not None:
                 members = F.normalize(routing[0][routing[1] == class_id], dim=-1)
                 hidden = members.shape[1]
@@ -417,37 +393,18 @@ class LoracIpc(Method):
         """TAP (spec §3.4): SGD on the whole head with pseudo-features from every seen class's Gaussians."""
         assert self.model is not None and self.current_task is not None
         options = self.options
-        head = self.model.head
-        device = head.weights[0].device
-        flags = [p.requires_grad for p in head.parameters()]
-        head.requires_grad_(True)
-        optimizer = torch.optim.SGD(head.parameters(), lr=options.tap_lr, momentum=options.tap_momentum, weight_decay=0.0)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(options.tap_epochs, 1))
-        generator = torch.Generator().manual_seed(self.context.seed * 1000 + self.current_task.index)
         old_classes = sum(len(task.class_ids) for task in self.seen_tasks[:-1])
-        iterations = options.tap_iters_per_epoch or old_classes
-        seen = head.num_classes
-        class_ids, clusters = torch.nonzero(self.memory.tap_valid[:seen].cpu(), as_tuple=True)
-        means = self.memory.tap_means[class_ids, clusters].cpu()  # [M, H]
-        stds = self.memory.tap_stds[class_ids, clusters].cpu()
-        per = options.tap_samples_per_cluster
-        for _ in range(options.tap_epochs):
-            noise = torch.randn(len(class_ids), per, means.shape[1], generator=generator)
-            samples = (means[:, None] + stds[:, None] * noise).reshape(-1, means.shape[1])  # [M·per, H]
-            labels = class_ids.repeat_interleave(per)
-            order = torch.randperm(len(labels), generator=generator)
-            for step in range(iterations):
-                chosen = order[step * options.tap_batch_size : (step + 1) * options.tap_batch_size]
-                if len(chosen) == 0:
-                    break
-                logits = head(samples[chosen].to(device))
-                loss = F.cross_entropy(logits, labels[chosen].to(device))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-            scheduler.step()
-        for parameter, flag in zip(head.parameters(), flags):
-            parameter.requires_grad_(flag)
+        realign_head(
+            self.model.head,
+            self.memory.tap,
+            epochs=options.tap_epochs,
+            lr=options.tap_lr,
+            momentum=options.tap_momentum,
+            batch_size=options.tap_batch_size,
+            samples_per_cluster=options.tap_samples_per_cluster,
+            iterations_per_epoch=options.tap_iters_per_epoch or old_classes,  # [C] one batch per old class
+            generator=torch.Generator().manual_seed(self.context.seed * 1000 + self.current_task.index),
+        )
 
     # ----- inference --------------------------------------------------------------------------------
     def class_tasks(self) -> torch.Tensor:
