@@ -24,7 +24,7 @@ from _results import write_section  # noqa: E402
 from loracl.config import load_config  # noqa: E402
 from loracl.data.build import load_stream  # noqa: E402
 from loracl.engine import run_experiment  # noqa: E402
-from loracl.report.render import SUMMARY_HEADER, markdown_table, matrix_rows, summary_rows  # noqa: E402
+from loracl.report.render import markdown_table, matrix_rows, summary_header, summary_rows  # noqa: E402
 
 
 def relative_step_time(runs: list[dict], reference: str) -> dict[str, float]:
@@ -37,7 +37,7 @@ def relative_step_time(runs: list[dict], reference: str) -> dict[str, float]:
 
 
 def render(runs: list[dict], reference: str) -> str:
-    parts = [markdown_table(SUMMARY_HEADER, summary_rows(runs)), ""]
+    parts = [markdown_table(summary_header(runs), summary_rows(runs)), ""]
     ratios = relative_step_time(runs, reference)
     if ratios:
         rows = [[label, f"{ratio:.2f}x"] for label, ratio in ratios.items()]

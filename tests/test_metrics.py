@@ -28,6 +28,10 @@ def test_forward_transfer_needs_the_before_row_and_cells():
     assert metrics.forward_transfer(MATRIX, [0.1, 0.1, 0.1]) is None  # upper cells not evaluated
     full = [[0.9, 0.4], [0.8, 0.9]]
     assert metrics.forward_transfer(full, [0.5, 0.3]) == pytest.approx(0.1)
+    # only tasks with both cells count: task 1 has no before-training score, task 2 does
+    partial = [[0.9, 0.2, None], [0.8, 0.9, 0.6], [0.7, 0.8, 0.9]]
+    assert metrics.forward_transfer(partial, [0.5, None, 0.4]) == pytest.approx(0.2)
+    assert metrics.forward_transfer(partial, [0.5, None, None]) is None
 
 
 def test_single_row_and_single_task():

@@ -92,6 +92,9 @@ class TrainConfig(StrictModel):
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     max_grad_norm: Float | None = Field(default=1.0, gt=0.0)
     base_session_epochs: int = Field(default=0, ge=0)  # >0: task 0 trains the whole backbone first
+    # score each task once before training it (a[j-1][j]) and on the initial model (b[j]), for FWT; only tasks
+    # whose classes the model already knows can be scored (domain-incremental streams, shared label names)
+    eval_next_task: bool = False
     base_session_lr: Float = Field(default=1.0e-3, gt=0.0)
     deterministic: bool = False
     progress: bool = True

@@ -7,8 +7,10 @@ Rows i = 0..T-1, columns j = 0..T-1; cells with j > i are None (not yet seen). W
 - average incremental acc.    AIA   = (1/T) * sum_i (1/(i+1)) * sum_{j<=i} a[i][j]  (mean over rows of row means)
 - forgetting (max-based)      F     = (1/(T-1)) * sum_{j<T-1} max_{i in [j, T-2]} a[i][j] - a[T-1][j]
 - backward transfer           BWT   = (1/(T-1)) * sum_{j<T-1} a[T-1][j] - a[j][j]
-- forward transfer            FWT   = (1/(T-1)) * sum_{j>=1} a[j-1][j] - b[j]       (needs the before-training
-                                      row b, i.e. accuracies of the initial model, and a[j-1][j] evaluated)
+- forward transfer            FWT   = (1/|J|) * sum_{j in J} a[j-1][j] - b[j]        (J: tasks j >= 1 with both
+                                      cells; b = the before-training row, i.e. accuracies of the initial model;
+                                      both exist only with train.eval_next_task, for tasks whose classes the
+                                      model already knows: domain-incremental streams, shared label names)
 Forgetting and BWT are None for T = 1. A matrix with a single row of T cells (joint training) has only the
 average accuracies.
 """
@@ -74,20 +76,20 @@ def backward_transfer(matrix: Matrix) -> float | None:
     return sum(changes) / len(changes)
 
 
-def forward_transfer(matrix: Matrix, before_training: Sequence[float] | None) -> float | None:
-    """Mean over tasks j >= 1 of a[j-1][j] - b[j]; None without the before-training row or those cells."""
+def forward_transfer(matrix: Matrix, before_training: Sequence[float | None] | None) -> float | None:
+    """Mean over tasks j >= 1 of a[j-1][j] - b[j], over the j where both cells exist (a task whose classes the
+    model cannot score before training it has neither); None when no such j exists."""
     if before_training is None or not _is_square(matrix) or len(matrix) < 2:
         return None
     gains = []
     for j in range(1, len(matrix)):
-        value = matrix[j - 1][j]
-        if value is None:
-            return None
-        gains.append(float(value) - float(before_training[j]))
-    return sum(gains) / len(gains)
+        value, baseline = matrix[j - 1][j], before_training[j]
+        if value is not None and baseline is not None:
+            gains.append(float(value) - float(baseline))
+    return sum(gains) / len(gains) if gains else None
 
 
-def summarize(matrix: Matrix, test_sizes: Sequence[int], before_training: Sequence[float] | None = None) -> dict:
+def summarize(matrix: Matrix, test_sizes: Sequence[int], before_training: Sequence[float | None] | None = None) -> dict:
     """All metrics at once, as stored in results.json."""
     return {
         "avg_accuracy": average_accuracy(matrix),

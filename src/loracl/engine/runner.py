@@ -22,7 +22,7 @@ from loracl.data.build import load_stream
 from loracl.data.stream import Split, Stream, Task
 from loracl.engine.checkpoint import config_fingerprint, latest_checkpoint, read_checkpoint, save_checkpoint
 from loracl.engine.loaders import SplitLoader
-from loracl.errors import LoraclError
+from loracl.errors import ConfigError, LoraclError
 from loracl.methods.base import Method, MethodContext, MethodOptions
 from loracl.methods.registry import create_method
 
@@ -248,6 +248,38 @@ class MethodRun:
             accuracies.append(correct / len(task.test))
         return accuracies, samples, time.perf_counter() - started
 
+    def known_classes(self) -> set[int]:
+        """Classes the model can score now: head rows, or classes with a prototype for the prototype head."""
+        if self.head.type == "prototype":
+            return set(torch.nonzero(self.model.prototypes.counts > 0).flatten().tolist())
+        return set(range(self.model.head.num_classes))
+
+    def score_if_known(self, method: Method, tasks: list[Task]) -> list[float | None]:
+        """Accuracy on each task whose classes the model already knows, None for the others (eval_next_task)."""
+        known = self.known_classes()
+        return [self.evaluate(method, [task])[0][0] if set(task.class_ids) <= known else None for task in tasks]
+
+    def check_next_task_evaluation(self, method: Method, base_session: bool) -> None:
+        """train.eval_next_task needs a method that can score unseen tasks and a stream where some task reuses
+        earlier classes; anything else is a config error, not a silent absence of FWT."""
+        if not method.scores_unseen_tasks:
+            raise ConfigError(
+                f"train.eval_next_task: method `{self.entry.name}` routes by statistics of finished tasks and cannot"
+                " score a task before training it"
+            )
+        if base_session or method.trains_jointly:
+            raise ConfigError("train.eval_next_task: needs a stream trained task by task without a base session")
+        seen: set[int] = set()
+        reused = False
+        for task in self.stream.tasks:
+            reused = reused or (bool(seen) and set(task.class_ids) <= seen)
+            seen |= set(task.class_ids)
+        if not reused:
+            raise ConfigError(
+                "train.eval_next_task: no task of this stream uses only classes of earlier tasks, so none can be scored"
+                " before training (use scenario domain_incremental or label_space by_name)"
+            )
+
     # ----- bookkeeping -------------------------------------------------------------------------------
     @staticmethod
     def stored_bytes(method: Method) -> int:
@@ -292,6 +324,8 @@ class MethodRun:
         method = self.build()
         tasks = self.stream.tasks
         base_session = self.train.base_session_epochs > 0
+        if self.train.eval_next_task:
+            self.check_next_task_evaluation(method, base_session)
         finished = self._resume_if_possible(method, base_session)
         if method.trains_jointly:
             if finished == 0:
@@ -317,10 +351,15 @@ class MethodRun:
         else:
             method.begin_task(task)
             method.prepare_task(task, self.loader(task.train, task, train=False, split_name="train"))
+            before_training = self.score_if_known(method, tasks) if task.index == 0 and self.train.eval_next_task else None
             train_stats = self.train_task(method, task, self.train.epochs, self.train.lr, description)
             method.end_task(task, self.loader(task.train, task, train=False, split_name="train"))
+            if before_training is not None:
+                train_stats["before_training_row"] = before_training
         evaluation = self.evaluate(method, tasks[: task.index + 1])
         row = evaluation[0] + [None] * (len(tasks) - task.index - 1)
+        if self.train.eval_next_task and task.index + 1 < len(tasks):
+            row[task.index + 1] = self.score_if_known(method, tasks[task.index + 1 : task.index + 2])[0]
         self.records.append(self.task_record(method, task, row, train_stats, evaluation, time.perf_counter() - started))
         logger.info("%s: after task %s accuracy %s", self.entry.run_label, task.name, [round(a, 4) for a in evaluation[0]])
         self.checkpoint(method, task.index, with_backbone=base_session and task.index == 0)
@@ -367,6 +406,7 @@ class MethodRun:
         """The run's summary; wall time sums every task's, across resumed sessions, plus this session's set-up."""
         matrix = [record["accuracy_row"] for record in self.records]
         test_sizes = [len(task.test) for task in self.stream.tasks]
+        before_training = self.records[0].get("before_training_row") if self.records else None
         # The base session trains the whole backbone, not the method: it stays out of the method's speed.
         method_records = [record for record in self.records if not record.get("base_session")]
         train_samples = sum(record["train_samples"] for record in method_records)
@@ -386,7 +426,8 @@ class MethodRun:
             "seed": self.config.seed,
             "accuracy_matrix": matrix,
             "test_sizes": test_sizes,
-            **metrics.summarize(matrix, test_sizes),
+            **metrics.summarize(matrix, test_sizes, before_training),
+            **({"before_training": before_training} if before_training is not None else {}),
             "trainable_params_per_task": [record["trainable_params"] for record in self.records],
             "stored_bytes_per_task": [b - a for a, b in zip([0] + cumulative[:-1], cumulative)],
             "stored_bytes_cumulative": cumulative,

@@ -83,6 +83,7 @@ class Method:
     description: ClassVar[str] = ""
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     trains_jointly: ClassVar[bool] = False  # the engine trains it once on all tasks' data
+    scores_unseen_tasks: ClassVar[bool] = True  # predict works before a task's end_task (train.eval_next_task)
 
     def __init__(self, options: MethodOptions, context: MethodContext) -> None:
         self.options = options

@@ -119,6 +119,7 @@ class LoracIpc(Method):
     """LoRAC-IPC on the method contract; model k = the composition snapshot after the k-th adapted task."""
 
     name = "lorac_ipc"
+    scores_unseen_tasks = False  # TII needs statistics of finished tasks
     description = "orthogonal LoRA composition + freezing the most important matrices, TII routing (LoRAC-IPC)"
     Options: ClassVar[type[MethodOptions]] = LoracIpcOptions
     options: LoracIpcOptions

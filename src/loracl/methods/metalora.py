@@ -106,6 +106,7 @@ class MetaLora(Method):
     """Input-conditioned CP / tensor-ring adapters with per-task blocks and frozen-feature routing."""
 
     name = "metalora"
+    scores_unseen_tasks = False  # routes by class means of finished tasks
     description = "tensor adapters with per-input generated seeds (CP / tensor ring), routed per task"
     Options: ClassVar[type[MethodOptions]] = MetaLoraOptions
     options: MetaLoraOptions

@@ -27,9 +27,22 @@ def _human_bytes(value: int | None) -> str:
     return f"{value} B"
 
 
+def _has_fwt(runs: list[dict[str, Any]]) -> bool:
+    return any(run.get("fwt") is not None for run in runs)
+
+
+def summary_header(runs: list[dict[str, Any]]) -> list[str]:
+    """SUMMARY_HEADER, with an FWT column after BWT when some run measured it (train.eval_next_task)."""
+    if not _has_fwt(runs):
+        return list(SUMMARY_HEADER)
+    position = SUMMARY_HEADER.index("BWT") + 1
+    return [*SUMMARY_HEADER[:position], "FWT", *SUMMARY_HEADER[position:]]
+
+
 def summary_rows(runs: list[dict[str, Any]]) -> list[list[str]]:
-    """One row per run: label, accuracies, forgetting, BWT, parameters per task, stored size, speed."""
+    """One row per run: label, accuracies, forgetting, BWT (FWT), parameters per task, stored size, speed."""
     rows = []
+    with_fwt = _has_fwt(runs)
     for run in runs:
         params = run.get("trainable_params_per_task") or []
         rows.append(
@@ -40,6 +53,7 @@ def summary_rows(runs: list[dict[str, Any]]) -> list[list[str]]:
                 _number(run.get("avg_incremental_accuracy")),
                 _number(run.get("forgetting")),
                 _number(run.get("bwt")),
+                *([_number(run.get("fwt"))] if with_fwt else []),
                 "/".join(_human_count(p) for p in params) if params else "—",
                 _human_bytes((run.get("stored_bytes_cumulative") or [None])[-1]),
                 _number(run.get("train_samples_per_s"), 1),
@@ -84,6 +98,8 @@ def matrix_rows(run: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     matrix = run["accuracy_matrix"]
     row_names = ["all tasks (joint)"] if len(matrix) != len(tasks) else [f"after {name}" for name in tasks]
     rows = [[row_names[i]] + [_number(value) for value in row] for i, row in enumerate(matrix)]
+    if run.get("before_training") is not None:  # train.eval_next_task: the initial model's scores (FWT's b)
+        rows.insert(0, ["before training"] + [_number(value) for value in run["before_training"]])
     return ["", *tasks], rows
 
 
@@ -94,7 +110,7 @@ def format_summary_table(runs: list[dict[str, Any]], with_matrices: bool = True)
         for run in runs:
             header, rows = matrix_rows(run)
             parts.append(f"accuracy matrix: {run['label']}\n{_plain_table(header, rows)}\n")
-    parts.append(_plain_table(SUMMARY_HEADER, summary_rows(runs)))
+    parts.append(_plain_table(summary_header(runs), summary_rows(runs)))
     return "\n".join(parts)
 
 
@@ -112,9 +128,10 @@ def render_report_markdown(runs: list[dict[str, Any]], config: dict[str, Any] | 
         "## Summary",
         "",
         "Average accuracy is the mean of the last row of the accuracy matrix; forgetting is the mean drop from "
-        "each earlier task's best accuracy to its final one; BWT the mean change from just-learned to final.",
+        "each earlier task's best accuracy to its final one; BWT the mean change from just-learned to final; "
+        "FWT (when measured) the mean of a task's accuracy just before its training minus the initial model's.",
         "",
-        markdown_table(SUMMARY_HEADER, summary_rows(runs)),
+        markdown_table(summary_header(runs), summary_rows(runs)),
         "",
         "![accuracy matrices](accuracy_matrix.png)",
         "",
