@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from loracl.adapters.base import AdapterLayer
 from loracl.backbones.base import Backbone
 from loracl.backbones.heads import LinearHead, PrototypeHead
 
@@ -25,3 +26,13 @@ class ContinualClassifier(nn.Module):
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Linear-head logits [B, classes seen]."""
         return self.head(self.features(inputs))
+
+    def train_adapters(self) -> ContinualClassifier:
+        """Train mode for everything but the frozen backbone's own layers: the head, method modules and the adapter
+        layers inside the backbone (their dropout acts, as in PEFT), while the backbone's dropout stays off."""
+        self.train()
+        self.backbone.eval()
+        for module in self.backbone.modules():
+            if isinstance(module, AdapterLayer):
+                module.train()
+        return self

@@ -14,7 +14,6 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from loracl import metrics
-from loracl.adapters.base import AdapterLayer
 from loracl.backbones.classifier import ContinualClassifier
 from loracl.backbones.registry import load_backbone
 from loracl.config import MethodConfig, RunConfig, config_to_dict
@@ -169,11 +168,7 @@ class MethodRun:
         optimizer = torch.optim.AdamW(groups, weight_decay=self.train.weight_decay)
         optimizer = self.accelerator.prepare_optimizer(optimizer)
         loader = self.loader(task.train, task, train=True)
-        self.model.train()
-        self.model.backbone.eval()  # no dropout in the frozen backbone's own layers unless a method wants it
-        for module in self.model.backbone.modules():
-            if isinstance(module, AdapterLayer):
-                module.train()  # but the adapters' own dropout is on while they train, as in PEFT
+        self.model.train_adapters()
         accumulation = self.train.gradient_accumulation_steps
         samples, steps = 0, 0
         started = time.perf_counter()
