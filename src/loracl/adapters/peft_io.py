@@ -8,7 +8,6 @@ A = [A_1; ...; A_k], B = [s_1 B_1, ..., s_k B_k] with lora_alpha = r so PEFT's s
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from torch import nn
 
 from loracl.adapters.inject import inject_adapters
 from loracl.adapters.lora import LoraLayer
-from loracl.errors import LoraclError
+from loracl.errors import LoraclError, read_json_file
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -104,10 +103,7 @@ def read_peft_adapter(folder: str | Path) -> tuple[dict, dict[str, LoraPair]]:
     config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     if not config_path.is_file():
         raise LoraclError(f"{folder} is not a PEFT adapter folder (no {CONFIG_FILE})")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise LoraclError(f"{config_path} is not valid JSON: {exc.msg}") from None
+    config = read_json_file(config_path)
     if config.get("peft_type", "LORA") != "LORA":
         raise LoraclError(f"{folder}: only LoRA adapters are supported, this one is {config.get('peft_type')}")
     if not weights_path.is_file():
@@ -164,7 +160,7 @@ def export_run_task(run_dir: Path, task: int, out: Path) -> Path:
     folder = latest_checkpoint(run_dir) if task < 0 else run_dir / "checkpoints" / f"task_{task}"
     if folder is None or not (folder / RECORD_FILE).is_file():
         raise LoraclError(f"no finished checkpoint {'' if task < 0 else f'for task {task} '}in {run_dir}/checkpoints")
-    record = json.loads((folder / RECORD_FILE).read_text(encoding="utf-8"))
+    record = read_json_file(folder / RECORD_FILE)
     entry = record.get("method_entry", {})
     state = load_file(str(folder / STATE_FILE))
     branches: dict[str, dict[str, dict[str, torch.Tensor]]] = {}

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from loracl.engine.checkpoint import write_json_atomic
-from loracl.errors import LoraclError
+from loracl.errors import LoraclError, read_json_file
 from loracl.report.plots import plot_accuracy_matrices
 from loracl.report.render import render_report_markdown
 
@@ -31,10 +30,7 @@ def load_summary(out: str | Path) -> dict[str, Any]:
     path = Path(out) / "results.json"
     if not path.is_file():
         raise LoraclError(f"no results.json in {out}: is it the --out of a finished `loracl run`?")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise LoraclError(f"{path} is not valid JSON: {exc.msg}") from None
+    data = read_json_file(path)
     if not isinstance(data, dict) or "runs" not in data or "schema_version" not in data:
         raise LoraclError(f"{path} is not a loracl run summary (no `runs` / `schema_version`)")
     if data["schema_version"] > SUMMARY_SCHEMA_VERSION:

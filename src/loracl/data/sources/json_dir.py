@@ -2,27 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 from loracl.data.stream import RawTask
-from loracl.errors import DataError
-
-
-def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise DataError(f"missing file: {path}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"malformed JSON in {path}: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not UTF-8 text ({exc.reason})") from None
+from loracl.errors import DataError, read_json_file
 
 
 def _read_examples(path: Path) -> list[tuple[str, str]]:
-    data = _read_json(path)
+    data = read_json_file(path, DataError)
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of {{\"label\", \"sentence\"}} objects")
     pairs = []
@@ -54,7 +41,7 @@ def load_json_dir(root: str | Path, tasks: list[str] | None = None) -> list[RawT
         folder = root / name
         if not folder.is_dir():
             raise DataError(f"task `{name}` not found in {root} (available: {', '.join(available_tasks(root)) or 'none'})")
-        labels = _read_json(folder / "labels.json")
+        labels = read_json_file(folder / "labels.json", DataError)
         if not isinstance(labels, list) or not all(isinstance(label, (str, int)) for label in labels):
             raise DataError(f"{folder / 'labels.json'}: expected a JSON list of label strings")
         raw_tasks.append(
