@@ -167,6 +167,30 @@ def test_threshold_schedule():
     assert threshold_for_task(10, 10, 0.95, 1.0) == pytest.approx(0.95 + 0.05 * 9 / 10)
 
 
+def test_per_epoch_schedules_follow_the_code():
+    cosine, _, _, _ = build()
+    assert [cosine.epoch_lr_factor(e, 3) for e in range(3)] == pytest.approx([1.0, math.cos(99 * math.pi / 400), math.cos(99 * math.pi / 200)])
+    assert cosine.epoch_lr_factor(2, 3) == pytest.approx(0.0157, abs=1e-4)  # ends at ~1.6 % of lr
+    assert cosine.epoch_lr_factor(0, 1) == 1.0
+    multistep, _, _, _ = build(lr_schedule="multistep")
+    assert [multistep.epoch_lr_factor(e, 6) for e in range(6)] == [1.0, 1.0, 1.0, 1.0, 0.1, 0.1]
+    constant, _, _, _ = build(lr_schedule="constant")
+    assert {constant.epoch_lr_factor(e, 5) for e in range(5)} == {1.0}
+
+
+def test_the_engine_applies_the_epoch_factor(tmp_path, monkeypatch):
+    """An epoch whose factor is 0 changes nothing: two epochs with a silent second one equal one epoch."""
+    from loracl.methods.inflora import InfLora
+
+    stream = tiny_text_stream(2, train=8, test=4)
+    [one] = run_experiment(tiny_config("inflora", train={"epochs": 1}), tmp_path / "one", stream=stream)
+    monkeypatch.setattr(InfLora, "epoch_lr_factor", lambda self, epoch, epochs: 1.0 if epoch == 0 else 0.0)
+    [two] = run_experiment(tiny_config("inflora", train={"epochs": 2}), tmp_path / "two", stream=stream)
+    for key, value in one.method.state_dict().items():
+        assert torch.equal(value, two.method.state_dict()[key]), key
+    assert two.results["per_task"][0]["steps"] == 2 * one.results["per_task"][0]["steps"]
+
+
 def test_plain_gpm_never_switches_and_gpm_energy_keeps_more():
     torch.manual_seed(1)
     data = torch.randn(300, 10) * torch.linspace(2, 0.5, 10)
@@ -190,7 +214,7 @@ def test_end_to_end_text_and_digits_vit_base_session(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "key,value", [("rank", 0), ("lamb", 0.0), ("lame", 1.5), ("basis_update", "svd"), ("design", "x"), ("energy", "y"), ("alpha", 3)]
+    "key,value", [("rank", 0), ("lamb", 0.0), ("lame", 1.5), ("basis_update", "svd"), ("design", "x"), ("energy", "y"), ("alpha", 3), ("lr_schedule", "warm")]
 )
 def test_bad_options_name_the_key(key, value):
     with pytest.raises(ConfigError, match=key):

@@ -172,7 +172,11 @@ class MethodRun:
         accumulation = self.train.gradient_accumulation_steps
         samples, steps = 0, 0
         started = time.perf_counter()
+        base_lrs = [group["lr"] for group in optimizer.param_groups]
         for epoch in range(epochs):
+            factor = method.epoch_lr_factor(epoch, epochs)
+            for group, base_lr in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = base_lr * factor
             bar = tqdm(loader, desc=f"{description} epoch {epoch + 1}/{epochs}", disable=not self.progress, leave=False)
             for batch_index, batch in enumerate(bar):
                 with self.accelerator.autocast():

@@ -138,6 +138,10 @@ class Method:
         assert self.model is not None
         return self.model(batch["inputs"])
 
+    def epoch_lr_factor(self, epoch: int, epochs: int) -> float:
+        """Multiplier of every group's learning rate during `epoch` (0-based) of `epochs`; constant by default."""
+        return 1.0
+
     def task_loss(self, logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         """Cross-entropy over the current task's classes (head.loss_scope: current_task) or all seen."""
         labels = batch["labels"]

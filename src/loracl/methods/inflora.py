@@ -8,6 +8,7 @@ lora_B the trained up-projection (the paper's A).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any, ClassVar, Literal
 
@@ -41,6 +42,9 @@ class InfLoraOptions(MethodOptions):
     basis_update: Literal["dual_gpm", "gpm"] = "dual_gpm"  # gpm: the DomainNet config's plain GPM
     design: Literal["cov_proj", "sym"] = "cov_proj"  # cov_proj: SVD of (I - M M^T) C (code); sym: P C P
     energy: Literal["code", "gpm"] = "code"  # code: squared eigenvalues of C; gpm: eigenvalues
+    # per-epoch schedule [C]: cosine lr·cos(99πe / (200(E-1))) (CIFAR / ImageNet-R configs, ends at ~1.6 % of
+    # lr), multistep ×0.1 after epoch 4 (DomainNet), or constant; with one epoch all three are the same
+    lr_schedule: Literal["cosine", "multistep", "constant"] = "cosine"
 
     @model_validator(mode="after")
     def _threshold_rises(self) -> "InfLoraOptions":
@@ -68,6 +72,14 @@ class InfLora(LoraMethod):
         self.groups: list[list[str]] = []  # layers fed the same input share one designed A and one basis
         self.bases: dict[str, SubspaceBasis] = {}  # by the group's first layer name
         self.design_log: list[dict[str, Any]] = []
+
+    def epoch_lr_factor(self, epoch: int, epochs: int) -> float:
+        """The official code's per-epoch schedule (baselines.md 3.4 step 6, 3.6)."""
+        if self.options.lr_schedule == "cosine" and epochs > 1:
+            return math.cos(99 * math.pi * epoch / (200 * (epochs - 1)))
+        if self.options.lr_schedule == "multistep" and epoch >= 4:
+            return 0.1
+        return 1.0
 
     # ----- per task ----------------------------------------------------------------------------------
     def begin_task(self, task: Task) -> None:
