@@ -114,7 +114,33 @@ def test_end_to_end_with_resume_and_digits_vit(tmp_path):
     assert len(vit.accuracy_matrix) == 3
 
 
-@pytest.mark.parametrize("key,value", [("rank", 0), ("norm", "spectral"), ("reset_magnitudes", "yes"), ("init", "zeros"), ("alpha", 2)])
+@pytest.mark.parametrize(
+    "key,value",
+    [("rank", 0), ("norm", "spectral"), ("reset_magnitudes", "yes"), ("init", "zeros"), ("alpha", 2),
+     ("rank_schedule", []), ("rank_schedule", [4, 0]), ("rank_schedule", 4)],
+)
 def test_bad_options_name_the_key(key, value):
     with pytest.raises(ConfigError, match=key):
         validate_config({"backbone": {"name": "tiny-bert"}, "method": {"name": "sd_lora", key: value}})
+
+
+def test_rank_schedule_gives_each_task_its_rank_and_resumes(tmp_path):
+    """SD-LoRA-RR: ranks follow the schedule, its last entry repeats; trainable counts follow the ranks."""
+    method, _, stream, _ = build(rank_schedule=[4, 2])
+    assert [method.rank_for_task(t) for t in range(4)] == [4, 2, 2, 2]
+    for task in stream.tasks:
+        method.begin_task(task)
+        method.end_task(task, [])
+    layer = next(iter(method.layers.values()))
+    assert [layer.branches[f"task_{t}"].lora_A.shape[0] for t in range(3)] == [4, 2, 2]
+    config = tiny_config({"name": "sd_lora", "rank_schedule": [4, 2]})
+    text_stream = tiny_text_stream(3, train=12, test=6)
+    [run] = run_experiment(config, tmp_path, stream=text_stream)
+    sites = len(run.method.layers)
+    hidden = layer.in_features
+    per_task = run.results["trainable_params_per_task"]
+    # new branch 2·r·H per site + one magnitude per task so far + the task's two head rows (weights and biases)
+    assert per_task == [sites * 2 * r * hidden + (t + 1) + 2 * (hidden + 1) for t, r in enumerate([4, 2, 2])]
+    [again] = run_experiment(config, tmp_path, stream=text_stream)
+    assert again.accuracy_matrix == run.accuracy_matrix
+

@@ -6,7 +6,7 @@ on every new task (SD-LoRA, Wu et al., ICLR 2025; baselines.md Part 4).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -25,6 +25,9 @@ class SdLoraOptions(MethodOptions):
     """Defaults follow the official code: rank 10, scale 1, magnitudes 0.8, factor-norm, magnitudes reset."""
 
     rank: int = Field(default=10, ge=1)
+    # SD-LoRA-RR: rank of task t's branch = rank_schedule[min(t, len - 1)]; the official code's (commented-out)
+    # RR schedule is [10, 10, 10, 10, 8, 8, 8, 8, 6]. None: `rank` for every task
+    rank_schedule: list[Annotated[int, Field(ge=1)]] | None = Field(default=None, min_length=1)
     target_modules: str | list[str] = "auto"  # auto: query and value projections, as the official code
     init: Literal["kaiming", "gaussian"] = "kaiming"
     magnitude_init: Float = 0.8
@@ -66,9 +69,15 @@ class SdLora(LoraMethod):
         )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.context.seed * 1000 + task.index)
+            rank = self.rank_for_task(task.index)
             for layer in self.layers.values():
-                layer.add_branch(branch_name, self.options.rank, float(self.options.rank), init=self.options.init)
+                layer.add_branch(branch_name, rank, float(rank), init=self.options.init)
                 layer.unnormalized_branch = branch_name  # the branch in training is not normalised (code)
+
+    def rank_for_task(self, task_index: int) -> int:
+        """The branch rank of a task: `rank`, or the RR schedule's entry (its last entry for later tasks)."""
+        schedule = self.options.rank_schedule
+        return self.options.rank if schedule is None else schedule[min(task_index, len(schedule) - 1)]
 
     def magnitude_values(self) -> dict[str, float]:
         return {name: float(value.detach()) for name, value in self.magnitudes.items()}
