@@ -97,3 +97,15 @@ def test_cosine_head_end_to_end_and_named_in_the_label():
     assert run.label == "inc_lora+cosine"
     assert run.method.model.head.cosine_scale == 8.0
     assert len(run.accuracy_matrix) == 2
+
+
+def test_embedding_features_are_the_embedding_layer_mean_for_text_and_vit():
+    text = load_backbone("tiny-bert", max_length=16, seed=0)
+    inputs = text.collate(["abc", "abcdefgh"])
+    short = text.model.embeddings(input_ids=inputs["input_ids"][:1, : int(inputs["attention_mask"][0].sum())])
+    assert torch.allclose(text.embedding_features(**inputs)[0], short[0].mean(0), atol=1e-6)  # padding ignored
+    vit = load_backbone("tiny-vit", seed=0)
+    pixels = torch.randn(2, 1, 8, 8)
+    features = vit.embedding_features(pixel_values=pixels)
+    assert features.shape == (2, vit.hidden_size)
+    assert torch.allclose(features, vit.model.embeddings(pixels).mean(1))

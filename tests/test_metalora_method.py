@@ -232,6 +232,7 @@ def test_joint_mode_trains_jointly_and_static_control_has_no_mapping_net():
         ("cl_mode", "replay"),
         ("lambda_sd", -1.0),
         ("router", "soft"),
+        ("extractor", "layer_input"),
         ("mahalanobis_shrinkage", 2.0),
         ("alpha", 0.0),
         ("no_such_knob", 1),
@@ -264,3 +265,37 @@ def test_single_block_modes_serve_base_session_tasks_with_the_block():
     expected = method._scores(method.adapted_features(batch["inputs"], "shared"))
     assert torch.equal(method.predict({"inputs": batch["inputs"]}), expected)
     assert not torch.equal(expected, method._scores(method.adapted_features(batch["inputs"], None)))
+
+
+def test_embed_extractor_reads_only_the_embedding_layer_and_keeps_the_invariants():
+    """extractor embed: f(x) = masked mean of the embeddings module's output; identity at start, routing works."""
+    stream = separable_stream()
+    method, model = build({"extractor": "embed"})
+    batch = probe_batch(method, stream)
+    inputs = batch["inputs"]
+    embedded = model.backbone.model.embeddings(input_ids=inputs["input_ids"])  # [B, L, H]
+    mask = inputs["attention_mask"].unsqueeze(-1).float()
+    expected = (embedded * mask).sum(1) / mask.sum(1)
+    assert torch.allclose(method.frozen_features(inputs), expected, atol=1e-6)
+    assert not torch.allclose(method.frozen_features(inputs), model.features(inputs))  # not the pooled output
+    plain = model.features(inputs)
+    method.begin_task(stream.tasks[0])
+    assert torch.equal(method.adapted_features(inputs, "task_0"), plain)  # identity at initialisation
+    method.end_task(stream.tasks[0], loader(method, stream.tasks[0].train, 0))
+    for task in stream.tasks[1:]:
+        train_task(method, task)
+    correct = total = 0
+    for task in stream.tasks:
+        for train_batch in loader(method, task.train, task.index):
+            routes = method.route(method.frozen_features(train_batch["inputs"]))
+            correct += int((routes == task.index).sum())
+            total += len(routes)
+    assert correct / total >= 0.99  # disjoint alphabets separate even on bag-of-embeddings features
+
+
+def test_embed_extractor_refuses_a_backbone_without_embeddings():
+    backbone = load_backbone("digits-resnet", seed=0)
+    method = create_method("metalora", {"extractor": "embed"}, MethodContext(HeadConfig(), TrainConfig(), seed=0))
+    with pytest.raises(ConfigError, match="extractor `embed`"):
+        method.attach(ContinualClassifier(backbone))
+

@@ -32,6 +32,10 @@ class Backbone(nn.Module):
         """Pooled features [batch, hidden]."""
         raise NotImplementedError
 
+    def embedding_features(self, **inputs: torch.Tensor) -> torch.Tensor:
+        """Mean-pooled output of the embedding layer alone [batch, hidden]: a cheap input descriptor (no block runs)."""
+        raise NotImplementedError(f"{type(self).__name__} has no embedding-layer features")
+
     def freeze(self) -> None:
         """Freeze every backbone weight (adapters add their own trainable parameters later)."""
         for parameter in self.model.parameters():

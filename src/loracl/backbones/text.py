@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from loracl.backbones.base import Backbone, mean_pool
-from loracl.errors import DataError
+from loracl.errors import DataError, LoraclError
 
 
 class TextBackbone(Backbone):
@@ -34,6 +34,13 @@ class TextBackbone(Backbone):
         if self.pooling == "cls":
             return hidden[:, 0]
         return mean_pool(hidden, attention_mask)
+
+    def embedding_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Token + position embeddings after their norm (BERT-style `embeddings`), mean over real tokens."""
+        embeddings = getattr(self.model, "embeddings", None)
+        if embeddings is None:
+            raise LoraclError(f"backbone `{self.name}` has no `embeddings` module to take embedding-layer features from")
+        return mean_pool(embeddings(input_ids=input_ids), attention_mask)  # [B, L, H] -> [B, H]
 
 
 def char_tokenizer() -> Any:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from loracl.backbones.base import Backbone
-from loracl.errors import DataError
+from loracl.errors import DataError, LoraclError
 
 
 class VisionBackbone(Backbone):
@@ -50,3 +50,11 @@ class VisionBackbone(Backbone):
         if self.pooling == "mean":
             return hidden[:, 1:].mean(1)
         return hidden[:, 0]  # [B, tokens, H] -> CLS token
+
+    def embedding_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """ViT-style `embeddings` (patches + CLS + positions), mean over tokens; convolutional stems are refused,
+        their width is not the hidden size."""
+        embeddings = getattr(self.model, "embeddings", None)
+        if embeddings is None:
+            raise LoraclError(f"backbone `{self.name}` has no ViT-style `embeddings` module to take embedding-layer features from")
+        return embeddings(pixel_values).mean(1)  # [B, tokens, H] -> [B, H]

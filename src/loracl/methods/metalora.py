@@ -33,6 +33,7 @@ from loracl.backbones.classifier import ContinualClassifier
 from loracl.backbones.heads import PrototypeHead
 from loracl.config import Float
 from loracl.data.stream import Task
+from loracl.errors import ConfigError
 from loracl.methods.base import Method, MethodContext, MethodOptions
 
 # Convolutions that are not inside residual blocks (stems, shortcuts, patch embeddings): not adapted by `auto`.
@@ -59,6 +60,9 @@ class MetaLoraOptions(MethodOptions):
     restrict_to_routed_task: bool = True
     warm_start: bool = False
     cache_features: bool = True  # training-time cache of f(x) per example (never used by predict)
+    # [D] spec 2.2: `base` = pooled output of the frozen backbone (one extra full pass per input); `embed` = the
+    # embedding layer's output, mean-pooled (almost free, weaker); the routing features are the same f(x)
+    extractor: Literal["base", "embed"] = "base"
 
 
 class MappingNet(nn.Module):
@@ -138,6 +142,11 @@ class MetaLora(Method):
         """Freeze the backbone, wrap the target slots (module order = seed slice order), register our state."""
         super().attach(model)
         model.backbone.freeze()
+        if self.options.extractor == "embed" and getattr(model.backbone.model, "embeddings", None) is None:
+            raise ConfigError(
+                f"method `metalora`: extractor `embed` needs a backbone with an `embeddings` module (BERT-like text"
+                f" encoders, ViT); `{model.backbone.name}` has none: use extractor `base`"
+            )
         targets = resolve_metalora_targets(model.backbone.model, self.options.target_modules)
         find_target_modules(model.backbone.model, targets)  # a clear error if nothing matches
         self.layers = inject_adapters(model.backbone.model, targets, lambda module, name: TensorAdapterLayer(module, name))
@@ -245,18 +254,24 @@ class MetaLora(Method):
             layer.active_block = block_name
 
     @torch.no_grad()
-    def frozen_features(self, inputs: dict[str, torch.Tensor], use_cache: bool = False) -> torch.Tensor:
-        """f(x): pooled output of the frozen backbone with adapters off [B, d_feat] (cached per example on request)."""
+    def extract(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """f(x) [B, d_feat] from the frozen model with adapters off: pooled output (`base`) or embeddings (`embed`)."""
         assert self.model is not None
+        with self.adapters_off():
+            if self.options.extractor == "embed":
+                return self.model.backbone.embedding_features(**inputs)
+            return self.model.features(inputs)
+
+    @torch.no_grad()
+    def frozen_features(self, inputs: dict[str, torch.Tensor], use_cache: bool = False) -> torch.Tensor:
+        """f(x) of the extractor [B, d_feat] (cached per example on request)."""
         if not (use_cache and self.options.cache_features):
-            with self.adapters_off():
-                return self.model.features(inputs)
+            return self.extract(inputs)
         keys = _example_keys(inputs)
         missing = [index for index, key in enumerate(keys) if key not in self.feature_cache]
         if missing:
             subset = _select(inputs, torch.tensor(missing, device=_first(inputs).device))
-            with self.adapters_off():
-                computed = self.model.features(subset)
+            computed = self.extract(subset)
             for index, feature in zip(missing, computed):
                 self.feature_cache[keys[index]] = feature.detach()
         return torch.stack([self.feature_cache[key] for key in keys])
