@@ -128,7 +128,7 @@ def run_setting(host, tasks, sizes, args, methods, support_sizes) -> dict:
     adapters = [TaskAdapter(task.name, final) for task, final, _, _ in trained]
     options = fuse_options({"budget": args.lorahub_budget, "icm": {
         "warm_start_steps": args.warm_start_steps, "meta_steps": args.meta_steps, "batch_size": args.vae_batch,
-        "meta_batch_size": 2, "inner_steps": args.inner_steps}})
+        "meta_batch_size": args.meta_batch, "inner_steps": args.inner_steps, "channel_divisor": args.channel_divisor}})
     for method in methods:
         for count in support_sizes if method in WITH_EXAMPLES else [None]:
             label = method if count is None else f"{method} ({count} examples/task)"
@@ -190,11 +190,16 @@ def main() -> None:
     parser.add_argument("--meta-steps", type=int, default=6)
     parser.add_argument("--vae-batch", type=int, default=4)
     parser.add_argument("--inner-steps", type=int, default=1)
+    parser.add_argument("--meta-batch", type=int, default=2, help="tasks per meta step")
+    parser.add_argument("--channel-divisor", type=int, default=1, help="thins every F-VAE conv layer k-fold (1: ICM-LoRA's)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--lorahub-budget", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--section", default="icm_fusion")
     parser.add_argument("--no-write", action="store_true", help="print only (smoke runs)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     config = load_config(args.config, [*args.set, f"stream.max_train_per_task={args.train}", f"stream.max_test_per_task={args.test}"])
     stream = load_stream(config.stream, config.seed)
@@ -213,8 +218,9 @@ def main() -> None:
         f"reduced for the shared 2-core CPU: {args.train} train / {args.test} test examples per task, {args.epochs} epoch, "
         f"one LoRA per task (query/value, r={RANK}, alpha={ALPHA:g}, same init seed) with its own head; "
         f"{args.checkpoints} checkpoints harvested per task over the second half of training. "
-        f"ICM-Fusion: ICM-LoRA's conv F-VAE (d_z 256), {args.warm_start_steps} warm-start CVAE steps (batch {args.vae_batch}), "
-        f"{args.meta_steps} meta steps (K={args.inner_steps}, first order), uniform fusion weights; LoRAHub budget "
+        f"ICM-Fusion: ICM-LoRA's conv F-VAE (d_z 256, conv widths / {args.channel_divisor}), {args.warm_start_steps} "
+        f"warm-start CVAE steps (batch {args.vae_batch}), {args.meta_steps} meta steps (K={args.inner_steps}, first order, "
+        f"{args.meta_batch} tasks per step), uniform fusion weights; LoRAHub budget "
         f"{args.lorahub_budget}. Accuracy with each task's own head (task id given); normalised = fused / own LoRA. "
         "Data-free baselines use PEFT's `add_weighted_adapter` defaults (density 0.5, weights 1/T, TIES 1 each); "
         "task arithmetic lambda 0.3. Peak RSS growth is the rise of the process's peak resident memory during fusion "
