@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from helpers import tiny_config, tiny_text_stream
+from helpers import synthetic_text_tasks, tiny_config, tiny_text_stream
 
 import loracl.engine.runner as runner_module
 from loracl import metrics
+from loracl.data.stream import RawTask, build_stream
 from loracl.engine import run_experiment
 from loracl.errors import ConfigError
 from loracl.methods.registry import available_methods, method_class
@@ -32,6 +33,19 @@ def test_domain_incremental_run_fills_the_upper_diagonal_and_fwt(tmp_path):
     assert prototype.accuracy_matrix[0][1] is not None
     report = (tmp_path / "report.md").read_text()
     assert "| FWT |" in report and "| before training |" in report
+
+
+def test_reused_classes_introduced_after_task_zero_get_both_cells():
+    """sentiment-like A, then B with new names, then C reusing B's names: b and a[j-1][j] exist for C only."""
+    raw = synthetic_text_tasks(3, train=12, test=6)
+    raw[1] = RawTask(raw[1].name, ["x0", "x1"], [(x, "x" + y[1]) for x, y in raw[1].train], [(x, "x" + y[1]) for x, y in raw[1].test])
+    raw[2] = RawTask(raw[2].name, ["x0", "x1"], [(x, "x" + y[1]) for x, y in raw[2].train], [(x, "x" + y[1]) for x, y in raw[2].test])
+    stream = build_stream(raw, scenario="class_incremental", label_space="by_name")
+    [result] = run_experiment(tiny_config("inc_lora", train=TRAIN), None, stream=stream)
+    before, matrix = result.results["before_training"], result.accuracy_matrix
+    assert before[0] is not None and before[1] is None and before[2] is not None
+    assert matrix[0][1] is None and matrix[1][2] is not None
+    assert result.results["fwt"] == pytest.approx(matrix[1][2] - before[2])
 
 
 def test_resume_keeps_the_before_training_row(tmp_path, monkeypatch):

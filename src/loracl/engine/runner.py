@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from loracl import metrics
 from loracl.backbones.classifier import ContinualClassifier
+from loracl.backbones.heads import LinearHead
 from loracl.backbones.registry import load_backbone
 from loracl.config import MethodConfig, RunConfig, config_to_dict
 from loracl.data.build import load_stream
@@ -258,6 +259,36 @@ class MethodRun:
         known = self.known_classes()
         return [self.evaluate(method, [task])[0][0] if set(task.class_ids) <= known else None for task in tasks]
 
+    @torch.no_grad()
+    def initial_model_row(self) -> list[float | None]:
+        """FWT's b: the untrained model (adapters at their identity start, every class's head rows at the seeded
+        values begin_task gives them) scored on each task j over the classes a[j-1][j] is scored on (those of the
+        tasks before j; task 0 over its own); None where task j brings new classes, or with the prototype head."""
+        tasks = self.stream.tasks
+        if self.head.type == "prototype":
+            return [None] * len(tasks)
+        head = LinearHead(self.model.backbone.hidden_size, self.model.head.cosine_scale)
+        for task in tasks:
+            head.add_classes(task.class_ids, generator=torch.Generator().manual_seed(self.config.seed * 1000 + task.index))
+        head.to(self.device)
+        self.model.eval()
+        row: list[float | None] = []
+        seen: set[int] = set()
+        for task in tasks:
+            allowed = set(task.class_ids) if not seen or self.stream.scenario == "task_incremental" else seen
+            if not set(task.class_ids) <= allowed:
+                row.append(None)
+            else:
+                mask = torch.full((head.num_classes,), float("-inf"), device=self.device)
+                mask[sorted(allowed)] = 0.0
+                correct = 0
+                for batch in self.loader(task.test, task, train=False):
+                    scores = head(self.model.features(batch["inputs"])).float() + mask
+                    correct += int((scores.argmax(dim=1) == batch["labels"]).sum())
+                row.append(correct / len(task.test))
+            seen |= set(task.class_ids)
+        return row
+
     def check_next_task_evaluation(self, method: Method, base_session: bool) -> None:
         """train.eval_next_task needs a method that can score unseen tasks and a stream where some task reuses
         earlier classes; anything else is a config error, not a silent absence of FWT."""
@@ -350,7 +381,7 @@ class MethodRun:
         else:
             method.begin_task(task)
             method.prepare_task(task, self.loader(task.train, task, train=False, split_name="train"))
-            before_training = self.score_if_known(method, tasks) if task.index == 0 and self.train.eval_next_task else None
+            before_training = self.initial_model_row() if task.index == 0 and self.train.eval_next_task else None
             train_stats = self.train_task(method, task, self.train.epochs, self.train.lr, description)
             method.end_task(task, self.loader(task.train, task, train=False, split_name="train"))
             if before_training is not None:
