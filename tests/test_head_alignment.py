@@ -24,6 +24,33 @@ def test_class_gaussians_hold_cluster_means_and_population_stds():
     assert not gaussians.valid[0, 0]
 
 
+def test_append_keeps_every_task_of_a_returning_class_and_small_classes_fall_back_to_one_gaussian():
+    gaussians = ClassGaussians(hidden=2, centroids=4, ridge=0.0)
+    gaussians.append(1, torch.tensor([[0.0, 0.0], [2.0, 2.0]]), seed=0)  # 2 members < 4 clusters: one Gaussian
+    gaussians.append(1, torch.tensor([[10.0, 10.0], [12.0, 10.0], [10.0, 12.0], [12.0, 12.0], [11.0, 11.0]] * 2), seed=0)
+    assert gaussians.row_class.tolist() == [1, 1]
+    assert gaussians.valid[0].tolist() == [True, False, False, False]
+    assert torch.allclose(gaussians.means[0, 0], torch.tensor([1.0, 1.0])) and torch.allclose(gaussians.stds[0, 0], torch.ones(2))
+    assert gaussians.means[1][gaussians.valid[1]].mean(0)[0] > 9  # the later task's row is its own
+    keyed = ClassGaussians(hidden=2, centroids=4, ridge=0.0)
+    keyed.store(1, torch.tensor([[0.0, 0.0], [2.0, 2.0]]), seed=0)  # keyed rows (TAP) skip singleton clusters
+    assert not keyed.valid.any() and keyed.row_class.tolist() == [0, 1]
+
+
+def test_realign_samples_labels_from_row_classes():
+    """Two rows of class 0 (two tasks, far apart) and one of class 1: both class-0 regions are learned as class 0."""
+    torch.manual_seed(0)
+    gaussians = ClassGaussians(hidden=2, centroids=1)
+    for class_id, centre in ((0, (-4.0, 0.0)), (1, (0.0, 4.0)), (0, (4.0, 0.0))):
+        gaussians.append(class_id, torch.tensor(centre) + 0.3 * torch.randn(30, 2), seed=0)
+    head = LinearHead(2)
+    head.add_classes([0, 1], generator=torch.Generator().manual_seed(0))
+    realign_head(head, gaussians, epochs=30, lr=0.1, momentum=0.9, batch_size=32, samples_per_cluster=64,
+                 iterations_per_epoch=None, generator=torch.Generator().manual_seed(0))
+    points = torch.tensor([[-4.0, 0.0], [4.0, 0.0], [0.0, 4.0]])
+    assert head(points).argmax(1).tolist() == [0, 0, 1]
+
+
 def test_realign_fixes_a_head_whose_old_rows_lose_and_restores_flags():
     torch.manual_seed(0)
     hidden, classes = 8, 4

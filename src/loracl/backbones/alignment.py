@@ -38,10 +38,12 @@ def kmeans_labels(features: torch.Tensor, clusters: int, seed: int) -> torch.Ten
 
 
 class ClassGaussians(nn.Module):
-    """Per class: up to `centroids` k-means clusters of its features, each a diagonal Gaussian (mean, std).
+    """Rows of up to `centroids` k-means clusters of one class's features, each a diagonal Gaussian (mean, std).
 
-    Buffers (rows in class-id order, so they travel with a method's state_dict): means and stds
-    [classes, centroids, H], valid [classes, centroids].
+    Buffers (so they travel with a method's state_dict): means and stds [rows, centroids, H], valid
+    [rows, centroids], and row_class [rows], the class each row belongs to. `store` keys rows by class id (a class
+    seen again replaces its row: LoRAC-IPC's TAP); `append` adds one row per (task, class), so a class that comes
+    back in a later task (shared label names, domain-incremental streams) keeps the statistics of every task.
     """
 
     def __init__(self, hidden: int, centroids: int, ridge: float = 1.0e-4, device: torch.device | None = None) -> None:
@@ -51,9 +53,12 @@ class ClassGaussians(nn.Module):
         self.register_buffer("means", torch.zeros(0, centroids, hidden, device=device))
         self.register_buffer("stds", torch.zeros(0, centroids, hidden, device=device))
         self.register_buffer("valid", torch.zeros(0, centroids, dtype=torch.bool, device=device))
+        self.register_buffer("row_class", torch.zeros(0, dtype=torch.long, device=device))
 
-    def store(self, class_id: int, members: torch.Tensor, seed: int) -> None:
-        """Fit one class's clusters from its features [n, H] (CPU, fp32); replaces what the class had."""
+    def fit(self, members: torch.Tensor, seed: int, fallback_single: bool = False) -> tuple[torch.Tensor, ...]:
+        """Cluster means, stds and validity of one class's features [n, H]; clusters without spread are invalid.
+        With `fallback_single`, a class whose clusters are all invalid (fewer members than clusters) but has
+        spread gets one Gaussian over all its members instead."""
         means = torch.zeros(self.centroids, members.shape[1])
         stds = torch.zeros_like(means)
         valid = torch.zeros(self.centroids, dtype=torch.bool)
@@ -66,14 +71,30 @@ class ClassGaussians(nn.Module):
             means[cluster] = cluster_members.mean(0)
             stds[cluster] = (variance + self.ridge).sqrt()
             valid[cluster] = True
-        put_row(self, "means", class_id, means)
-        put_row(self, "stds", class_id, stds)
-        put_row(self, "valid", class_id, valid)
+        if fallback_single and not valid.any() and len(members) > 1 and members.var(dim=0, correction=0).mean() > 0:
+            means[0] = members.mean(0)
+            stds[0] = (members.var(dim=0, correction=0) + self.ridge).sqrt()
+            valid[0] = True
+        return means, stds, valid
 
-    def store_features(self, features: torch.Tensor, labels: torch.Tensor, class_ids: list[int], seed: int) -> None:
-        """Fit every listed class from a task's features [n, H] and labels [n]."""
+    def _put(self, row: int, class_id: int, fitted: tuple[torch.Tensor, ...]) -> None:
+        for name, value in zip(("means", "stds", "valid"), fitted):
+            put_row(self, name, row, value)
+        put_row(self, "row_class", row, torch.tensor(class_id))
+
+    def store(self, class_id: int, members: torch.Tensor, seed: int) -> None:
+        """Row `class_id` <- the class's clusters from its features [n, H] (CPU, fp32), replacing what it had."""
+        self._put(class_id, class_id, self.fit(members, seed))
+        self.row_class = torch.arange(self.means.shape[0], device=self.row_class.device)  # keyed: row = class id
+
+    def append(self, class_id: int, members: torch.Tensor, seed: int) -> None:
+        """A new row for this (task, class): earlier rows of the same class are kept."""
+        self._put(self.row_class.shape[0], class_id, self.fit(members, seed, fallback_single=True))
+
+    def append_features(self, features: torch.Tensor, labels: torch.Tensor, class_ids: list[int], seed: int) -> None:
+        """One new row per listed class, fitted from a task's features [n, H] and labels [n]."""
         for class_id in class_ids:
-            self.store(class_id, features[labels == class_id], seed)
+            self.append(class_id, features[labels == class_id], seed)
 
 
 def realign_head(
@@ -99,10 +120,11 @@ def realign_head(
     head.requires_grad_(True)
     optimizer = torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
-    seen = head.num_classes
-    class_ids, clusters = torch.nonzero(gaussians.valid[:seen].cpu(), as_tuple=True)
-    means = gaussians.means[class_ids, clusters].cpu()  # [M, H]
-    stds = gaussians.stds[class_ids, clusters].cpu()
+    known = gaussians.valid.cpu() & (gaussians.row_class.cpu() < head.num_classes).unsqueeze(1)
+    rows, clusters = torch.nonzero(known, as_tuple=True)
+    class_ids = gaussians.row_class.cpu()[rows]
+    means = gaussians.means[rows, clusters].cpu()  # [M, H]
+    stds = gaussians.stds[rows, clusters].cpu()
     if len(class_ids) == 0:
         epochs = 0
     for _ in range(epochs):

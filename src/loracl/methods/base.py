@@ -166,6 +166,11 @@ class Method:
         """After training: prototypes of the task's classes (prototype head), or the task's class Gaussians and
         a re-alignment of the whole head on every seen class (head.align)."""
         self.seen_tasks.append(task)
+        self.update_task_statistics(task, train_loader)
+
+    def update_task_statistics(self, task: Task, train_loader: Iterable[dict[str, Any]]) -> None:
+        """The end-of-task work on class statistics, under the model that will serve: prototypes (prototype head),
+        class Gaussians and head re-alignment (head.align, from the second task on)."""
         if self.context.head.type == "prototype":
             self.update_prototypes(task, train_loader)
         if self.class_gaussians is not None:
@@ -204,10 +209,11 @@ class Method:
         self.model.prototypes.accumulate(features.to(device), labels.to(device))
 
     def store_class_gaussians(self, task: Task, train_loader: Iterable[dict[str, Any]]) -> None:
-        """head.align: the task's classes as diagonal Gaussians of their features under the model just trained."""
+        """head.align: the task's classes as diagonal Gaussians of their features under the model just trained (one
+        row per task and class: a class met again in a later task keeps its earlier statistics too)."""
         assert self.class_gaussians is not None
         features, labels = self.task_features(train_loader)
-        self.class_gaussians.store_features(features, labels, task.class_ids, self.context.seed)
+        self.class_gaussians.append_features(features, labels, task.class_ids, self.context.seed)
 
     def align_head(self, task: Task) -> None:
         """head.align: re-train every head row on pseudo-features of all seen classes (backbones/alignment.py)."""

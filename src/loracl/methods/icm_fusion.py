@@ -98,7 +98,9 @@ class IcmFusionMethod(LoraMethod):
             self.samples[task.index].append(self._pairs(f"task_{task.index}"))
 
     def end_task(self, task: Task, train_loader: Iterable[dict[str, Any]]) -> None:
-        super().end_task(task, train_loader)
+        """Keep the task's few examples, restore the serving composition (fusing where the mode says), then the
+        shared end-of-task work (prototypes, head alignment) on the model that will serve."""
+        self.seen_tasks.append(task)
         first = next(iter(train_loader))
         k = self.options.support_per_task
         self.supports[task.index] = {
@@ -110,6 +112,7 @@ class IcmFusionMethod(LoraMethod):
             layer.disabled_branches = {FUSED} if FUSED in layer.branches else set()
         if self.options.mode != "end" or last:
             self._fuse()
+        self.update_task_statistics(task, train_loader)
 
     # ----- fusion ----------------------------------------------------------------------------------
     def _pairs(self, branch: str) -> dict[str, LoraPair]:

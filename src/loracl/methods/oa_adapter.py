@@ -10,6 +10,8 @@ id is needed. Spec: specs/oa-adapter.md; docs/methods/oa_adapter.md lists what i
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -213,20 +215,31 @@ class OaAdapter(Method):
             }
 
     # ----- inference ---------------------------------------------------------------------------------
-    @torch.no_grad()
-    def predict(self, batch: dict[str, Any]) -> torch.Tensor:
-        """All branches summed (no task id); task_oracle keeps only the batch's own task's branch."""
+    @contextmanager
+    def serving(self, batch: dict[str, Any]) -> Iterator[None]:
+        """The composition that scores `batch`: every branch (sum), or only its own task's (task_oracle)."""
         if self.options.inference == "sum":
-            return super().predict(batch)
-        task_index = int(batch["task_ids"][0])
-        own = f"task_{task_index}"
+            yield
+            return
+        own = f"task_{int(batch['task_ids'][0])}"
         for layer in self.layers.values():
             layer.disabled_branches = {name for name in layer.branches if name != own}
         try:
-            return super().predict(batch)
+            yield
         finally:
             for layer in self.layers.values():
                 layer.disabled_branches = set()
+
+    @torch.no_grad()
+    def predict(self, batch: dict[str, Any]) -> torch.Tensor:
+        """All branches summed (no task id); task_oracle keeps only the batch's own task's branch."""
+        with self.serving(batch):
+            return super().predict(batch)
+
+    def features_for_prototypes(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Class statistics (prototypes, head.align) under the composition that will score this task."""
+        with self.serving(batch):
+            return super().features_for_prototypes(batch)
 
     # ----- accounting and state ----------------------------------------------------------------------
     def site_dims(self) -> dict[str, tuple[int, int]]:
