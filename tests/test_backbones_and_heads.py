@@ -109,3 +109,14 @@ def test_embedding_features_are_the_embedding_layer_mean_for_text_and_vit():
     features = vit.embedding_features(pixel_values=pixels)
     assert features.shape == (2, vit.hidden_size)
     assert torch.allclose(features, vit.model.embeddings(pixels).mean(1))
+
+
+def test_embedding_features_refuse_outputs_that_are_not_token_states():
+    from loracl.backbones.base import check_token_states
+
+    with pytest.raises(LoraclError, match=r"\(2, 8, 4, 4\)"):
+        check_token_states(torch.zeros(2, 8, 4, 4), 8, "convnext-like")  # a conv feature map
+    with pytest.raises(LoraclError, match="tuple"):
+        check_token_states((torch.zeros(2, 3, 8),), 8, "swin-like")
+    with pytest.raises(LoraclError, match="16"):
+        check_token_states(torch.zeros(2, 3, 8), 16, "albert-like")  # embedding width != hidden size

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from loracl.errors import LoraclError
+
 
 class Backbone(nn.Module):
     """A Hugging Face model (`self.model`, where adapters are injected) with preprocessing and pooling."""
@@ -43,6 +45,17 @@ class Backbone(nn.Module):
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "modality": self.modality, "hidden_size": self.hidden_size, "pooling": self.pooling}
+
+
+def check_token_states(states: Any, hidden_size: int, backbone_name: str) -> torch.Tensor:
+    """The embedding layer's output must be token states [B, tokens, hidden]; anything else is refused clearly."""
+    if not isinstance(states, torch.Tensor) or states.dim() != 3 or states.shape[-1] != hidden_size:
+        shape = tuple(states.shape) if isinstance(states, torch.Tensor) else type(states).__name__
+        raise LoraclError(
+            f"backbone `{backbone_name}`: its embedding layer gives {shape}, not token states [batch, tokens, "
+            f"{hidden_size}]; embedding-layer features (metalora extractor `embed`) need BERT- or ViT-style embeddings"
+        )
+    return states
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

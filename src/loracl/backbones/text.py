@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from loracl.backbones.base import Backbone, mean_pool
+from loracl.backbones.base import Backbone, check_token_states, mean_pool
 from loracl.errors import DataError, LoraclError
 
 
@@ -40,7 +40,8 @@ class TextBackbone(Backbone):
         embeddings = getattr(self.model, "embeddings", None)
         if embeddings is None:
             raise LoraclError(f"backbone `{self.name}` has no `embeddings` module to take embedding-layer features from")
-        return mean_pool(embeddings(input_ids=input_ids), attention_mask)  # [B, L, H] -> [B, H]
+        states = check_token_states(embeddings(input_ids=input_ids), self.hidden_size, self.name)  # [B, L, H]
+        return mean_pool(states, attention_mask)
 
 
 def char_tokenizer() -> Any:

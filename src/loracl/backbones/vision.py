@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from loracl.backbones.base import Backbone
+from loracl.backbones.base import Backbone, check_token_states
 from loracl.errors import DataError, LoraclError
 
 
@@ -52,9 +52,9 @@ class VisionBackbone(Backbone):
         return hidden[:, 0]  # [B, tokens, H] -> CLS token
 
     def embedding_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """ViT-style `embeddings` (patches + CLS + positions), mean over tokens; convolutional stems are refused,
-        their width is not the hidden size."""
+        """ViT-style `embeddings` (patches + CLS + positions), mean over tokens; other embedding outputs (a
+        convolutional stem's feature map, a tuple) are refused with one clear error."""
         embeddings = getattr(self.model, "embeddings", None)
         if embeddings is None:
             raise LoraclError(f"backbone `{self.name}` has no ViT-style `embeddings` module to take embedding-layer features from")
-        return embeddings(pixel_values).mean(1)  # [B, tokens, H] -> [B, H]
+        return check_token_states(embeddings(pixel_values), self.hidden_size, self.name).mean(1)  # [B, tokens, H] -> [B, H]
