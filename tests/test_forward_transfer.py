@@ -108,3 +108,11 @@ def test_every_method_that_claims_it_scores_the_next_task(tmp_path, name):
     stream = tiny_text_stream(2, scenario="domain_incremental", train=6, test=4)
     [result] = run_experiment(tiny_config({"name": name, **SMALL.get(name, {})}, train=TRAIN), tmp_path, stream=stream)
     assert result.accuracy_matrix[0][1] is not None and result.results["fwt"] is not None
+
+
+def test_a_bad_later_entry_stops_the_run_before_any_entry_trains(tmp_path):
+    stream = tiny_text_stream(2, scenario="domain_incremental", train=6, test=4)
+    config = tiny_config(["inc_lora", {"name": "metalora", "rank": 2}], train=TRAIN)
+    with pytest.raises(ConfigError, match="metalora"):
+        run_experiment(config, tmp_path, stream=stream)
+    assert not any(tmp_path.rglob("*.json")) and not any(tmp_path.rglob("*.safetensors"))

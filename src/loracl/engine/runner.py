@@ -289,27 +289,6 @@ class MethodRun:
             seen |= set(task.class_ids)
         return row
 
-    def check_next_task_evaluation(self, method: Method, base_session: bool) -> None:
-        """train.eval_next_task needs a method that can score unseen tasks and a stream where some task reuses
-        earlier classes; anything else is a config error, not a silent absence of FWT."""
-        if not method.scores_unseen_tasks:
-            raise ConfigError(
-                f"train.eval_next_task: method `{self.entry.name}` routes by statistics of finished tasks and cannot"
-                " score a task before training it"
-            )
-        if base_session or method.trains_jointly:
-            raise ConfigError("train.eval_next_task: needs a stream trained task by task without a base session")
-        seen: set[int] = set()
-        reused = False
-        for task in self.stream.tasks:
-            reused = reused or (bool(seen) and set(task.class_ids) <= seen)
-            seen |= set(task.class_ids)
-        if not reused:
-            raise ConfigError(
-                "train.eval_next_task: no task of this stream uses only classes of earlier tasks, so none can be scored"
-                " before training (use scenario domain_incremental or label_space by_name)"
-            )
-
     # ----- bookkeeping -------------------------------------------------------------------------------
     @staticmethod
     def stored_bytes(method: Method) -> int:
@@ -355,7 +334,7 @@ class MethodRun:
         tasks = self.stream.tasks
         base_session = self.train.base_session_epochs > 0
         if self.train.eval_next_task:
-            self.check_next_task_evaluation(method, base_session)
+            check_next_task_evaluation(method, self.entry.name, self.stream, base_session)
         finished = self._resume_if_possible(method, base_session)
         if method.trains_jointly:
             if finished == 0:
@@ -473,6 +452,38 @@ class MethodRun:
         }
 
 
+def check_next_task_evaluation(method: Method, name: str, stream: Stream, base_session: bool) -> None:
+    """train.eval_next_task needs a method that can score unseen tasks and a stream where some task reuses
+    earlier classes; anything else is a config error, not a silent absence of FWT."""
+    if not method.scores_unseen_tasks:
+        raise ConfigError(
+            f"train.eval_next_task: method `{name}` routes by statistics of finished tasks and cannot"
+            " score a task before training it"
+        )
+    if base_session or method.trains_jointly:
+        raise ConfigError("train.eval_next_task: needs a stream trained task by task without a base session")
+    seen: set[int] = set()
+    reused = False
+    for task in stream.tasks:
+        reused = reused or (bool(seen) and set(task.class_ids) <= seen)
+        seen |= set(task.class_ids)
+    if not reused:
+        raise ConfigError(
+            "train.eval_next_task: no task of this stream uses only classes of earlier tasks, so none can be scored"
+            " before training (use scenario domain_incremental or label_space by_name)"
+        )
+
+
+def check_entries(config: RunConfig, stream: Stream) -> None:
+    """Every entry's method built (options, head and flags checked) before anything trains, so a bad later entry
+    cannot leave an earlier entry's outputs half a run behind."""
+    for entry in config.method:
+        context = MethodContext(config.head_for(entry), config.train, config.seed, stream.scenario, len(stream))
+        method = create_method(entry.name, entry.options, context)
+        if config.train.eval_next_task:
+            check_next_task_evaluation(method, entry.name, stream, config.train.base_session_epochs > 0)
+
+
 def run_method(config: RunConfig, entry: MethodConfig, stream: Stream, run_dir: Path | None = None) -> RunResult:
     """Train and evaluate one method entry on a stream; resumes from run_dir's checkpoints if present."""
     return MethodRun(config, entry, stream, run_dir).run()
@@ -484,6 +495,7 @@ def run_experiment(config: RunConfig, out_dir: str | Path | None = None, stream:
 
     stream = stream if stream is not None else load_stream(config.stream, config.seed)
     out = Path(out_dir) if out_dir is not None else None
+    check_entries(config, stream)
     results = []
     for entry in config.method:
         run_dir = out / entry.run_label if out is not None else None

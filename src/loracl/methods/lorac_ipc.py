@@ -126,6 +126,8 @@ class LoracIpc(Method):
 
     def __init__(self, options: MethodOptions, context: Any) -> None:
         super().__init__(options, context)
+        if context.head.align:
+            raise ConfigError("method `lorac_ipc`: head.align is its own TAP step (head_realign); leave head.align false")
         self.layers: dict[str, ComposedLoraLayer] = {}
         self.task_model: dict[int, int] = {}  # engine task index -> model index (0 = bare backbone)
         self.routing_model: int | None = None  # model of the first task: TII features [C]
@@ -143,8 +145,6 @@ class LoracIpc(Method):
     def attach(self, model: ContinualClassifier) -> None:
         if self.context.head.type == "prototype":
             raise ConfigError("method `lorac_ipc`: needs head.type linear or cosine (TAP re-aligns a trained head)")
-        if self.context.head.align:
-            raise ConfigError("method `lorac_ipc`: head.align is its own TAP step (head_realign); leave head.align false")
         super().attach(model)
         options = self.options
         self.layers = inject_adapters(
