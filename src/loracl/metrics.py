@@ -1,6 +1,7 @@
 """Continual-learning metrics from the accuracy matrix a[i][j] (accuracy on task j after training task i).
 
-Rows i = 0..T-1, columns j = 0..T-1; cells with j > i are None (not yet seen). With T tasks:
+Rows i = 0..T-1, columns j = 0..T-1; cells with j > i are None (not yet seen), except a[i][i+1] when the run
+scored each task once before training it (train.eval_next_task). With T tasks:
 
 - average accuracy            A_T   = (1/T) * sum_j a[T-1][j]                     (task mean, last row)
 - weighted average accuracy   A_T^w = sum_j n_j a[T-1][j] / sum_j n_j               (n_j = task j's test size)

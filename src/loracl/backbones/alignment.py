@@ -4,8 +4,9 @@ a head re-trained on pseudo-features sampled from them.
 In a class-incremental run the linear head sees only the current task's classes while it trains, so rows of
 different tasks are never compared during training and the newest (or the oldest) rows win at test time
 (docs/harness.md). Re-training the whole head on samples from every seen class's Gaussians puts all rows on one
-scale. LoRAC-IPC's task-adaptive prediction (TAP) is this step with the official code's settings; `head.align`
-offers it to every method (SLCA's classifier alignment is the same idea).
+scale. LoRAC-IPC's task-adaptive prediction (TAP) is this step with the official code's settings (class-keyed rows,
+one batch per old class per epoch); `head.align` offers it to every method with one row per (task, class) and one
+full pass over the samples per epoch (SLCA's classifier alignment is the same idea).
 """
 
 from __future__ import annotations

@@ -6,7 +6,6 @@ same base model, on the same modules, with the same ranks and shapes; anything e
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from loracl.adapters.peft_io import _BRANCH_KEY, LoraPair, read_peft_adapter
-from loracl.errors import LoraclError
+from loracl.errors import LoraclError, read_json_file
 
 
 @dataclass
@@ -41,7 +40,7 @@ def read_run_branch(run_dir: str | Path, task: int) -> TaskAdapter:
     folder = latest_checkpoint(run_dir)
     if folder is None or not (folder / RECORD_FILE).is_file():
         raise LoraclError(f"no finished checkpoint in {run_dir}/checkpoints")
-    record = json.loads((folder / RECORD_FILE).read_text(encoding="utf-8"))
+    record = read_json_file(folder / RECORD_FILE)
     entry = record.get("method_entry", {})
     alpha, use_rslora = float(entry.get("alpha", 16.0)), bool(entry.get("use_rslora", False))
     parts: dict[str, dict[str, torch.Tensor]] = {}

@@ -11,7 +11,7 @@ import torch
 
 from loracl.adapters.peft_io import write_peft_adapter
 from loracl.config import apply_override, parse_override
-from loracl.errors import DataError, LoraclError
+from loracl.errors import DataError, LoraclError, read_json_file
 from loracl.fusion import FUSION_METHODS, LoraHost, TaskAdapter, TaskSupport, fuse, fuse_options, read_adapter, read_run_branch
 
 
@@ -42,7 +42,7 @@ def collect_adapters(args: argparse.Namespace) -> list[TaskAdapter]:
         if folder is None:
             raise LoraclError(f"no finished checkpoint in {args.run}/checkpoints")
         record = folder / RECORD_FILE
-        finished = int(json.loads(record.read_text(encoding="utf-8"))["task_index"]) + 1 if record.is_file() else 0
+        finished = int(read_json_file(record).get("task_index", -1)) + 1 if record.is_file() else 0
         indices = [int(part) for part in args.tasks.split(",")] if args.tasks else list(range(finished))
         adapters += [read_run_branch(args.run, index) for index in indices]
     if len(adapters) < 1:

@@ -198,6 +198,8 @@ class Method:
             features.append(self.features_for_prototypes(batch).float().cpu())
             labels.append(batch["labels"].cpu())
         self.model.train(was_training)
+        if not features:  # an empty loader: no statistics to take
+            return torch.zeros(0, self.model.backbone.hidden_size), torch.zeros(0, dtype=torch.long)
         return torch.cat(features), torch.cat(labels)
 
     def update_prototypes(self, task: Task, train_loader: Iterable[dict[str, Any]]) -> None:
@@ -206,7 +208,8 @@ class Method:
         features, labels = self.task_features(train_loader)
         device = self.model.prototypes.sums.device
         self.model.prototypes.reset_classes(task.class_ids)
-        self.model.prototypes.accumulate(features.to(device), labels.to(device))
+        if len(labels):
+            self.model.prototypes.accumulate(features.to(device), labels.to(device))
 
     def store_class_gaussians(self, task: Task, train_loader: Iterable[dict[str, Any]]) -> None:
         """head.align: the task's classes as diagonal Gaussians of their features under the model just trained (one

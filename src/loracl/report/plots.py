@@ -13,7 +13,8 @@ import numpy as np  # noqa: E402
 
 
 def plot_accuracy_matrices(runs: list[dict[str, Any]], path: Path) -> None:
-    """One heat map per run, side by side; cells not yet seen are blank."""
+    """One heat map per run, side by side; cells not yet evaluated are blank (a[i][i+1] is drawn when the run
+    scored each task before training it)."""
     count = len(runs)
     columns = min(count, 3)
     rows = (count + columns - 1) // columns
