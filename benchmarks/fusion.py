@@ -196,6 +196,7 @@ def main() -> None:
     parser.add_argument("--lorahub-budget", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--section", default="icm_fusion")
+    parser.add_argument("--title", default="ICM-Fusion and merge baselines on the text stream's tasks")
     parser.add_argument("--no-write", action="store_true", help="print only (smoke runs)")
     args = parser.parse_args()
     if args.threads:
@@ -244,7 +245,7 @@ def main() -> None:
     ]
     print("\n".join(body))
     if not args.no_write:
-        path = write_section(args.section, "ICM-Fusion and merge baselines on the text stream's tasks", "\n".join(body))
+        path = write_section(args.section, args.title, "\n".join(body))
         print(f"written to {path}")
 
 
