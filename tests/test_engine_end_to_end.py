@@ -4,9 +4,11 @@ import json
 
 import pytest
 import torch
-from helpers import tiny_config, tiny_digits_stream, tiny_text_stream
+from helpers import synthetic_text_tasks, tiny_config, tiny_digits_stream, tiny_text_stream
 
+from loracl.data.stream import RawTask, build_stream
 from loracl.engine import run_experiment
+from loracl.methods.probe import Probe
 
 
 @pytest.mark.parametrize("method", ["seq_lora", "inc_lora", "joint", "probe"])
@@ -54,3 +56,28 @@ def test_fm_lora_with_the_cosine_head_trains_finite_rows():
     rows = torch.cat(list(run.method.model.head.weights))
     assert torch.isfinite(rows).all() and (rows.norm(dim=1) > 0).all()
     assert len(run.accuracy_matrix) == 2
+
+
+def test_shared_classes_keep_learning_while_other_old_rows_stay_frozen(tmp_path, monkeypatch):
+    """freeze_old freezes earlier tasks' rows, except the rows of classes the new task shares with them."""
+    raw = synthetic_text_tasks(3, train=12, test=6)
+    raw[1] = RawTask(raw[1].name, ["x0", "x1"], relabel(raw[1].train), relabel(raw[1].test))
+    stream = build_stream(raw, scenario="class_incremental", label_space="by_name")  # t2 reuses t0's c0 / c1
+    snapshots = []
+    original_end = Probe.end_task
+
+    def record(self, task, loader):
+        original_end(self, task, loader)
+        snapshots.append([weight.detach().clone() for weight in self.model.head.weights])
+
+    monkeypatch.setattr(Probe, "end_task", record)
+    run_experiment(tiny_config("probe", train={"lr": 5e-2}), tmp_path, stream=stream)
+    after_t0, after_t1, after_t2 = snapshots
+    assert torch.equal(after_t1[0], after_t0[0])  # t1 has its own classes: t0's block stays frozen
+    assert not torch.equal(after_t2[0], after_t1[0])  # t2 reuses t0's classes: that block learns again
+    assert torch.equal(after_t2[1], after_t1[1])  # t1's block is not t2's business
+
+
+def relabel(pairs):
+    """c0 / c1 -> x0 / x1: the same examples under new label names."""
+    return [(text, "x" + label[1]) for text, label in pairs]

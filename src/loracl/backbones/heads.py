@@ -48,6 +48,18 @@ class LinearHead(nn.Module):
         for parameter in self.parameters():
             parameter.requires_grad_(False)
 
+    def unfreeze_classes(self, class_ids: list[int]) -> None:
+        """Train again the blocks that hold any of these classes (a task reusing classes of an earlier one).
+        Rows of other classes in such a block get no gradient from a current-task loss, so they stay put."""
+        wanted = set(class_ids)
+        start = 0
+        for weight, bias in zip(self.weights, self.biases):
+            block = set(self.class_ids[start : start + weight.shape[0]])
+            start += weight.shape[0]
+            if block & wanted:
+                weight.requires_grad_(True)
+                bias.requires_grad_(self.cosine_scale is None)
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """[B, H] -> [B, num_classes]."""
         weight = torch.cat(list(self.weights), dim=0)

@@ -105,10 +105,12 @@ class Method:
             model.add_module("class_gaussians", self.class_gaussians)  # its buffers travel with state_dict
 
     def begin_task(self, task: Task) -> None:
-        """Grow the head for the task's new classes and freeze earlier head rows (head.freeze_old)."""
+        """Grow the head for the task's new classes and freeze earlier head rows (head.freeze_old), except the rows
+        of classes this task shares with an earlier one (domain-incremental streams, shared label names)."""
         assert self.model is not None, "attach() first"
         if self.context.head.freeze_old:
             self.model.head.freeze_all()
+            self.model.head.unfreeze_classes(task.class_ids)  # classes this task shares with earlier ones still learn
         generator = torch.Generator().manual_seed(self.context.seed * 1000 + task.index)
         self.model.head.add_classes(task.class_ids, generator=generator)
         self.current_task = task
