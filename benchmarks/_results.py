@@ -28,10 +28,17 @@ HEADER = (
     'alpha 32 / no dropout; sections written later use alpha 32 / dropout 0.1. Methods without adapter dropout\n'
     '(probe, inflora, sd_lora, lorac_ipc, metalora, fm_lora) are unaffected by both.\n'
     '\n'
+    'Changes on 2026-11-23 that later sections include: `head.align` (classifier alignment, off by default),\n'
+    "`train.eval_next_task` (FWT), InfLoRA's per-epoch cosine schedule (default; a one-epoch run is unchanged, the\n"
+    'digits runs with 5 epochs are not), and `freeze_old` no longer freezing the rows of classes a new task shares with\n'
+    'an earlier one (only shared-label / domain-incremental streams are affected; no earlier section used one).\n'
+    '\n'
     'Where to look first: the full text stream in `text_stream_baselines_full` (baselines, linear and prototype\n'
-    'heads), one `*_text_full` section per method issue, `text_stream_cosine_head_full`, and `step_time_text`\n'
-    '(train step time of every method on an idle machine); the default run in `quickstart_time`; speed against\n'
-    'PEFT in `peft_speed`. Sections with "300 train / 200 test" in their title are the earlier reduced stream.\n'
+    'heads), `text_stream_aligned_full` (every method with and without `head.align`), one `*_text_full` section per\n'
+    'method issue, `text_stream_cosine_head_full`, and `step_time_text` (train step time of every method on an idle\n'
+    'machine); digits in `digits_aligned`; forward transfer in `shared_labels_fwt`; the default run in\n'
+    '`quickstart_time`; speed against PEFT in `peft_speed`. Sections with "300 train / 200 test" in their title are\n'
+    'the earlier reduced stream.\n'
 )
 
 
