@@ -60,3 +60,26 @@ def tiny_config(method: Any = "seq_lora", backbone: str = "tiny-bert", **section
         else:
             data[key] = value
     return validate_config(data)
+
+
+def run_interrupted_then_resumed(config: RunConfig, out: Any, stream: Stream, monkeypatch: Any, crash_at: int = 2) -> Any:
+    """Run until task `crash_at` starts (a KeyboardInterrupt there), then run again on the same OUT; returns the
+    resumed run's single result."""
+    import pytest
+
+    import loracl.engine.runner as runner_module
+    from loracl.engine import run_experiment
+
+    original = runner_module.MethodRun._run_task
+
+    def crash(self: Any, method: Any, task: Any, base_session: bool) -> None:
+        if task.index == crash_at:
+            raise KeyboardInterrupt
+        original(self, method, task, base_session)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runner_module.MethodRun, "_run_task", crash)
+        with pytest.raises(KeyboardInterrupt):
+            run_experiment(config, out, stream=stream)
+    [resumed] = run_experiment(config, out, stream=stream)
+    return resumed

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from helpers import synthetic_text_tasks, tiny_config, tiny_text_stream
+from helpers import run_interrupted_then_resumed, synthetic_text_tasks, tiny_config, tiny_text_stream
 
-import loracl.engine.runner as runner_module
 from loracl import metrics
 from loracl.data.stream import RawTask, build_stream
 from loracl.engine import run_experiment
@@ -52,18 +51,7 @@ def test_resume_keeps_the_before_training_row(tmp_path, monkeypatch):
     stream = tiny_text_stream(3, scenario="domain_incremental", train=12, test=6)
     config = tiny_config("inc_lora", train=TRAIN)
     [uninterrupted] = run_experiment(config, tmp_path / "a", stream=stream)
-    original = runner_module.MethodRun._run_task
-
-    def crash_on_last_task(self, method_object, task, base_session):
-        if task.index == 2:
-            raise KeyboardInterrupt
-        return original(self, method_object, task, base_session)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(runner_module.MethodRun, "_run_task", crash_on_last_task)
-        with pytest.raises(KeyboardInterrupt):
-            run_experiment(config, tmp_path / "b", stream=stream)
-    [resumed] = run_experiment(config, tmp_path / "b", stream=stream)
+    resumed = run_interrupted_then_resumed(config, tmp_path / "b", stream, monkeypatch)
     assert resumed.accuracy_matrix == uninterrupted.accuracy_matrix
     assert resumed.results["fwt"] == uninterrupted.results["fwt"]
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import tiny_config, tiny_text_stream
+from helpers import run_interrupted_then_resumed, tiny_config, tiny_text_stream
 
 from loracl.backbones.alignment import ClassGaussians, realign_head
 from loracl.backbones.heads import LinearHead
-import loracl.engine.runner as runner_module
 from loracl.engine import run_experiment
 from loracl.errors import ConfigError
 
@@ -91,18 +90,7 @@ def test_stream_with_alignment_retrains_old_rows_and_resumes(tmp_path, monkeypat
     assert not torch.equal(first_rows_plain, first_rows_aligned)
     assert aligned.results["stored_bytes_cumulative"][0] > plain.results["stored_bytes_cumulative"][0]
     # the stored Gaussians travel with the checkpoint: a run interrupted before its last task ends the same
-    original = runner_module.MethodRun._run_task
-
-    def crash_on_last_task(self, method_object, task, base_session):
-        if task.index == 2:
-            raise KeyboardInterrupt
-        return original(self, method_object, task, base_session)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(runner_module.MethodRun, "_run_task", crash_on_last_task)
-        with pytest.raises(KeyboardInterrupt):
-            run_experiment(aligned_config, tmp_path / "resumed", stream=stream)
-    [resumed] = run_experiment(aligned_config, tmp_path / "resumed", stream=stream)
+    resumed = run_interrupted_then_resumed(aligned_config, tmp_path / "resumed", stream, monkeypatch)
     assert resumed.accuracy_matrix == aligned.accuracy_matrix
     assert torch.equal(resumed.method.model.head.weights[0], first_rows_aligned)
 

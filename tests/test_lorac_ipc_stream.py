@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
-from helpers import tiny_config, tiny_digits_stream, tiny_text_stream
+from helpers import run_interrupted_then_resumed, tiny_config, tiny_digits_stream, tiny_text_stream
 
-import loracl.engine.runner as runner_module
 from loracl.engine import run_experiment
 
 KNOBS = {"rank": 4, "ipc_threshold": 0.25, "tap_epochs": 1, "tii_clusters": 2, "tap_centroids": 2}
@@ -37,18 +35,7 @@ def test_resume_after_interruption_gives_the_same_matrix(tmp_path, monkeypatch):
     stream = tiny_text_stream(3, train=12, test=6)
     config = tiny_config({"name": "lorac_ipc", **KNOBS}, train={"epochs": 1, "lr": 2e-2})
     [uninterrupted] = run_experiment(config, tmp_path / "a", stream=stream)
-    original = runner_module.MethodRun._run_task
-
-    def crash_on_last_task(self, method_object, task, base_session):
-        if task.index == 2:
-            raise KeyboardInterrupt
-        return original(self, method_object, task, base_session)
-
-    monkeypatch.setattr(runner_module.MethodRun, "_run_task", crash_on_last_task)
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(config, tmp_path / "b", stream=stream)
-    monkeypatch.setattr(runner_module.MethodRun, "_run_task", original)
-    [resumed] = run_experiment(config, tmp_path / "b", stream=stream)
+    resumed = run_interrupted_then_resumed(config, tmp_path / "b", stream, monkeypatch)
     assert resumed.accuracy_matrix == uninterrupted.accuracy_matrix
     assert resumed.results["stored_bytes_cumulative"] == uninterrupted.results["stored_bytes_cumulative"]
     assert resumed.method.extra_state() == uninterrupted.method.extra_state()

@@ -64,6 +64,17 @@ def train_task(method, task, steps=2):
     method.end_task(task, loader(method, task.train, task.index))
 
 
+def routing_accuracy(method, stream):
+    """Share of training examples routed to their own task from the extractor's features."""
+    correct = total = 0
+    for task in stream.tasks:
+        for train_batch in loader(method, task.train, task.index):
+            routes = method.route(method.frozen_features(train_batch["inputs"]))
+            correct += int((routes == task.index).sum())
+            total += len(routes)
+    return correct / total
+
+
 def probe_batch(method, stream):
     return next(iter(loader(method, stream.tasks[0].test, 0)))
 
@@ -112,13 +123,7 @@ def test_frozen_past_is_bit_identical_and_routing_is_right():
     assert all(torch.equal(value, method.state_dict()[key]) for key, value in block_0.items())
     assert torch.equal(method.frozen_features(batch["inputs"]), base)
     # routing the training samples of well separated tasks
-    correct = total = 0
-    for task in stream.tasks:
-        for train_batch in loader(method, task.train, task.index):
-            routes = method.route(method.frozen_features(train_batch["inputs"]))
-            correct += int((routes == task.index).sum())
-            total += len(routes)
-    assert correct / total >= 0.99
+    assert routing_accuracy(method, stream) >= 0.99
 
 
 def test_class_incremental_predict_never_reads_task_ids_and_scores_routing():
@@ -284,13 +289,7 @@ def test_embed_extractor_reads_only_the_embedding_layer_and_keeps_the_invariants
     method.end_task(stream.tasks[0], loader(method, stream.tasks[0].train, 0))
     for task in stream.tasks[1:]:
         train_task(method, task)
-    correct = total = 0
-    for task in stream.tasks:
-        for train_batch in loader(method, task.train, task.index):
-            routes = method.route(method.frozen_features(train_batch["inputs"]))
-            correct += int((routes == task.index).sum())
-            total += len(routes)
-    assert correct / total >= 0.99  # disjoint alphabets separate even on bag-of-embeddings features
+    assert routing_accuracy(method, stream) >= 0.99  # disjoint alphabets separate even on bag-of-embeddings features
 
 
 def test_embed_extractor_refuses_a_backbone_without_embeddings():
