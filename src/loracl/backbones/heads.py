@@ -7,6 +7,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def head_rows_generator(seed: int, task_index: int) -> torch.Generator:
+    """The seeded generator a task's new head rows are drawn from (begin_task and FWT's untrained model agree)."""
+    return torch.Generator().manual_seed(seed * 1000 + task_index)
+
+
 class LinearHead(nn.Module):
     """One weight block per task, concatenated in class-id order; old blocks can be frozen.
 

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from loracl import metrics
 from loracl.backbones.classifier import ContinualClassifier
-from loracl.backbones.heads import LinearHead
+from loracl.backbones.heads import LinearHead, head_rows_generator
 from loracl.backbones.registry import load_backbone
 from loracl.config import MethodConfig, RunConfig, config_to_dict
 from loracl.data.build import load_stream
@@ -134,8 +134,7 @@ class MethodRun:
         self.model = ContinualClassifier(
             backbone, self.head.metric, self.head.cosine_scale if self.head.type == "cosine" else None
         ).to(self.device)
-        context = MethodContext(self.head, self.train, self.config.seed, self.stream.scenario, len(self.stream))
-        return create_method(self.entry.name, self.entry.options, context)
+        return build_method(self.config, self.entry, self.stream)
 
     def loader(self, split: Split, task: Task, train: bool, split_name: str | None = None) -> SplitLoader:
         return SplitLoader(
@@ -248,16 +247,14 @@ class MethodRun:
             accuracies.append(correct / len(task.test))
         return accuracies, samples, time.perf_counter() - started
 
-    def known_classes(self) -> set[int]:
-        """Classes the model can score now: head rows, or classes with a prototype for the prototype head."""
+    def score_before_training(self, method: Method, task: Task) -> float | None:
+        """a[j-1][j]: accuracy on a task not trained yet, when the model can already score all its classes (head
+        rows, or prototypes for the prototype head); None otherwise (eval_next_task)."""
         if self.head.type == "prototype":
-            return set(torch.nonzero(self.model.prototypes.counts > 0).flatten().tolist())
-        return set(range(self.model.head.num_classes))
-
-    def score_if_known(self, method: Method, tasks: list[Task]) -> list[float | None]:
-        """Accuracy on each task whose classes the model already knows, None for the others (eval_next_task)."""
-        known = self.known_classes()
-        return [self.evaluate(method, [task])[0][0] if set(task.class_ids) <= known else None for task in tasks]
+            known = set(torch.nonzero(self.model.prototypes.counts > 0).flatten().tolist())
+        else:
+            known = set(range(self.model.head.num_classes))
+        return self.evaluate(method, [task])[0][0] if set(task.class_ids) <= known else None
 
     @torch.no_grad()
     def initial_model_row(self) -> list[float | None]:
@@ -269,7 +266,7 @@ class MethodRun:
             return [None] * len(tasks)
         head = LinearHead(self.model.backbone.hidden_size, self.model.head.cosine_scale)
         for task in tasks:
-            head.add_classes(task.class_ids, generator=torch.Generator().manual_seed(self.config.seed * 1000 + task.index))
+            head.add_classes(task.class_ids, generator=head_rows_generator(self.config.seed, task.index))
         head.to(self.device)
         self.model.eval()
         row: list[float | None] = []
@@ -368,7 +365,7 @@ class MethodRun:
         evaluation = self.evaluate(method, tasks[: task.index + 1])
         row = evaluation[0] + [None] * (len(tasks) - task.index - 1)
         if self.train.eval_next_task and task.index + 1 < len(tasks):
-            row[task.index + 1] = self.score_if_known(method, tasks[task.index + 1 : task.index + 2])[0]
+            row[task.index + 1] = self.score_before_training(method, tasks[task.index + 1])
         self.records.append(self.task_record(method, task, row, train_stats, evaluation, time.perf_counter() - started))
         logger.info("%s: after task %s accuracy %s", self.entry.run_label, task.name, [round(a, 4) for a in evaluation[0]])
         self.checkpoint(method, task.index, with_backbone=base_session and task.index == 0)
@@ -452,6 +449,12 @@ class MethodRun:
         }
 
 
+def build_method(config: RunConfig, entry: MethodConfig, stream: Stream) -> Method:
+    """The entry's method object with what it may know of the run (not attached to a model yet)."""
+    context = MethodContext(config.head_for(entry), config.train, config.seed, stream.scenario, len(stream))
+    return create_method(entry.name, entry.options, context)
+
+
 def check_next_task_evaluation(method: Method, name: str, stream: Stream, base_session: bool) -> None:
     """train.eval_next_task needs a method that can score unseen tasks and a stream where some task reuses
     earlier classes; anything else is a config error, not a silent absence of FWT."""
@@ -478,8 +481,7 @@ def check_entries(config: RunConfig, stream: Stream) -> None:
     """Every entry's method built (options, head and flags checked) before anything trains, so a bad later entry
     cannot leave an earlier entry's outputs half a run behind."""
     for entry in config.method:
-        context = MethodContext(config.head_for(entry), config.train, config.seed, stream.scenario, len(stream))
-        method = create_method(entry.name, entry.options, context)
+        method = build_method(config, entry, stream)
         if config.train.eval_next_task:
             check_next_task_evaluation(method, entry.name, stream, config.train.base_session_epochs > 0)
 

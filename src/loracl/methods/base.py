@@ -24,6 +24,7 @@ from loracl.adapters import (
 )
 from loracl.backbones.alignment import ClassGaussians, realign_head
 from loracl.backbones.classifier import ContinualClassifier
+from loracl.backbones.heads import head_rows_generator
 from loracl.config import Float, HeadConfig, StrictModel, TrainConfig
 from loracl.data.stream import Task
 
@@ -111,8 +112,7 @@ class Method:
         if self.context.head.freeze_old:
             self.model.head.freeze_all()
             self.model.head.unfreeze_classes(task.class_ids)  # classes this task shares with earlier ones still learn
-        generator = torch.Generator().manual_seed(self.context.seed * 1000 + task.index)
-        self.model.head.add_classes(task.class_ids, generator=generator)
+        self.model.head.add_classes(task.class_ids, generator=head_rows_generator(self.context.seed, task.index))
         self.current_task = task
 
     def prepare_task(self, task: Task, train_loader: Iterable[dict[str, Any]]) -> None:
