@@ -348,17 +348,11 @@ class LoracIpc(Method):
     @torch.no_grad()
     def _features(self, loader: Iterable[dict[str, Any]], model_index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Pooled features [n, H] (CPU, fp32) and labels of a loader under model k."""
-        assert self.model is not None
-        was_training = self.model.training
-        self.model.eval()
         self.set_model(model_index)
-        features, labels = [], []
-        for batch in loader:
-            features.append(self.model.features(batch["inputs"]).float().cpu())
-            labels.append(batch["labels"].cpu())
-        self.set_model(TRAINING)
-        self.model.train(was_training)
-        return torch.cat(features), torch.cat(labels)
+        try:
+            return self.task_features(loader)
+        finally:
+            self.set_model(TRAINING)
 
     def _store_statistics(self, task: Task, loader: Iterable[dict[str, Any]], model_index: int) -> None:
         """TAP Gaussians under the task's model, TII clusters under the routing model (spec §3.3, §3.4)."""
