@@ -238,6 +238,8 @@ def test_joint_mode_trains_jointly_and_static_control_has_no_mapping_net():
         ("lambda_sd", -1.0),
         ("router", "soft"),
         ("extractor", "layer_input"),
+        ("extractor_blocks", 0),
+        ("extractor_blocks", 2),  # without extractor `blocks`
         ("mahalanobis_shrinkage", 2.0),
         ("alpha", 0.0),
         ("no_such_knob", 1),
@@ -298,3 +300,47 @@ def test_embed_extractor_refuses_a_backbone_without_embeddings():
     with pytest.raises(ConfigError, match="extractor `embed`"):
         method.attach(ContinualClassifier(backbone))
 
+
+
+def test_blocks_extractor_reads_the_first_blocks_only_and_keeps_the_invariants():
+    """extractor blocks: f(x) = masked mean of the hidden states after block d (default ceil(2/3) = 1 of
+    tiny-bert's 2), the later blocks never run, the hook is gone afterwards; identity at start, routing works."""
+    stream = separable_stream()
+    method, model = build({"extractor": "blocks"})
+    assert method.extractor_depth == 1
+    blocks = model.backbone.blocks()
+    inputs = probe_batch(method, stream)["inputs"]
+    hidden = model.backbone.model(**inputs, output_hidden_states=True).hidden_states[1]  # [B, L, H] after block 1
+    mask = inputs["attention_mask"].unsqueeze(-1).float()
+    calls = []
+    blocks[1].register_forward_hook(lambda module, args, output: calls.append(1))
+    hooks_before = dict(blocks[0]._forward_hooks)
+    features = method.frozen_features(inputs)
+    assert not calls  # the second block never ran
+    assert torch.allclose(features, (hidden * mask).sum(1) / mask.sum(1), atol=1e-6)
+    assert dict(blocks[0]._forward_hooks) == hooks_before  # the early-exit hook was removed
+    plain = model.features(inputs)
+    assert len(calls) == 1  # the full pass still runs every block
+    method.begin_task(stream.tasks[0])
+    assert torch.equal(method.adapted_features(inputs, "task_0"), plain)  # identity at initialisation
+    method.end_task(stream.tasks[0], loader(method, stream.tasks[0].train, 0))
+    for task in stream.tasks[1:]:
+        train_task(method, task)
+    assert routing_accuracy(method, stream) >= 0.99
+
+
+def test_blocks_extractor_on_a_vit_reads_the_chosen_block():
+    backbone = load_backbone("digits-vit", seed=0)
+    pixels = torch.randn(3, backbone.num_channels, backbone.image_size, backbone.image_size)
+    hidden = backbone.model(pixel_values=pixels, output_hidden_states=True).hidden_states[2]  # [B, tokens, H]
+    assert torch.allclose(backbone.block_features(2, pixel_values=pixels), hidden.mean(1), atol=1e-6)
+
+
+def test_blocks_extractor_refuses_too_deep_a_read_and_backbones_without_blocks():
+    context = MethodContext(HeadConfig(), TrainConfig(), seed=0)
+    method = create_method("metalora", {"extractor": "blocks", "extractor_blocks": 3}, context)
+    with pytest.raises(ConfigError, match="extractor_blocks 3 is more than the backbone's 2 blocks"):
+        method.attach(ContinualClassifier(load_backbone("tiny-bert", seed=0)))
+    method = create_method("metalora", {"extractor": "blocks"}, context)
+    with pytest.raises(ConfigError, match="extractor `blocks`.*no transformer block stack"):
+        method.attach(ContinualClassifier(load_backbone("digits-resnet", seed=0)))

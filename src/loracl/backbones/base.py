@@ -38,6 +38,48 @@ class Backbone(nn.Module):
         """Mean-pooled output of the embedding layer alone [batch, hidden]: a cheap input descriptor (no block runs)."""
         raise NotImplementedError(f"{type(self).__name__} has no embedding-layer features")
 
+    def pool_tokens(self, states: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean of token states [B, tokens, hidden] over the real tokens -> [B, hidden]."""
+        return states.mean(1)
+
+    def blocks(self) -> nn.ModuleList:
+        """The model's stack of transformer blocks (BERT-like encoders: `encoder.layer`; ViT: `layers` or
+        `encoder.layer`, by transformers version)."""
+        for path in _BLOCK_STACK_PATHS:
+            blocks: Any = self.model
+            for attribute in path.split("."):
+                blocks = getattr(blocks, attribute, None)
+            if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
+                return blocks
+        raise LoraclError(
+            f"backbone `{self.name}` has no transformer block stack ({', '.join(_BLOCK_STACK_PATHS)}) to read"
+            " intermediate features from"
+        )
+
+    def block_features(self, depth: int, **inputs: torch.Tensor) -> torch.Tensor:
+        """Mean-pooled token states after the first `depth` blocks [batch, hidden]; the later blocks never run."""
+        blocks = self.blocks()
+        if not 1 <= depth <= len(blocks):
+            raise LoraclError(f"backbone `{self.name}` has {len(blocks)} blocks; cannot read features after block {depth}")
+        captured: list[Any] = []
+
+        def stop_after(module: nn.Module, args: Any, output: Any) -> None:
+            captured.append(output[0] if isinstance(output, tuple) else output)
+            raise _StopForward
+
+        # A hook that raises leaves the Hugging Face forward right after the block we read: any model with a
+        # block stack works without re-implementing its forward (masks, position ids) here.
+        handle = blocks[depth - 1].register_forward_hook(stop_after)
+        try:
+            self.model(**inputs)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        if not captured:
+            raise LoraclError(f"backbone `{self.name}`: block {depth} did not run in the forward pass")
+        return self.pool_tokens(check_token_states(captured[0], self.hidden_size, self.name), inputs)
+
     def freeze(self) -> None:
         """Freeze every backbone weight (adapters add their own trainable parameters later)."""
         for parameter in self.model.parameters():
@@ -47,13 +89,20 @@ class Backbone(nn.Module):
         return {"name": self.name, "modality": self.modality, "hidden_size": self.hidden_size, "pooling": self.pooling}
 
 
+_BLOCK_STACK_PATHS = ("encoder.layer", "encoder.layers", "layers")
+
+
+class _StopForward(Exception):
+    """Raised by a forward hook to leave the model once the block being read has run."""
+
+
 def check_token_states(states: Any, hidden_size: int, backbone_name: str) -> torch.Tensor:
     """The embedding layer's output must be token states [B, tokens, hidden]; anything else is refused clearly."""
     if not isinstance(states, torch.Tensor) or states.dim() != 3 or states.shape[-1] != hidden_size:
         shape = tuple(states.shape) if isinstance(states, torch.Tensor) else type(states).__name__
         raise LoraclError(
             f"backbone `{backbone_name}`: its embedding layer gives {shape}, not token states [batch, tokens, "
-            f"{hidden_size}]; embedding-layer features (metalora extractor `embed`) need BERT- or ViT-style embeddings"
+            f"{hidden_size}]; token features (metalora extractors `embed` and `blocks`) need BERT- or ViT-style models"
         )
     return states
 

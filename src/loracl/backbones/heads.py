@@ -6,10 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loracl.seeding import derived_generator
+
 
 def head_rows_generator(seed: int, task_index: int) -> torch.Generator:
     """The seeded generator a task's new head rows are drawn from (begin_task and FWT's untrained model agree)."""
-    return torch.Generator().manual_seed(seed * 1000 + task_index)
+    return derived_generator(seed, task_index)
 
 
 class LinearHead(nn.Module):

@@ -43,6 +43,10 @@ class TextBackbone(Backbone):
         states = check_token_states(embeddings(input_ids=input_ids), self.hidden_size, self.name)  # [B, L, H]
         return mean_pool(states, attention_mask)
 
+    def pool_tokens(self, states: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean over the real tokens (padding masked out): [B, L, H] -> [B, H]."""
+        return mean_pool(states, inputs["attention_mask"])
+
 
 def char_tokenizer() -> Any:
     """A character-level tokenizer built in memory (no files, no network), for tiny test models."""

@@ -25,6 +25,7 @@ from loracl.engine.loaders import SplitLoader
 from loracl.errors import ConfigError, LoraclError
 from loracl.methods.base import Method, MethodContext, MethodOptions
 from loracl.methods.registry import create_method
+from loracl.seeding import derived_generator, derived_seed
 
 logger = logging.getLogger("loracl")
 SCHEMA_VERSION = 1
@@ -160,7 +161,7 @@ class MethodRun:
 
     def train_task(self, method: Method, task: Task, epochs: int, lr: float, description: str) -> dict[str, Any]:
         """The optimisation loop for one task; returns samples, steps and seconds."""
-        torch.manual_seed(self.config.seed * 1000 + task.index)  # dropout and any sampling inside methods
+        torch.manual_seed(derived_seed(self.config.seed, task.index))  # dropout and any sampling inside methods
         groups = method.parameter_groups(lr, self.train.head_lr)
         parameters = [parameter for group in groups for parameter in group["params"]]
         if not parameters or epochs == 0:
@@ -212,7 +213,7 @@ class MethodRun:
         """Task 0 trains the whole backbone and the head (no pre-trained weights offline), then freezes it."""
         for parameter in self.model.backbone.parameters():
             parameter.requires_grad_(True)
-        generator = torch.Generator().manual_seed(self.config.seed * 1000)
+        generator = derived_generator(self.config.seed, 0)
         self.model.head.add_classes(task.class_ids, generator=generator)
 
         trainer = Method(MethodOptions(), MethodContext(self.head, self.train, self.config.seed))

@@ -27,6 +27,7 @@ from loracl.backbones.classifier import ContinualClassifier
 from loracl.backbones.heads import head_rows_generator
 from loracl.config import Float, HeadConfig, StrictModel, TrainConfig
 from loracl.data.stream import Task
+from loracl.seeding import derived_generator, private_rng
 
 
 class MethodOptions(StrictModel):
@@ -233,7 +234,7 @@ class Method:
             batch_size=320,
             samples_per_cluster=head.align_samples_per_cluster,
             iterations_per_epoch=None,  # one pass over the samples
-            generator=torch.Generator().manual_seed(self.context.seed * 1000 + task.index),
+            generator=derived_generator(self.context.seed, task.index),
         )
 
     def features_for_prototypes(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -332,8 +333,7 @@ class LoraMethod(Method):
 
     def add_branches(self, branch_name: str, seed_offset: int) -> None:
         """A new LoRA pair on every adapted layer, initialised from a seeded private RNG."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.context.seed * 1000 + seed_offset)
+        with private_rng(self.context.seed, seed_offset):
             for layer in self.layers.values():
                 layer.add_branch(
                     branch_name,

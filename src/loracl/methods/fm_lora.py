@@ -26,6 +26,7 @@ from loracl.config import Float
 from loracl.data.stream import Task
 from loracl.errors import LoraclError
 from loracl.methods.base import Method, MethodOptions, resolve_target_modules
+from loracl.seeding import derived_generator
 
 
 class FmLoraOptions(MethodOptions):
@@ -216,7 +217,7 @@ class FmLora(Method):
         alpha = options.alpha if options.alpha is not None else (2.0 * options.rank if learned else float(options.rank))
         init = "lora" if learned else options.shared_basis
         targets = query_value_targets(model.backbone.model, options.target_modules)
-        generator = torch.Generator().manual_seed(self.context.seed * 1000 + 7)
+        generator = derived_generator(self.context.seed, 7)
         self.layers: dict[str, FactorizedLoraLayer] = inject_adapters(
             model.backbone.model,
             targets,
@@ -225,7 +226,7 @@ class FmLora(Method):
         self.state = FmLoraState(len(self.candidate_ranks))
         model.fm_lora = self.state  # registered on the classifier so state_dict() saves it
         if options.prompt_len > 0:
-            prompt_generator = torch.Generator().manual_seed(self.context.seed * 1000 + 11)
+            prompt_generator = derived_generator(self.context.seed, 11)
             prompt = MetaPrompt(
                 options.prompt_len,
                 model.backbone.hidden_size,
@@ -314,7 +315,7 @@ class FmLora(Method):
     def base_features(self, task: Task) -> torch.Tensor:
         """Pooled features of up to n_H training inputs (seeded draw) with adapters and prompt bypassed [n, d]."""
         assert self.model is not None
-        generator = torch.Generator().manual_seed(self.context.seed * 1000 + task.index)
+        generator = derived_generator(self.context.seed, task.index)
         count = min(self.options.complexity_samples, len(task.train))
         indices = torch.randperm(len(task.train), generator=generator)[:count].tolist()
         was_training = self.model.training
@@ -378,7 +379,7 @@ class FmLora(Method):
             prompt.requires_grad_(True)
             self.prompt_anchor = prompt.prompts.detach().clone()
         self.step = 0
-        self._noise = torch.Generator().manual_seed(self.context.seed * 1000 + task.index)
+        self._noise = derived_generator(self.context.seed, task.index)
 
     def prepare_task(self, task: Task, train_loader: Iterable[dict[str, Any]]) -> None:
         """H(T_t) from base features; the step count S that the temperature schedule and commit phase use."""

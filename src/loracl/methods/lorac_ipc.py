@@ -29,6 +29,7 @@ from loracl.config import Float
 from loracl.data.stream import Task
 from loracl.errors import ConfigError
 from loracl.methods.base import Method, MethodOptions
+from loracl.seeding import derived_generator, private_rng
 
 
 class LoracIpcOptions(MethodOptions):
@@ -177,8 +178,7 @@ class LoracIpc(Method):
         """Head rows, a new pair per slot (seeded), and which of A, B, ω train (spec §4 steps 1-3)."""
         super().begin_task(task)
         self._close_evaluation_round()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.context.seed * 1000 + task.index)
+        with private_rng(self.context.seed, task.index):
             positions = {layer.add_pair() for layer in self.layers.values()}
         (position,) = positions
         self.task_model[task.index] = position + 1
@@ -398,7 +398,7 @@ class LoracIpc(Method):
             batch_size=options.tap_batch_size,
             samples_per_cluster=options.tap_samples_per_cluster,
             iterations_per_epoch=options.tap_iters_per_epoch or old_classes,  # [C] one batch per old class
-            generator=torch.Generator().manual_seed(self.context.seed * 1000 + self.current_task.index),
+            generator=derived_generator(self.context.seed, self.current_task.index),
         )
 
     # ----- inference --------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ Continual learning (all our design, spec section 4):
 from __future__ import annotations
 
 import copy
+import math
 import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -24,7 +25,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from loracl.adapters.inject import find_target_modules, inject_adapters
@@ -33,8 +34,9 @@ from loracl.backbones.classifier import ContinualClassifier
 from loracl.backbones.heads import PrototypeHead
 from loracl.config import Float
 from loracl.data.stream import Task
-from loracl.errors import ConfigError
+from loracl.errors import ConfigError, LoraclError
 from loracl.methods.base import Method, MethodContext, MethodOptions
+from loracl.seeding import private_rng
 
 # Convolutions that are not inside residual blocks (stems, shortcuts, patch embeddings): not adapted by `auto`.
 _NON_BLOCK_CONV = re.compile(r"(^|\.)(embedder|stem|shortcut|downsample|patch_embeddings|projection)(\.|$)")
@@ -61,8 +63,16 @@ class MetaLoraOptions(MethodOptions):
     warm_start: bool = False
     cache_features: bool = True  # training-time cache of f(x) per example (never used by predict)
     # [D] spec 2.2: `base` = pooled output of the frozen backbone (one extra full pass per input); `embed` = the
-    # embedding layer's output, mean-pooled (almost free, weaker); the routing features are the same f(x)
-    extractor: Literal["base", "embed"] = "base"
+    # embedding layer's output, mean-pooled (almost free, weaker); `blocks` = token states after the first
+    # `extractor_blocks` frozen blocks, mean-pooled (the rest of the stack never runs). Routing reads the same f(x).
+    extractor: Literal["base", "embed", "blocks"] = "base"
+    extractor_blocks: int | None = Field(default=None, ge=1)  # `blocks` only; None: a third of the stack, rounded up
+
+    @model_validator(mode="after")
+    def _blocks_only_with_blocks_extractor(self) -> "MetaLoraOptions":
+        if self.extractor_blocks is not None and self.extractor != "blocks":
+            raise ValueError(f"`extractor_blocks` is read only with extractor `blocks` (extractor is `{self.extractor}`)")
+        return self
 
 
 class MappingNet(nn.Module):
@@ -147,11 +157,27 @@ class MetaLora(Method):
                 f"method `metalora`: extractor `embed` needs a backbone with an `embeddings` module (BERT-like text"
                 f" encoders, ViT); `{model.backbone.name}` has none: use extractor `base`"
             )
+        self.extractor_depth = self._extractor_depth(model)
         targets = resolve_metalora_targets(model.backbone.model, self.options.target_modules)
         find_target_modules(model.backbone.model, targets)  # a clear error if nothing matches
         self.layers = inject_adapters(model.backbone.model, targets, lambda module, name: TensorAdapterLayer(module, name))
         self.state = MetaLoraState(model.backbone.hidden_size).to(next(model.backbone.parameters()).device)
         model.add_module("metalora", self.state)
+
+    def _extractor_depth(self, model: ContinualClassifier) -> int | None:
+        """How many frozen blocks the `blocks` extractor runs; None for the other extractors."""
+        if self.options.extractor != "blocks":
+            return None
+        try:
+            stack_size = len(model.backbone.blocks())
+        except LoraclError as error:
+            raise ConfigError(f"method `metalora`: extractor `blocks`: {error}; use extractor `base`") from error
+        depth = self.options.extractor_blocks or math.ceil(stack_size / 3)
+        if depth > stack_size:
+            raise ConfigError(
+                f"method `metalora`: extractor_blocks {depth} is more than the backbone's {stack_size} blocks"
+            )
+        return depth
 
     def seed_sizes(self) -> list[int]:
         """Seed numbers per slot in slot order: R (CP), R^2 (TR full) or R (TR diag)."""
@@ -162,8 +188,7 @@ class MetaLora(Method):
         """Factors on every slot and a mapping net, from a seeded private RNG (warm start copies the last block)."""
         assert self.model is not None
         previous = self.block_names()[-1] if self.block_names() else None
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.context.seed * 1000 + seed_offset)
+        with private_rng(self.context.seed, seed_offset):
             for layer in self.layers.values():
                 block = layer.add_block(
                     block_name,
@@ -255,11 +280,15 @@ class MetaLora(Method):
 
     @torch.no_grad()
     def extract(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """f(x) [B, d_feat] from the frozen model with adapters off: pooled output (`base`) or embeddings (`embed`)."""
+        """f(x) [B, d_feat] from the frozen model with adapters off: pooled output (`base`), embeddings (`embed`)
+        or the first blocks' token states (`blocks`)."""
         assert self.model is not None
         with self.adapters_off():
             if self.options.extractor == "embed":
                 return self.model.backbone.embedding_features(**inputs)
+            if self.options.extractor == "blocks":
+                assert self.extractor_depth is not None
+                return self.model.backbone.block_features(self.extractor_depth, **inputs)
             return self.model.features(inputs)
 
     @torch.no_grad()

@@ -12,6 +12,7 @@ from loracl.backbones.classifier import ContinualClassifier
 from loracl.config import Float
 from loracl.data.stream import Task
 from loracl.methods.base import LoraMethod, LoraOptions
+from loracl.seeding import private_rng
 
 
 class OLoraOptions(LoraOptions):
@@ -44,8 +45,7 @@ class OLora(LoraMethod):
         super().begin_task(task)
         self.freeze_branches()
         self.current_branch = f"task_{task.index}"
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.context.seed * 1000 + task.index)  # the same draw as inc_lora's
+        with private_rng(self.context.seed, task.index):  # the same draw as inc_lora's
             for layer in self.layers.values():
                 layer.add_branch(
                     self.current_branch, self.options.rank, self.options.alpha,

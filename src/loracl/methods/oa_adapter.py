@@ -24,6 +24,7 @@ from loracl.backbones.classifier import ContinualClassifier
 from loracl.config import Float
 from loracl.data.stream import Task
 from loracl.methods.base import Method, MethodOptions, resolve_target_modules
+from loracl.seeding import private_rng
 
 
 class OaAdapterOptions(MethodOptions):
@@ -118,8 +119,7 @@ class OaAdapter(Method):
         self.freeze_branches()
         self.history = {site: self._history(layer) for site, layer in self.layers.items()}
         thresholds = self._new_thresholds()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.context.seed * 1000 + task.index)
+        with private_rng(self.context.seed, task.index):
             for site, layer in self.layers.items():
                 layer.add_branch(
                     self.branch_name(task),

@@ -17,6 +17,7 @@ from loracl.backbones.classifier import ContinualClassifier
 from loracl.config import Float
 from loracl.data.stream import Task
 from loracl.methods.base import LoraMethod, MethodOptions
+from loracl.seeding import private_rng
 
 MAGNITUDES_MODULE = "sd_lora_magnitudes"
 
@@ -67,8 +68,7 @@ class SdLora(LoraMethod):
         self.magnitudes[branch_name] = nn.Parameter(
             torch.tensor(self.options.magnitude_init, dtype=reference.dtype, device=reference.device)
         )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.context.seed * 1000 + task.index)
+        with private_rng(self.context.seed, task.index):
             rank = self.rank_for_task(task.index)
             for layer in self.layers.values():
                 layer.add_branch(branch_name, rank, float(rank), init=self.options.init)
