@@ -85,7 +85,20 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, ch
     error = capsys.readouterr().err
     assert code == 2
     assert culprit in error and "Traceback" not in error and error.count("\n") == 1
-    assert not (out / "results.json").exists() and not list(out.glob("*/checkpoints"))
+    assert not out.exists()  # nothing written, not even a run.log
+
+
+def test_errors_found_by_the_engine_leave_no_output_folder_behind(tmp_path, capsys):
+    """Errors raised after OUT was created (entry checks, data loading) remove this call's run.log and OUT."""
+    data = {**TINY, "method": [{"name": "seq_lora"}, {"name": "lorac_ipc", "head": {"type": "linear", "align": True}}]}
+    out = tmp_path / "out"
+    assert main(["run", str(write_config(tmp_path, data)), "--out", str(out)]) == 2
+    assert "head.align" in capsys.readouterr().err
+    assert not out.exists()
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["run", str(write_config(tmp_path, data)), "--out", str(out)]) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # a user's folder is kept, our log is not
 
 
 def test_output_directory_not_writable(tmp_path, capsys):

@@ -33,6 +33,22 @@ def _log_to(out: Path) -> logging.Handler:
     return handler
 
 
+def _close_log(handler: logging.Handler) -> None:
+    logging.getLogger("loracl").removeHandler(handler)
+    handler.close()
+
+
+def _remove_fresh_log(out: Path, entries_before: set[str] | None) -> None:
+    """A bad input found before anything was written leaves no trace: this call's new run.log goes (and OUT, if
+    this call created it); if anything else was written, or the log was there before (a resume), all is kept."""
+    before = entries_before or set()
+    if "run.log" in before or {entry.name for entry in out.iterdir()} != before | {"run.log"}:
+        return
+    (out / "run.log").unlink()
+    if entries_before is None:
+        out.rmdir()
+
+
 def command_run(args: argparse.Namespace) -> int:
     from loracl.config import load_config
     from loracl.engine import run_experiment
@@ -40,13 +56,16 @@ def command_run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.set)
     out = Path(args.out)
+    entries_before = {entry.name for entry in out.iterdir()} if out.is_dir() else None
     _check_writable(out)
     handler = _log_to(out)
     try:
         results = run_experiment(config, out)
-    finally:
-        logging.getLogger("loracl").removeHandler(handler)
-        handler.close()
+    except LoraclError:
+        _close_log(handler)
+        _remove_fresh_log(out, entries_before)
+        raise
+    _close_log(handler)
     print(format_summary_table([result.results for result in results]))
     print(f"\nresults: {out / 'results.json'}   report: {out / 'report.md'}   plot: {out / 'accuracy_matrix.png'}")
     return 0

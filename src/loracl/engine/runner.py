@@ -502,9 +502,15 @@ def run_experiment(config: RunConfig, out_dir: str | Path | None = None, stream:
     results = []
     for entry in config.method:
         run_dir = out / entry.run_label if out is not None else None
+        created = run_dir is not None and not run_dir.exists()
         if run_dir is not None:
             run_dir.mkdir(parents=True, exist_ok=True)
-        result = run_method(config, entry, stream, run_dir)
+        try:
+            result = run_method(config, entry, stream, run_dir)
+        except LoraclError:
+            if created and run_dir is not None and not any(run_dir.iterdir()):
+                run_dir.rmdir()  # refused before writing anything (e.g. a stream the backbone cannot read)
+            raise
         if run_dir is not None:
             write_run_outputs(result.results, run_dir)
         results.append(result)
