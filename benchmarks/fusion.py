@@ -35,6 +35,7 @@ from loracl.fusion.host import BRANCH  # noqa: E402
 RANK, ALPHA = 8, 16.0
 DATA_FREE = ["linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune", "task_arithmetic"]
 WITH_EXAMPLES = ["icm", "lorahub"]
+ROUND_TRIP = "round trip, each task's own LoRA:"  # diagnostic rows, not fusions: outside the verdict
 
 
 def batches(inputs: list, size: int):
@@ -128,7 +129,8 @@ def run_setting(host, tasks, sizes, args, methods, support_sizes) -> dict:
     adapters = [TaskAdapter(task.name, final) for task, final, _, _ in trained]
     options = fuse_options({"budget": args.lorahub_budget, "icm": {
         "warm_start_steps": args.warm_start_steps, "meta_steps": args.meta_steps, "batch_size": args.vae_batch,
-        "meta_batch_size": args.meta_batch, "inner_steps": args.inner_steps, "channel_divisor": args.channel_divisor}})
+        "meta_batch_size": args.meta_batch, "inner_steps": args.inner_steps, "channel_divisor": args.channel_divisor,
+        "normalisation": args.normalisation}})
     for method in methods:
         for count in support_sizes if method in WITH_EXAMPLES else [None]:
             label = method if count is None else f"{method} ({count} examples/task)"
@@ -139,6 +141,10 @@ def run_setting(host, tasks, sizes, args, methods, support_sizes) -> dict:
             accs = [accuracy(host, outcome.adapter, t, h, args.test) for t, _, h, _ in trained]
             rows[label] = (accs, outcome.report["fusion_s"], peak, outcome.report)
             print(f"  {label}: {[round(a, 3) for a in accs]} in {outcome.report['fusion_s']:.1f}s", flush=True)
+            if outcome.icm is not None:  # diagnostic: each task's own LoRA through the F-VAE and back
+                decoded = outcome.icm.decoded_task_adapters()
+                round_trip = [accuracy(host, d, t, h, args.test) for d, (t, _, h, _) in zip(decoded, trained)]
+                rows[f"{ROUND_TRIP} {label}"] = (round_trip, 0.0, 0, outcome.report)
     return {"tasks": [t.name for t in tasks], "sizes": sizes, "own": own, "rows": rows, "train_s": time.perf_counter() - started}
 
 
@@ -147,8 +153,11 @@ def table(result: dict) -> str:
     header = ["fusion"] + result["tasks"] + ["mean acc", "mean normalised", "fusion s", "peak RSS growth MiB"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, (accs, seconds, peak, *_rest) in result["rows"].items():
+        if label.startswith(ROUND_TRIP):
+            seconds, peak = float("nan"), float("nan")
         normalised = sum(a / o if o > 0 else 0.0 for a, o in zip(accs, own)) / len(own)
-        cells = [label] + [f"{a:.3f}" for a in accs] + [f"{sum(accs) / len(accs):.3f}", f"{normalised:.3f}", f"{seconds:.1f}", f"{peak / 2**20:.0f}"]
+        cells = [label] + [f"{a:.3f}" for a in accs] + [f"{sum(accs) / len(accs):.3f}", f"{normalised:.3f}"]
+        cells += ["—", "—"] if math.isnan(seconds) else [f"{seconds:.1f}", f"{peak / 2**20:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -158,7 +167,7 @@ def verdict(result: dict) -> str:
     scores = {
         label: sum(a / o if o > 0 else 0.0 for a, o in zip(row[0], own)) / len(own)
         for label, row in result["rows"].items()
-        if not label.startswith(("own", "no LoRA"))
+        if not label.startswith(("own", "no LoRA", ROUND_TRIP))
     }
     icm = {k: v for k, v in scores.items() if k.startswith("icm")}
     others = {k: v for k, v in scores.items() if not k.startswith("icm")}
@@ -192,6 +201,7 @@ def main() -> None:
     parser.add_argument("--inner-steps", type=int, default=1)
     parser.add_argument("--meta-batch", type=int, default=2, help="tasks per meta step")
     parser.add_argument("--channel-divisor", type=int, default=1, help="thins every F-VAE conv layer k-fold (1: ICM-LoRA's)")
+    parser.add_argument("--normalisation", choices=["shared", "per_sample"], default="shared", help="ICM's G5 switch")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--lorahub-budget", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
@@ -221,7 +231,7 @@ def main() -> None:
         f"{args.checkpoints} checkpoints harvested per task over the second half of training. "
         f"ICM-Fusion: ICM-LoRA's conv F-VAE (d_z 256, conv widths / {args.channel_divisor}), {args.warm_start_steps} "
         f"warm-start CVAE steps (batch {args.vae_batch}), {args.meta_steps} meta steps (K={args.inner_steps}, first order, "
-        f"{args.meta_batch} tasks per step), uniform fusion weights; LoRAHub budget "
+        f"{args.meta_batch} tasks per step), {args.normalisation} normalisation, uniform fusion weights; LoRAHub budget "
         f"{args.lorahub_budget}. Accuracy with each task's own head (task id given); normalised = fused / own LoRA. "
         "Data-free baselines use PEFT's `add_weighted_adapter` defaults (density 0.5, weights 1/T, TIES 1 each); "
         "task arithmetic lambda 0.3. Peak RSS growth is the rise of the process's peak resident memory during fusion "
@@ -229,7 +239,11 @@ def main() -> None:
         "",
         f"F-VAE: {icm_report['vae_params']:,} parameters for {icm_report['lora_params']:,} LoRA parameters per task "
         f"(padded {icm_report['padded_length']:,}); task-vector dim {icm_report['task_vector_dim']}; "
-        f"storage {icm_report['storage_floats']:,} floats.",
+        f"storage {icm_report['storage_floats']:,} floats. Last losses of the first ICM run: warm start "
+        f"{icm_report['warm_start_loss']:.4f}, meta {icm_report['meta_loss']:.4f}; reconstruction MSE of the final "
+        f"LoRAs (normalised scale, where 1.0 is the spread of the weights) {icm_report['final_reconstruction_mse']:.4f}. "
+        f"The `{ROUND_TRIP} icm ...` rows decode each task's own latent under its own condition and score it on that "
+        "task: a diagnostic of the F-VAE (a fusion cannot beat its round trips), not a fusion.",
         "",
         f"### Main setting ({args.train} train examples per task; fusion with {args.support} and with {args.few_shot} examples per task)",
         "",

@@ -104,6 +104,25 @@ def test_icm_fusion_end_to_end_keeps_the_backbone_frozen_and_is_peft_shaped():
         fuse(adapters, "icm", {"icm": QUICK})
 
 
+def test_round_trip_adapters_decode_each_task_under_its_own_condition():
+    """decoded_task_adapters: one adapter per task, equal to D(z_i, v_i) de-normalised; the fused one is D(mean z, mean v)."""
+    adapters = [TaskAdapter(f"t{seed}", random_adapter(seed)) for seed in range(3)]
+    options = {"icm": {**QUICK, "task_vector": "parameters", "inner_steps": 0}}
+    outcome = fuse(adapters, "icm", options, samples=[[random_adapter(10 + seed)] for seed in range(3)])
+    result = outcome.icm
+    assert result is not None and fuse(adapters, "linear").icm is None
+    decoded = result.decoded_task_adapters()
+    assert len(decoded) == 3
+    with torch.no_grad():
+        expected = result.vae.decode(result.latents[1:2], result.task_vectors[1:2])[0]
+        fused = result.vae.decode(result.latents.mean(0, keepdim=True), result.task_vectors.mean(0, keepdim=True))[0]
+    expected_adapter, fused_adapter = unflatten(result.layout, expected, result.stats), unflatten(result.layout, fused, result.stats)
+    for module in MODULES:
+        assert torch.allclose(decoded[1][module].lora_B, expected_adapter[module].lora_B)
+        assert decoded[1][module].lora_A.shape == adapters[1].pairs[module].lora_A.shape
+        assert torch.allclose(outcome.adapter[module].lora_A, fused_adapter[module].lora_A, atol=1e-6)
+
+
 @pytest.mark.parametrize("mode", ["online", "end"])
 def test_icm_fusion_method_runs_a_tiny_stream(tmp_path, mode):
     method = {"name": "icm_fusion", "rank": 2, "mode": mode, "harvest_checkpoints": 2, "support_per_task": 4,

@@ -18,7 +18,7 @@ from loracl.config import Float, StrictModel, _format_validation_error
 from loracl.errors import ConfigError, LoraclError
 from loracl.fusion.adapters import TaskAdapter, check_compatible, read_adapter, read_run_branch
 from loracl.fusion.host import LoraHost, TaskSupport
-from loracl.fusion.icm_fusion import FusionTask, IcmFusion, IcmFusionOptions
+from loracl.fusion.icm_fusion import FusionTask, IcmFusion, IcmFusionOptions, IcmFusionResult
 from loracl.fusion.merges import PEFT_COMBINATIONS, lorahub, peft_merge, task_arithmetic
 
 FUSION_METHODS = ("icm", *PEFT_COMBINATIONS, "task_arithmetic", "lorahub")
@@ -52,6 +52,7 @@ def fuse_options(data: dict[str, Any] | None = None) -> FuseOptions:
 class FusionOutcome:
     adapter: dict[str, LoraPair]
     report: dict[str, Any]
+    icm: IcmFusionResult | None = None  # the trained F-VAE, latents and statistics (method icm only)
 
 
 def fuse(
@@ -74,6 +75,7 @@ def fuse(
         if len(supports) != len(adapters):
             raise LoraclError(f"{len(supports)} example sets for {len(adapters)} adapters: give one per adapter")
     pairs = [adapter.pairs for adapter in adapters]
+    icm_result = None
     started = time.perf_counter()
     report: dict[str, Any] = {"method": method, "adapters": [adapter.name for adapter in adapters]}
     if method in PEFT_COMBINATIONS:
@@ -97,14 +99,14 @@ def fuse(
             FusionTask(adapter.name, adapter.pairs, support, (samples or [[]] * len(adapters))[i])  # type: ignore[arg-type]
             for i, (adapter, support) in enumerate(zip(adapters, dummy))
         ]
-        result = icm.fuse(tasks)
-        fused = result.adapter
-        report.update(result.report)
+        icm_result = icm.fuse(tasks)
+        fused = icm_result.adapter
+        report.update(icm_result.report)
     if host is not None:
         host.remove()
     report["fusion_s"] = time.perf_counter() - started
     report["fused_rank"] = int(next(iter(fused.values())).lora_A.shape[0])
-    return FusionOutcome(fused, report)
+    return FusionOutcome(fused, report, icm_result)
 
 
 __all__ = [

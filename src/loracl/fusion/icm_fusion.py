@@ -71,6 +71,14 @@ class IcmFusionResult:
     stats: TensorStats
     layout: FlatLayout
 
+    def decoded_task_adapters(self) -> list[Adapter]:
+        """Each task's own posterior mean decoded under its own condition: how well the F-VAE reproduces the
+        LoRAs it fuses (a fused LoRA cannot be better than these round trips)."""
+        with torch.no_grad():
+            flats = self.vae.decode(self.latents, self.task_vectors)  # [T, N_pad]
+        flats[:, self.layout.numel :] = 0.0
+        return [unflatten(self.layout, flat, self.stats) for flat in flats]
+
 
 def parameter_task_vector(adapter: Adapter) -> torch.Tensor:
     """Eq. (3b) compressed [D]: per module, mean |delta W| and the leading r singular values of delta W."""
