@@ -240,6 +240,8 @@ def test_joint_mode_trains_jointly_and_static_control_has_no_mapping_net():
         ("extractor", "layer_input"),
         ("extractor_blocks", 0),
         ("extractor_blocks", 2),  # without extractor `blocks`
+        ("adapted_blocks", 0),
+        ("share_frozen_prefix", "sometimes"),
         ("mahalanobis_shrinkage", 2.0),
         ("alpha", 0.0),
         ("no_such_knob", 1),
@@ -343,4 +345,40 @@ def test_blocks_extractor_refuses_too_deep_a_read_and_backbones_without_blocks()
         method.attach(ContinualClassifier(load_backbone("tiny-bert", seed=0)))
     method = create_method("metalora", {"extractor": "blocks"}, context)
     with pytest.raises(ConfigError, match="extractor `blocks`.*no transformer block stack"):
+        method.attach(ContinualClassifier(load_backbone("digits-resnet", seed=0)))
+
+
+def test_adapted_blocks_adapts_only_the_last_blocks_and_predict_replays_the_frozen_prefix_exactly():
+    """adapted_blocks 1 of tiny-bert's 2: slots only in block 1; predict runs block 0 once per batch (the extractor
+    pass) and replays its output in every adapted pass, with the scores of the full passes."""
+    stream = separable_stream()
+    method, model = build({"adapted_blocks": 1})
+    assert method.layers and all(".layer.1." in name for name in method.layers)
+    assert method.shared_prefix_depth == 1
+    for task in stream.tasks:
+        train_task(method, task)
+    texts = stream.tasks[0].test.inputs[:3] + stream.tasks[2].test.inputs[:3]
+    batch = {"inputs": model.backbone.collate(texts)}  # two tasks in one batch: two routed groups
+    block_0_calls = []
+    model.backbone.blocks()[0].register_forward_hook(lambda module, args, output: block_0_calls.append(1))
+    replayed = method.predict({"inputs": batch["inputs"]})
+    assert len(block_0_calls) == 1  # the extractor pass only, however many routed groups
+    routes = method._routes[-1]
+    assert len(routes.unique()) == 2
+    method.shared_prefix_depth = 0  # the same weights without the replay: every pass runs block 0
+    full = method.predict({"inputs": batch["inputs"]})
+    assert len(block_0_calls) == 2 + len(routes.unique())
+    assert torch.allclose(replayed, full, atol=1e-5) and torch.equal(replayed.argmax(1), full.argmax(1))
+    assert model.backbone.blocks()[0].__class__.__name__ == "BertLayer"  # the real block is back in place
+
+
+def test_prefix_is_replayed_only_where_it_is_exact_and_adapted_blocks_errors():
+    assert build()[0].shared_prefix_depth == 0  # every block adapted: nothing below the first adapter
+    assert build({"adapted_blocks": 1, "share_frozen_prefix": False})[0].shared_prefix_depth == 0
+    assert build({"adapted_blocks": 1, "extractor": "embed"})[0].shared_prefix_depth == 0  # no frozen full pass
+    with pytest.raises(ConfigError, match="adapted_blocks 3 is more than the backbone's 2 blocks"):
+        build({"adapted_blocks": 3})
+    context = MethodContext(HeadConfig(), TrainConfig(), seed=0)
+    method = create_method("metalora", {"adapted_blocks": 1}, context)
+    with pytest.raises(ConfigError, match="adapted_blocks.*no transformer block stack"):
         method.attach(ContinualClassifier(load_backbone("digits-resnet", seed=0)))

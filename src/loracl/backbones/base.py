@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -56,6 +58,40 @@ class Backbone(nn.Module):
             " intermediate features from"
         )
 
+    def block_index_of(self, module_name: str) -> int | None:
+        """Index of the block that holds the module `module_name` (a name in self.model), None if outside the stack."""
+        prefixes = {id(block): index for index, block in enumerate(self.blocks())}
+        for name, module in self.model.named_modules():
+            if id(module) in prefixes and (module_name == name or module_name.startswith(name + ".")):
+                return prefixes[id(module)]
+        return None
+
+    @contextmanager
+    def capture_block_output(self, depth: int) -> Iterator[list[Any]]:
+        """Record the raw output of block `depth` (1-based: after `depth` blocks) during the passes run inside."""
+        captured: list[Any] = []
+        handle = self.blocks()[depth - 1].register_forward_hook(lambda module, args, output: captured.append(output))
+        try:
+            yield captured
+        finally:
+            handle.remove()
+
+    @contextmanager
+    def skip_blocks(self, depth: int, output: Any) -> Iterator[None]:
+        """Passes run inside start after block `depth`: the first `depth` blocks are replaced by one that returns
+        `output` (a block output recorded by capture_block_output for the same inputs). Exact when those blocks
+        hold no adapter: the embeddings and masks are still computed, the skipped blocks are not."""
+        blocks = self.blocks()
+        originals = [blocks[index] for index in range(depth)]
+        replay = _ReplayBlock(output)
+        for index in range(depth):
+            blocks[index] = replay
+        try:
+            yield
+        finally:
+            for index, block in enumerate(originals):
+                blocks[index] = block
+
     def block_features(self, depth: int, **inputs: torch.Tensor) -> torch.Tensor:
         """Mean-pooled token states after the first `depth` blocks [batch, hidden]; the later blocks never run."""
         blocks = self.blocks()
@@ -94,6 +130,26 @@ _BLOCK_STACK_PATHS = ("encoder.layer", "encoder.layers", "layers")
 
 class _StopForward(Exception):
     """Raised by a forward hook to leave the model once the block being read has run."""
+
+
+class _ReplayBlock(nn.Module):
+    """Stands in for skipped blocks: ignores its inputs and returns a recorded block output."""
+
+    def __init__(self, output: Any) -> None:
+        super().__init__()
+        self.output = output
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.output
+
+
+def select_block_output(output: Any, rows: torch.Tensor) -> Any:
+    """The rows of a recorded block output (a tensor [B, ...] or a tuple holding such tensors)."""
+    if isinstance(output, torch.Tensor):
+        return output[rows]
+    if isinstance(output, tuple):
+        return tuple(select_block_output(item, rows) for item in output)
+    return output
 
 
 def check_token_states(states: Any, hidden_size: int, backbone_name: str) -> torch.Tensor:

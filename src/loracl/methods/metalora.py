@@ -30,6 +30,7 @@ from torch import nn
 
 from loracl.adapters.inject import find_target_modules, inject_adapters
 from loracl.adapters.tensor import TensorAdapterLayer
+from loracl.backbones.base import select_block_output
 from loracl.backbones.classifier import ContinualClassifier
 from loracl.backbones.heads import PrototypeHead
 from loracl.config import Float
@@ -67,6 +68,12 @@ class MetaLoraOptions(MethodOptions):
     # `extractor_blocks` frozen blocks, mean-pooled (the rest of the stack never runs). Routing reads the same f(x).
     extractor: Literal["base", "embed", "blocks"] = "base"
     extractor_blocks: int | None = Field(default=None, ge=1)  # `blocks` only; None: a third of the stack, rounded up
+    # [D] serving cost: adapt the target modules of the last N blocks only (None: every block). With extractor
+    # `base`, predict then starts each adapted pass after the frozen blocks below the first adapted one, replaying
+    # the extractor pass's output there (exact: those blocks hold no adapter); share_frozen_prefix=false turns the
+    # replay off (same scores, slower).
+    adapted_blocks: int | None = Field(default=None, ge=1)
+    share_frozen_prefix: bool = True
 
     @model_validator(mode="after")
     def _blocks_only_with_blocks_extractor(self) -> "MetaLoraOptions":
@@ -138,6 +145,8 @@ class MetaLora(Method):
         self._seeds: torch.Tensor | None = None
         self._features: torch.Tensor | None = None
         self.old_mapping: MappingNet | None = None
+        self.extractor_depth: int | None = None  # blocks the `blocks` extractor runs (set at attach)
+        self.shared_prefix_depth = 0  # leading adapter-free blocks that predict replays (set at attach)
 
     # ----- structure -----------------------------------------------------------------------------------
     @property
@@ -159,10 +168,41 @@ class MetaLora(Method):
             )
         self.extractor_depth = self._extractor_depth(model)
         targets = resolve_metalora_targets(model.backbone.model, self.options.target_modules)
-        find_target_modules(model.backbone.model, targets)  # a clear error if nothing matches
-        self.layers = inject_adapters(model.backbone.model, targets, lambda module, name: TensorAdapterLayer(module, name))
+        names = self._in_adapted_blocks(model, find_target_modules(model.backbone.model, targets))
+        self.layers = inject_adapters(model.backbone.model, names, lambda module, name: TensorAdapterLayer(module, name))
+        self.shared_prefix_depth = self._shared_prefix_depth(model)
         self.state = MetaLoraState(model.backbone.hidden_size).to(next(model.backbone.parameters()).device)
         model.add_module("metalora", self.state)
+
+    def _in_adapted_blocks(self, model: ContinualClassifier, names: list[str]) -> list[str]:
+        """The target modules that lie in the last `adapted_blocks` blocks (all of them when it is unset)."""
+        if self.options.adapted_blocks is None:
+            return names
+        try:
+            stack_size = len(model.backbone.blocks())
+        except LoraclError as error:
+            raise ConfigError(f"method `metalora`: adapted_blocks: {error}") from error
+        if self.options.adapted_blocks > stack_size:
+            raise ConfigError(
+                f"method `metalora`: adapted_blocks {self.options.adapted_blocks} is more than the backbone's"
+                f" {stack_size} blocks"
+            )
+        first = stack_size - self.options.adapted_blocks
+        indices = {name: model.backbone.block_index_of(name) for name in names}
+        kept = [name for name in names if indices[name] is not None and indices[name] >= first]
+        if not kept:
+            raise ConfigError(f"method `metalora`: no target module lies in the last {self.options.adapted_blocks} blocks")
+        return kept
+
+    def _shared_prefix_depth(self, model: ContinualClassifier) -> int:
+        """How many leading blocks hold no adapter and can be replayed from the `base` extractor pass (0: none)."""
+        if self.options.extractor != "base" or not self.options.share_frozen_prefix or not self.options.generate:
+            return 0
+        try:
+            indices = [model.backbone.block_index_of(name) for name in self.layers]
+        except LoraclError:
+            return 0  # no block stack: nothing to replay
+        return 0 if any(index is None for index in indices) else min(index for index in indices if index is not None)
 
     def _extractor_depth(self, model: ContinualClassifier) -> int | None:
         """How many frozen blocks the `blocks` extractor runs; None for the other extractors."""
@@ -292,6 +332,16 @@ class MetaLora(Method):
             return self.model.features(inputs)
 
     @torch.no_grad()
+    def frozen_features_and_prefix(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
+        """f(x), and the frozen output of the blocks below the first adapted one when the adapted pass can replay it."""
+        assert self.model is not None
+        if not self.shared_prefix_depth:
+            return self.frozen_features(inputs), None
+        with self.model.backbone.capture_block_output(self.shared_prefix_depth) as captured:
+            features = self.extract(inputs)
+        return features, captured[0]
+
+    @torch.no_grad()
     def frozen_features(self, inputs: dict[str, torch.Tensor], use_cache: bool = False) -> torch.Tensor:
         """f(x) of the extractor [B, d_feat] (cached per example on request)."""
         if not (use_cache and self.options.cache_features):
@@ -348,13 +398,20 @@ class MetaLora(Method):
         return self.adapted_features(batch["inputs"], self.block_of_task[self.current_task.index])
 
     @torch.no_grad()
-    def adapted_features(self, inputs: dict[str, torch.Tensor], block_name: str | None, features: torch.Tensor | None = None) -> torch.Tensor:
+    def adapted_features(
+        self, inputs: dict[str, torch.Tensor], block_name: str | None, features: torch.Tensor | None = None, prefix: Any = None
+    ) -> torch.Tensor:
+        """Pooled features of the model with `block_name` active; `prefix` (from frozen_features_and_prefix, same
+        rows) lets the pass skip the frozen blocks below the first adapted one."""
         assert self.model is not None
         if features is None and block_name is not None and self.options.generate:
-            features = self.frozen_features(inputs)
+            features, prefix = self.frozen_features_and_prefix(inputs)
         self.set_seeds(block_name, features)
         try:
-            return self.model.features(inputs)
+            if prefix is None:
+                return self.model.features(inputs)
+            with self.model.backbone.skip_blocks(self.shared_prefix_depth, prefix):
+                return self.model.features(inputs)
         finally:
             self.clear_seeds()
 
@@ -412,7 +469,7 @@ class MetaLora(Method):
         if not self.expands:  # one block for every task (a base-session task has none, but is served by it too)
             block_name = "shared" if "shared" in self.block_names() else None
             return self._scores(self.adapted_features(inputs, block_name))
-        features = self.frozen_features(inputs)
+        features, prefix = self.frozen_features_and_prefix(inputs)
         if self.context.scenario == "task_incremental":
             routes = batch["task_ids"].to(features.device)  # the protocol gives the task id
         else:
@@ -423,7 +480,10 @@ class MetaLora(Method):
         for task_index in routes.unique().tolist():
             rows = (routes == task_index).nonzero().squeeze(1)
             block_name = self.block_of_task[task_index]
-            group_features = self.adapted_features(_select(inputs, rows), block_name, features[rows] if block_name else None)
+            group_prefix = None if prefix is None else select_block_output(prefix, rows)
+            group_features = self.adapted_features(
+                _select(inputs, rows), block_name, features[rows] if block_name else None, group_prefix
+            )
             group_scores = self._scores(group_features).to(scores.dtype)
             if self.options.restrict_to_routed_task:
                 allowed = torch.full_like(group_scores, float("-inf"))
