@@ -31,6 +31,7 @@ from loracl.config import load_config  # noqa: E402
 from loracl.data.build import load_stream  # noqa: E402
 from loracl.fusion import LoraHost, TaskAdapter, TaskSupport, fuse, fuse_options  # noqa: E402
 from loracl.fusion.host import BRANCH  # noqa: E402
+from loracl.seeding import private_rng  # noqa: E402
 
 RANK, ALPHA = 8, 16.0
 DATA_FREE = ["linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune", "task_arithmetic"]
@@ -63,8 +64,7 @@ def train_task(host: LoraHost, task, train_size: int, args) -> tuple[dict, nn.Li
     for branch in branches.values():
         branch.requires_grad_(True)
     classes = task.class_ids
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed * 1000 + task.index)
+    with private_rng(args.seed, task.index):
         head = nn.Linear(host.backbone.hidden_size, len(classes))
     remap = {c: i for i, c in enumerate(classes)}
     inputs, labels = task.train.inputs[:train_size], [remap[y] for y in task.train.labels[:train_size]]
@@ -243,7 +243,8 @@ def main() -> None:
         f"{icm_report['warm_start_loss']:.4f}, meta {icm_report['meta_loss']:.4f}; reconstruction MSE of the final "
         f"LoRAs (normalised scale, where 1.0 is the spread of the weights) {icm_report['final_reconstruction_mse']:.4f}. "
         f"The `{ROUND_TRIP} icm ...` rows decode each task's own latent under its own condition and score it on that "
-        "task: a diagnostic of the F-VAE (a fusion cannot beat its round trips), not a fusion.",
+        "task (de-normalised with that task's own statistics under per-sample normalisation): a diagnostic of how well "
+        "the F-VAE reproduces the LoRAs it fuses, not a fusion.",
         "",
         f"### Main setting ({args.train} train examples per task; fusion with {args.support} and with {args.few_shot} examples per task)",
         "",

@@ -104,10 +104,12 @@ def test_icm_fusion_end_to_end_keeps_the_backbone_frozen_and_is_peft_shaped():
         fuse(adapters, "icm", {"icm": QUICK})
 
 
-def test_round_trip_adapters_decode_each_task_under_its_own_condition():
-    """decoded_task_adapters: one adapter per task, equal to D(z_i, v_i) de-normalised; the fused one is D(mean z, mean v)."""
+@pytest.mark.parametrize("normalisation", ["shared", "per_sample"])
+def test_round_trip_adapters_decode_each_task_under_its_own_condition(normalisation):
+    """decoded_task_adapters: one adapter per task, D(z_i, v_i) de-normalised with the statistics task i was
+    encoded with (its own under per_sample); the fused one is D(mean z, mean v) with the fusion statistics."""
     adapters = [TaskAdapter(f"t{seed}", random_adapter(seed)) for seed in range(3)]
-    options = {"icm": {**QUICK, "task_vector": "parameters", "inner_steps": 0}}
+    options = {"icm": {**QUICK, "task_vector": "parameters", "inner_steps": 0, "normalisation": normalisation}}
     outcome = fuse(adapters, "icm", options, samples=[[random_adapter(10 + seed)] for seed in range(3)])
     result = outcome.icm
     assert result is not None and fuse(adapters, "linear").icm is None
@@ -116,7 +118,10 @@ def test_round_trip_adapters_decode_each_task_under_its_own_condition():
     with torch.no_grad():
         expected = result.vae.decode(result.latents[1:2], result.task_vectors[1:2])[0]
         fused = result.vae.decode(result.latents.mean(0, keepdim=True), result.task_vectors.mean(0, keepdim=True))[0]
-    expected_adapter, fused_adapter = unflatten(result.layout, expected, result.stats), unflatten(result.layout, fused, result.stats)
+    expected_adapter = unflatten(result.layout, expected, result.task_stats[1])
+    fused_adapter = unflatten(result.layout, fused, result.stats)
+    own = tensor_stats(result.layout, [adapters[1].pairs])
+    assert torch.equal(result.task_stats[1].mean, own.mean if normalisation == "per_sample" else result.stats.mean)
     for module in MODULES:
         assert torch.allclose(decoded[1][module].lora_B, expected_adapter[module].lora_B)
         assert decoded[1][module].lora_A.shape == adapters[1].pairs[module].lora_A.shape

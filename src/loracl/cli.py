@@ -42,11 +42,14 @@ def _remove_fresh_log(out: Path, entries_before: set[str] | None) -> None:
     """A bad input found before anything was written leaves no trace: this call's new run.log goes (and OUT, if
     this call created it); if anything else was written, or the log was there before (a resume), all is kept."""
     before = entries_before or set()
-    if "run.log" in before or {entry.name for entry in out.iterdir()} != before | {"run.log"}:
-        return
-    (out / "run.log").unlink()
-    if entries_before is None:
-        out.rmdir()
+    try:
+        if "run.log" in before or {entry.name for entry in out.iterdir()} != before | {"run.log"}:
+            return
+        (out / "run.log").unlink()
+        if entries_before is None:
+            out.rmdir()
+    except OSError:
+        pass  # the cleanup must never hide the user's error
 
 
 def command_run(args: argparse.Namespace) -> int:
@@ -65,7 +68,8 @@ def command_run(args: argparse.Namespace) -> int:
         _close_log(handler)
         _remove_fresh_log(out, entries_before)
         raise
-    _close_log(handler)
+    finally:
+        _close_log(handler)  # closing twice is harmless
     print(format_summary_table([result.results for result in results]))
     print(f"\nresults: {out / 'results.json'}   report: {out / 'report.md'}   plot: {out / 'accuracy_matrix.png'}")
     return 0

@@ -54,8 +54,7 @@ class Backbone(nn.Module):
             if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
                 return blocks
         raise LoraclError(
-            f"backbone `{self.name}` has no transformer block stack ({', '.join(_BLOCK_STACK_PATHS)}) to read"
-            " intermediate features from"
+            f"backbone `{self.name}` has no transformer block stack ({', '.join(_BLOCK_STACK_PATHS)})"
         )
 
     def block_index_of(self, module_name: str) -> int | None:
@@ -114,7 +113,8 @@ class Backbone(nn.Module):
             handle.remove()
         if not captured:
             raise LoraclError(f"backbone `{self.name}`: block {depth} did not run in the forward pass")
-        return self.pool_tokens(check_token_states(captured[0], self.hidden_size, self.name), inputs)
+        states = check_token_states(captured[0], self.hidden_size, self.name, f"its block {depth}")
+        return self.pool_tokens(states, inputs)
 
     def freeze(self) -> None:
         """Freeze every backbone weight (adapters add their own trainable parameters later)."""
@@ -152,12 +152,13 @@ def select_block_output(output: Any, rows: torch.Tensor) -> Any:
     return output
 
 
-def check_token_states(states: Any, hidden_size: int, backbone_name: str) -> torch.Tensor:
-    """The embedding layer's output must be token states [B, tokens, hidden]; anything else is refused clearly."""
+def check_token_states(states: Any, hidden_size: int, backbone_name: str, source: str = "its embedding layer") -> torch.Tensor:
+    """Features read inside the model (`source`) must be token states [B, tokens, hidden]; anything else is refused
+    clearly."""
     if not isinstance(states, torch.Tensor) or states.dim() != 3 or states.shape[-1] != hidden_size:
         shape = tuple(states.shape) if isinstance(states, torch.Tensor) else type(states).__name__
         raise LoraclError(
-            f"backbone `{backbone_name}`: its embedding layer gives {shape}, not token states [batch, tokens, "
+            f"backbone `{backbone_name}`: {source} gives {shape}, not token states [batch, tokens, "
             f"{hidden_size}]; token features (metalora extractors `embed` and `blocks`) need BERT- or ViT-style models"
         )
     return states

@@ -70,14 +70,15 @@ class IcmFusionResult:
     latents: torch.Tensor  # [T, d_z]
     stats: TensorStats
     layout: FlatLayout
+    task_stats: list[TensorStats]  # each task's final LoRA was encoded with these (shared: all equal to stats)
 
     def decoded_task_adapters(self) -> list[Adapter]:
-        """Each task's own posterior mean decoded under its own condition: how well the F-VAE reproduces the
-        LoRAs it fuses (a fused LoRA cannot be better than these round trips)."""
+        """Each task's own posterior mean decoded under its own condition and de-normalised with the statistics it
+        was encoded with: how well the F-VAE reproduces the LoRAs it fuses."""
         with torch.no_grad():
             flats = self.vae.decode(self.latents, self.task_vectors)  # [T, N_pad]
         flats[:, self.layout.numel :] = 0.0
-        return [unflatten(self.layout, flat, self.stats) for flat in flats]
+        return [unflatten(self.layout, flat, stats) for flat, stats in zip(flats, self.task_stats)]
 
 
 def parameter_task_vector(adapter: Adapter) -> torch.Tensor:
@@ -270,4 +271,8 @@ class IcmFusion:
             "fusion_s": time.perf_counter() - started,
             **losses,
         }
-        return IcmFusionResult(adapter, report, vae, vectors, latents, stats, layout)
+        if self.options.normalisation == "per_sample":
+            task_stats = [tensor_stats(layout, [task.final]) for task in tasks]
+        else:
+            task_stats = [stats] * len(tasks)
+        return IcmFusionResult(adapter, report, vae, vectors, latents, stats, layout, task_stats)

@@ -196,7 +196,7 @@ class MetaLora(Method):
 
     def _shared_prefix_depth(self, model: ContinualClassifier) -> int:
         """How many leading blocks hold no adapter and can be replayed from the `base` extractor pass (0: none)."""
-        if self.options.extractor != "base" or not self.options.share_frozen_prefix or not self.options.generate:
+        if self.options.extractor != "base" or not self.options.share_frozen_prefix:
             return 0
         try:
             indices = [model.backbone.block_index_of(name) for name in self.layers]
