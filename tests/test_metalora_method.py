@@ -382,3 +382,21 @@ def test_prefix_is_replayed_only_where_it_is_exact_and_adapted_blocks_errors():
     method = create_method("metalora", {"adapted_blocks": 1}, context)
     with pytest.raises(ConfigError, match="adapted_blocks.*no transformer block stack"):
         method.attach(ContinualClassifier(load_backbone("digits-resnet", seed=0)))
+
+
+def test_mahalanobis_precision_is_cached_until_the_routing_statistics_change():
+    stream = separable_stream()
+    method, _ = build({"router": "mahalanobis"})
+    train_task(method, stream.tasks[0])
+    train_task(method, stream.tasks[1])
+    features = method.frozen_features(probe_batch(method, stream)["inputs"])
+    first = method.route(features)
+    cached = method._precision[1]
+    assert torch.equal(method.route(features), first) and method._precision[1] is cached  # reused, same routes
+    train_task(method, stream.tasks[2])  # new statistics: recomputed
+    method.route(features)
+    recomputed = method._precision[1]
+    assert recomputed is not cached and not torch.equal(recomputed, cached)
+    method._precision = None  # computing from scratch gives the cached matrix
+    fresh = method._routing_precision(method.state.route_means.means(), method.state.route_means.counts)
+    assert fresh is not recomputed and torch.equal(fresh, recomputed)

@@ -147,6 +147,7 @@ class MetaLora(Method):
         self.old_mapping: MappingNet | None = None
         self.extractor_depth: int | None = None  # blocks the `blocks` extractor runs (set at attach)
         self.shared_prefix_depth = 0  # leading adapter-free blocks that predict replays (set at attach)
+        self._precision: tuple[tuple[float, float, int], torch.Tensor] | None = None  # Mahalanobis router cache
 
     # ----- structure -----------------------------------------------------------------------------------
     @property
@@ -438,6 +439,23 @@ class MetaLora(Method):
             self.state.scatter += features.double().T @ features.double()
             self.state.scatter_count += len(features)
 
+    def _routing_precision(self, means: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Inverse of the shrunk shared within-class covariance [d, d]; computed once per change of the routing
+        statistics (a pseudo-inverse per eval batch would cost more than the routing itself)."""
+        key = (float(self.state.scatter_count), float(self.state.scatter.sum()), len(self.slot_task))
+        if self._precision is not None and self._precision[0] == key:
+            return self._precision[1]
+        second = self.state.scatter / self.state.scatter_count.clamp(min=1)
+        class_outer = (means.double().T * counts.to(means.device)) @ means.double() / self.state.scatter_count.clamp(min=1)
+        covariance = second - class_outer  # within-class covariance
+        dim = covariance.shape[0]
+        shrink = self.options.mahalanobis_shrinkage
+        identity = torch.eye(dim, dtype=covariance.dtype, device=covariance.device)
+        covariance = (1 - shrink) * covariance + shrink * covariance.trace() / dim * identity
+        precision = torch.linalg.pinv(covariance).float()
+        self._precision = (key, precision)
+        return precision
+
     def route(self, features: torch.Tensor) -> torch.Tensor:
         """Task index per sample [B] from the frozen features (never from the batch's task ids)."""
         normalised = F.normalize(features.float(), dim=-1)
@@ -447,13 +465,7 @@ class MetaLora(Method):
         else:
             means = means_module.means().to(normalised.device)
             counts = means_module.counts.to(normalised.device)
-            second = self.state.scatter / self.state.scatter_count.clamp(min=1)
-            class_outer = (means.double().T * counts) @ means.double() / self.state.scatter_count.clamp(min=1)
-            covariance = second - class_outer  # within-class covariance
-            dim = covariance.shape[0]
-            shrink = self.options.mahalanobis_shrinkage
-            covariance = (1 - shrink) * covariance + shrink * covariance.trace() / dim * torch.eye(dim, dtype=covariance.dtype, device=covariance.device)
-            precision = torch.linalg.pinv(covariance).float()
+            precision = self._routing_precision(means, counts).to(normalised.device)
             difference = normalised.unsqueeze(1) - means.unsqueeze(0)  # [B, slots, d]
             scores = -torch.einsum("bsd,de,bse->bs", difference, precision, difference)
             scores = scores.masked_fill(counts.unsqueeze(0) == 0, float("-inf"))
