@@ -95,12 +95,21 @@ def wait_for_the_machine(lock_path: Path):
     return handle
 
 
-def collect_run(folders: list[str], label: str, stream_summary: dict, seed: int) -> dict:
-    """A finished run's results.json from the first folder holding `label`, refused unless it ran on this stream."""
+def collect_run(folders: list[str], entry, stream_summary: dict, seed: int) -> dict:
+    """A finished run's results.json from the first folder holding the entry's label, refused unless it ran this
+    method with these options (defaults included: a changed default is a different run) on this stream."""
+    label = entry.run_label
     for folder in folders:
         path = Path(folder) / label / "results.json"
         if path.is_file():
             run = json.loads(path.read_text(encoding="utf-8"))
+            wanted = entry.options.model_dump(mode="json")
+            defaults = type(entry.options)().model_dump(mode="json")
+            stored = run["method_options"]
+            # an option added after the run was made counts as its default there (the code path it now guards)
+            changed = sorted(k for k in wanted if stored.get(k, defaults[k]) != wanted[k])
+            if run["method"] != entry.name or changed:
+                raise SystemExit(f"{path}: ran `{run['method']}` with other options than the entry ({', '.join(changed)})")
             for key in ("tasks", "train_sizes", "test_sizes"):
                 if run["stream"].get(key) != stream_summary.get(key):
                     raise SystemExit(f"{path}: stream {key} {run['stream'].get(key)} differ from the config's")
@@ -140,7 +149,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.collect:
         summary = load_stream(config.stream, config.seed).summary()
-        runs = [collect_run(args.collect, entry.run_label, summary, config.seed) for entry in config.method]
+        runs = [collect_run(args.collect, entry, summary, config.seed) for entry in config.method]
     else:
         lock = None if args.no_queue else wait_for_the_machine(Path(__file__).resolve().parent.parent / "runs" / ".benchmark.lock")
         try:

@@ -170,7 +170,7 @@ def test_predictions_are_per_sample():
     torch.testing.assert_close(method.predict(shuffled), together[permutation], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("options", [{}, {"decomposition": "tr", "router": "mahalanobis"}])
+@pytest.mark.parametrize("options", [{"router": "cosine"}, {"decomposition": "tr"}])
 def test_save_load_round_trip_reproduces_every_route(options):
     stream = separable_stream()
     method, _ = build(options)

@@ -7,7 +7,7 @@ CP or tensor-ring update built from its static factors and that seed (loracl.ada
 Continual learning (all our design, spec section 4):
 * `expand` (default): one block (factors + base seeds + mapping net) per task, frozen after its task. At test
   time the block is chosen by the task id in task-incremental runs, otherwise by the nearest class mean of
-  the frozen features (cosine, or Mahalanobis with a shared shrunk covariance). batch["task_ids"] is read
+  the frozen features (Mahalanobis with a shared shrunk covariance by default, or cosine). batch["task_ids"] is read
   only in task-incremental runs.
 * `shared` / `naive` / `single`: one block and one mapping net for every task; `shared` adds the seed
   distillation loss lambda_sd * mean_b ||sigma_b - sigma_b^old||^2 against the previous task's mapping net.
@@ -58,7 +58,9 @@ class MetaLoraOptions(MethodOptions):
     target_modules: str | list[str] = "auto"
     cl_mode: Literal["expand", "shared", "naive", "joint", "single"] = "expand"
     lambda_sd: Float = Field(default=1.0, ge=0.0)  # shared mode only
-    router: Literal["cosine", "mahalanobis"] = "cosine"
+    # [D] spec G12 names cosine first; mahalanobis (LDA-style, shared shrunk within-class covariance) is the default
+    # after it routed better on both measured streams (docs/methods/metalora.md, section metalora_routers_*)
+    router: Literal["cosine", "mahalanobis"] = "mahalanobis"
     mahalanobis_shrinkage: Float = Field(default=0.1, ge=0.0, le=1.0)
     restrict_to_routed_task: bool = True
     warm_start: bool = False
