@@ -32,10 +32,12 @@ HEADER = (
     "`train.eval_next_task` (FWT), InfLoRA's per-epoch cosine schedule (default; a one-epoch run is unchanged, the\n"
     'digits runs with 5 epochs are not), and `freeze_old` no longer freezing the rows of classes a new task shares with\n'
     'an earlier one (only shared-label / domain-incremental streams are affected; no earlier section used one).\n'
+    "At 04:35 UTC metalora's `router` default moved from cosine to mahalanobis: metalora commands written before then\n"
+    'without a `router:` key ran the cosine router (the collected sections name the router of every row).\n'
     '\n'
     'Where to look first: the full text stream in `text_stream_baselines_full` (baselines, linear and prototype\n'
     'heads), `text_stream_aligned_full` (every method with and without `head.align`), one `*_text_full` section per\n'
-    'method issue, `text_stream_cosine_head_full`, and `step_time_text` (train step time of every method on an idle\n'
+    'method issue (metalora: `metalora_router_text_full`), `text_stream_cosine_head_full`, and `step_time_text` (train step time of every method on an idle\n'
     'machine); digits in `digits_aligned`; forward transfer in `shared_labels_fwt`; the default run in\n'
     '`quickstart_time`; speed against PEFT in `peft_speed`. Sections with "300 train / 200 test" in their title are\n'
     'the earlier reduced stream.\n'
@@ -70,6 +72,9 @@ def write_section(name: str, title: str, body: str, command: str | None = None) 
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         text = RESULTS.read_text(encoding="utf-8") if RESULTS.is_file() else HEADER
+        first_section = text.find("<!-- BEGIN ")
+        if first_section >= 0:  # the page header always comes from HEADER, so the two never drift apart
+            text = HEADER + "\n" + text[first_section:]
         if begin in text and end in text:
             before, rest = text.split(begin, 1)
             _, after = rest.split(end, 1)
