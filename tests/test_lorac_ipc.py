@@ -386,3 +386,25 @@ def test_prototype_head_is_refused():
     assert isinstance(method, LoracIpc)
     with pytest.raises(ConfigError, match="head.type"):
         method.attach(run.model)
+
+
+def test_restrict_to_routed_task_scores_only_the_routed_tasks_classes(trained):
+    """[D] option: with TII each row keeps only its inferred task's classes; off (the code's), every seen class."""
+    run, method, stream, _, _, _ = trained
+    batches = [next(iter(run.loader(task.test, task, train=False))) for task in stream.tasks]
+    batch = {key: torch.cat([b[key] for b in batches]) for key in ("labels", "task_ids")}
+    batch["inputs"] = {key: torch.cat([b["inputs"][key] for b in batches]) for key in batches[0]["inputs"]}
+    options = method.options
+    try:
+        plain = method.predict(batch)
+        tasks, _ = method.infer_tasks(batch["inputs"])
+        method.options = options.model_copy(update={"restrict_to_routed_task": True})
+        restricted = method.predict(batch)
+    finally:
+        method.options = options
+    assert torch.isfinite(plain).all()
+    for row, task_index in enumerate(tasks.tolist()):
+        allowed = stream.tasks[task_index].class_ids
+        assert torch.isfinite(restricted[row, allowed]).all()
+        assert torch.isinf(restricted[row]).sum() == restricted.shape[1] - len(allowed)
+        torch.testing.assert_close(restricted[row, allowed], plain[row, allowed])

@@ -64,6 +64,9 @@ class LoracIpcOptions(MethodOptions):
     tap_iters_per_epoch: int | None = Field(default=None, ge=1)  # [D] item 14: None = number of old classes [C]
     tap_ridge: Float = Field(default=1.0e-4, ge=0.0)  # variance added when sampling [C]
     measure_without_tii: bool = True  # [D] with tii on, also score the newest model (one extra eval forward)
+    # [D] with tii on, score only the classes of the task TII chose (the code scores every seen class with the
+    # routed model); off by default, as the code
+    restrict_to_routed_task: bool = False
 
 
 class ClassStatistics(nn.Module):
@@ -441,6 +444,7 @@ class LoracIpc(Method):
         self.tii_counts[0] += int((tasks == truth).sum())
         self.tii_counts[1] += len(tasks)
         newest_task = self.seen_tasks[-1].index
+        classes_of_task = {task.index: task.class_ids for task in self.seen_tasks}
         logits = torch.empty(len(tasks), self.model.head.num_classes, device=routing_features.device)
         for task_index in tasks.unique().tolist():
             rows = (tasks == task_index).nonzero().squeeze(1)
@@ -453,6 +457,10 @@ class LoracIpc(Method):
                 self.set_model(model_index)
                 subset = {key: value[rows.to(value.device)] for key, value in inputs.items()}
                 group_logits = self.model.head(self.model.features(subset))
+            if self.options.restrict_to_routed_task:
+                allowed = torch.full_like(group_logits, float("-inf"))
+                allowed[:, classes_of_task[task_index]] = 0.0
+                group_logits = group_logits + allowed
             logits[rows.to(logits.device)] = group_logits.float()
         self.set_model(TRAINING)
         return logits
