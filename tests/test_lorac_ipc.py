@@ -13,7 +13,7 @@ from torch import nn
 from loracl.adapters.orthogonal import TRAINING, ComposedLoraLayer
 from loracl.engine.runner import MethodRun
 from loracl.errors import ConfigError
-from loracl.methods.lorac_ipc import LoracIpc, mahalanobis_to_classes, tii_precision
+from loracl.methods.lorac_ipc import LoracIpc, mahalanobis_to_classes, precision_from_covariance, tii_precision
 
 OPTIONS = {"name": "lorac_ipc", "rank": 4, "ipc_threshold": 0.25, "tap_epochs": 2, "tii_clusters": 2, "tap_centroids": 2}
 
@@ -360,7 +360,7 @@ def test_state_round_trip_and_determinism(trained):
         ("ipc_selection", "random"),
         ("tii_clusters", 0),
         ("tii_ridge", -1.0),
-        ("tii_cov", "shared"),
+        ("tii_cov", "tied"),
         ("tap_centroids", 0),
         ("tap_epochs", -1),
         ("tap_lr", 0.0),
@@ -408,3 +408,27 @@ def test_restrict_to_routed_task_scores_only_the_routed_tasks_classes(trained):
         assert torch.isfinite(restricted[row, allowed]).all()
         assert torch.isinf(restricted[row]).sum() == restricted.shape[1] - len(allowed)
         torch.testing.assert_close(restricted[row, allowed], plain[row, allowed])
+
+
+def test_shared_tii_covariance_pools_every_cluster_and_routes_like_its_definition():
+    """tii_cov shared: one [H, H] precision from the pooled within-cluster scatter; distances equal the formula."""
+    run, method, stream = build({"tii_cov": "shared"})
+    for task in stream.tasks:
+        learn(run, method, task)
+    memory = method.memory
+    assert memory.tii_precisions.shape[2:] == (0,)  # nothing per cluster
+    assert memory.tii_scatter_count.item() == sum(len(task.train) for task in stream.tasks)
+    precision = method.shared_tii_precision()
+    assert method.shared_tii_precision() is precision  # cached until the statistics change
+    hidden = memory.tii_scatter.shape[0]
+    pooled = memory.tii_scatter / (memory.tii_scatter_count - 1)
+    torch.testing.assert_close(precision, precision_from_covariance(pooled, method.options.tii_ridge))
+    assert precision.shape == (hidden, hidden) and torch.isfinite(precision).all()
+    queries = torch.nn.functional.normalize(torch.randn(5, hidden), dim=-1)
+    seen = run.model.head.num_classes
+    distances = mahalanobis_to_classes(queries, memory.tii_means[:seen], precision, memory.tii_valid[:seen])
+    diff = queries[:, None, None] - memory.tii_means[:seen][None]
+    brute = torch.einsum("bckh,hg,bckg->bck", diff, precision, diff).masked_fill(~memory.tii_valid[:seen][None], float("inf"))
+    torch.testing.assert_close(distances, brute.min(-1).values, rtol=1e-4, atol=1e-4)
+    tasks, _ = method.infer_tasks(probe_inputs(run, stream))
+    assert set(tasks.tolist()) <= {task.index for task in stream.tasks}

@@ -53,7 +53,9 @@ class LoracIpcOptions(MethodOptions):
     tii: bool = True  # route each test example to its task's model; False = newest model for all [C]
     tii_clusters: int = Field(default=4, ge=1)  # K per class [C]
     tii_ridge: Float = Field(default=1.0e-4, ge=0.0)  # [C]
-    tii_cov: Literal["full", "diag"] = "full"  # [D] item 16: diag for memory-bound runs
+    # [D] item 16: diag for memory-bound runs; shared: one within-cluster covariance pooled over every class
+    # (LDA-style, shrunk like the code's per-cluster ones), d x d floats in all instead of d x d per cluster
+    tii_cov: Literal["full", "diag", "shared"] = "full"
     head_realign: bool = True  # TAP after every task but the first [C]
     tap_centroids: int = Field(default=10, ge=1)  # [C]
     tap_epochs: int = Field(default=50, ge=0)  # [C, scripts]
@@ -73,12 +75,15 @@ class ClassStatistics(nn.Module):
     """Per-class feature statistics (no raw examples): TII clusters and TAP Gaussians, rows in class-id order."""
 
     def __init__(
-        self, hidden: int, tii_clusters: int, tap_centroids: int, full_cov: bool, ridge: float, device: torch.device
+        self, hidden: int, tii_clusters: int, tap_centroids: int, tii_cov: str, ridge: float, device: torch.device
     ) -> None:
         super().__init__()
-        precision_shape = (0, tii_clusters, hidden, hidden) if full_cov else (0, tii_clusters, hidden)
+        precision_width = {"full": (hidden, hidden), "diag": (hidden,), "shared": (0,)}[tii_cov]
         self.register_buffer("tii_means", torch.zeros(0, tii_clusters, hidden, device=device))
-        self.register_buffer("tii_precisions", torch.zeros(precision_shape, device=device))
+        self.register_buffer("tii_precisions", torch.zeros(0, tii_clusters, *precision_width, device=device))
+        # tii_cov shared: the pooled within-cluster scatter and its member count (float64: sums over many tasks)
+        self.register_buffer("tii_scatter", torch.zeros(hidden, hidden, dtype=torch.float64, device=device))
+        self.register_buffer("tii_scatter_count", torch.zeros((), dtype=torch.float64, device=device))
         self.register_buffer("tii_valid", torch.zeros(0, tii_clusters, dtype=torch.bool, device=device))
         self.tap = ClassGaussians(hidden, tap_centroids, ridge, device)
 
@@ -95,10 +100,17 @@ def tii_precision(members: torch.Tensor, ridge: float, full: bool) -> torch.Tens
         cov = torch.cov(members.T)
     else:
         cov = torch.zeros(hidden, hidden, dtype=torch.float64)  # one member: no spread to estimate
-    cov = cov + ridge * torch.eye(hidden, dtype=torch.float64)
+    return precision_from_covariance(cov, ridge, full)
+
+
+def precision_from_covariance(cov: torch.Tensor, ridge: float, full: bool = True) -> torch.Tensor:
+    """Spec §3.3 steps 3-4 on a covariance [H, H]: + ridge·I, + mean(diag)·I, correlation-normalise, pseudo-invert
+    (diag: inverse shrunk variances, no correlation step)."""
+    hidden = cov.shape[0]
+    cov = cov.double() + ridge * torch.eye(hidden, dtype=torch.float64)
     cov = cov + torch.diagonal(cov).mean() * torch.eye(hidden, dtype=torch.float64)
     if not full:
-        return (1.0 / torch.diagonal(cov)).float()  # diag: inverse shrunk variances (no correlation step)
+        return (1.0 / torch.diagonal(cov)).float()
     std = torch.diagonal(cov).sqrt()
     correlation = cov / torch.outer(std, std)
     return torch.linalg.pinv(correlation).float()
@@ -108,9 +120,11 @@ def mahalanobis_to_classes(
     queries: torch.Tensor, means: torch.Tensor, precisions: torch.Tensor, valid: torch.Tensor
 ) -> torch.Tensor:
     """Eq. (11): d_c(z) = min_k (z−μ_ck)ᵀ P_ck (z−μ_ck); queries [B, H], means [C, K, H],
-    precisions [C, K, H, H] (or [C, K, H] diagonal), valid [C, K] -> distances [B, C]."""
+    precisions [C, K, H, H] (or [C, K, H] diagonal, or [H, H] shared), valid [C, K] -> distances [B, C]."""
     diff = queries[:, None, None, :] - means[None]  # [B, C, K, H]
-    if precisions.dim() == 4:
+    if precisions.dim() == 2:  # one precision shared by every class and cluster
+        projected = diff @ precisions
+    elif precisions.dim() == 4:
         projected = torch.einsum("bckh,ckhg->bckg", diff, precisions)
     else:
         projected = diff * precisions[None]
@@ -142,6 +156,7 @@ class LoracIpc(Method):
         self.last_scores: dict[str, float] = {}
         self.tii_counts = [0, 0]  # correct, total in the current evaluation round
         self.tii_history: list[float] = []
+        self._shared_precision: tuple[tuple[float, float], torch.Tensor] | None = None  # tii_cov shared, cached
         self.newest_counts: dict[int, list[int]] = {}  # task -> [correct, total] of the w/o-TII shadow scores
         self.newest_rows: list[list[float]] = []
 
@@ -161,7 +176,7 @@ class LoracIpc(Method):
             model.backbone.hidden_size,
             options.tii_clusters,
             options.tap_centroids,
-            options.tii_cov == "full",
+            options.tii_cov,
             options.tap_ridge,
             device,
         )
@@ -373,7 +388,7 @@ class LoracIpc(Method):
                 hidden = members.shape[1]
                 means = torch.zeros(options.tii_clusters, hidden)
                 full = options.tii_cov == "full"
-                precisions = torch.zeros(options.tii_clusters, hidden, hidden) if full else torch.zeros(options.tii_clusters, hidden)
+                precisions = torch.zeros(options.tii_clusters, *self.memory.tii_precisions.shape[2:])
                 valid = torch.zeros(options.tii_clusters, dtype=torch.bool)
                 assignment = kmeans_labels(members, options.tii_clusters, seed)
                 for cluster in range(int(assignment.max()) + 1 if len(members) else 0):
@@ -381,7 +396,12 @@ class LoracIpc(Method):
                     if cluster_members.shape[0] == 0:
                         continue
                     means[cluster] = cluster_members.mean(0)
-                    precisions[cluster] = tii_precision(cluster_members, options.tii_ridge, full)
+                    if options.tii_cov == "shared":
+                        centred = (cluster_members - means[cluster]).double().to(self.memory.tii_scatter.device)
+                        self.memory.tii_scatter += centred.T @ centred
+                        self.memory.tii_scatter_count += len(cluster_members)
+                    else:
+                        precisions[cluster] = tii_precision(cluster_members, options.tii_ridge, full)
                     valid[cluster] = True
                 self.memory.put("tii_means", class_id, means)
                 self.memory.put("tii_precisions", class_id, precisions)
@@ -412,6 +432,17 @@ class LoracIpc(Method):
             owner[task.class_ids] = task.index
         return owner
 
+    def shared_tii_precision(self) -> torch.Tensor:
+        """tii_cov shared: the pooled within-cluster covariance through the code's ridge, shrinkage and correlation
+        steps (tii_precision), inverted once per change of the statistics [H, H]."""
+        memory = self.memory
+        key = (float(memory.tii_scatter_count), float(memory.tii_scatter.sum()))
+        if self._shared_precision is None or self._shared_precision[0] != key:
+            count = float(memory.tii_scatter_count)
+            covariance = memory.tii_scatter.cpu() / max(count - 1.0, 1.0)
+            self._shared_precision = (key, precision_from_covariance(covariance, self.options.tii_ridge).to(memory.tii_means.device))
+        return self._shared_precision[1]
+
     def infer_tasks(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """TII (eq. 11): each example's task index and its routing-model features [B, H]."""
         assert self.model is not None
@@ -419,8 +450,9 @@ class LoracIpc(Method):
         features = self.model.features(inputs)
         seen = self.model.head.num_classes
         memory = self.memory
+        precisions = self.shared_tii_precision() if self.options.tii_cov == "shared" else memory.tii_precisions[:seen]
         distances = mahalanobis_to_classes(
-            F.normalize(features.float(), dim=-1), memory.tii_means[:seen], memory.tii_precisions[:seen], memory.tii_valid[:seen]
+            F.normalize(features.float(), dim=-1), memory.tii_means[:seen], precisions, memory.tii_valid[:seen]
         )
         nearest = distances.argmin(dim=1).cpu()
         return self.class_tasks()[nearest], features
