@@ -57,13 +57,15 @@ class Backbone(nn.Module):
             f"backbone `{self.name}` has no transformer block stack ({', '.join(_BLOCK_STACK_PATHS)})"
         )
 
-    def block_index_of(self, module_name: str) -> int | None:
-        """Index of the block that holds the module `module_name` (a name in self.model), None if outside the stack."""
-        prefixes = {id(block): index for index, block in enumerate(self.blocks())}
-        for name, module in self.model.named_modules():
-            if id(module) in prefixes and (module_name == name or module_name.startswith(name + ".")):
-                return prefixes[id(module)]
-        return None
+    def block_indices(self, module_names: list[str]) -> dict[str, int | None]:
+        """For each module name (in self.model): the index of the block that holds it, None if outside the stack."""
+        index_of_block = {id(block): index for index, block in enumerate(self.blocks())}
+        block_names = {name: index_of_block[id(module)] for name, module in self.model.named_modules() if id(module) in index_of_block}
+        found: dict[str, int | None] = {}
+        for module_name in module_names:
+            holders = [index for name, index in block_names.items() if module_name == name or module_name.startswith(name + ".")]
+            found[module_name] = holders[0] if holders else None
+        return found
 
     @contextmanager
     def capture_block_output(self, depth: int) -> Iterator[list[Any]]:

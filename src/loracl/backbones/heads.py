@@ -9,6 +9,13 @@ from torch import nn
 from loracl.seeding import derived_generator
 
 
+def mask_to_classes(scores: torch.Tensor, class_ids: list[int] | torch.Tensor) -> torch.Tensor:
+    """Scores [B, C] with every class outside `class_ids` set to -inf (task-incremental protocol, routed tasks)."""
+    allowed = torch.full_like(scores, float("-inf"))
+    allowed[:, class_ids] = 0.0
+    return scores + allowed
+
+
 def head_rows_generator(seed: int, task_index: int) -> torch.Generator:
     """The seeded generator a task's new head rows are drawn from (begin_task and FWT's untrained model agree)."""
     return derived_generator(seed, task_index)

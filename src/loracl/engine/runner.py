@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from loracl import metrics
 from loracl.backbones.classifier import ContinualClassifier
-from loracl.backbones.heads import LinearHead, head_rows_generator
+from loracl.backbones.heads import LinearHead, head_rows_generator, mask_to_classes
 from loracl.backbones.registry import load_backbone
 from loracl.config import MethodConfig, RunConfig, config_to_dict
 from loracl.data.build import load_stream
@@ -239,9 +239,7 @@ class MethodRun:
             for batch in self.loader(task.test, task, train=False):
                 scores = method.predict(batch).float()
                 if self.stream.scenario == "task_incremental":
-                    allowed = torch.full_like(scores, float("-inf"))
-                    allowed[:, task.class_ids] = 0.0
-                    scores = scores + allowed
+                    scores = mask_to_classes(scores, task.class_ids)
                 correct += int((scores.argmax(dim=1) == batch["labels"]).sum())
                 samples += len(batch["labels"])
             method.after_evaluate_task(task)

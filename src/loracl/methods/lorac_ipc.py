@@ -25,6 +25,7 @@ from loracl.adapters import inject_adapters
 from loracl.adapters.orthogonal import TRAINING, ComposedLoraLayer
 from loracl.backbones.alignment import ClassGaussians, kmeans_labels, put_row, realign_head
 from loracl.backbones.classifier import ContinualClassifier
+from loracl.backbones.heads import mask_to_classes
 from loracl.config import Float
 from loracl.data.stream import Task
 from loracl.errors import ConfigError
@@ -81,8 +82,10 @@ class ClassStatistics(nn.Module):
         precision_width = {"full": (hidden, hidden), "diag": (hidden,), "shared": (0,)}[tii_cov]
         self.register_buffer("tii_means", torch.zeros(0, tii_clusters, hidden, device=device))
         self.register_buffer("tii_precisions", torch.zeros(0, tii_clusters, *precision_width, device=device))
-        # tii_cov shared: the pooled within-cluster scatter and its member count (float64: sums over many tasks)
-        self.register_buffer("tii_scatter", torch.zeros(hidden, hidden, dtype=torch.float64, device=device))
+        # tii_cov shared: the pooled within-cluster scatter and its member count (float64: sums over many tasks);
+        # empty for the per-cluster covariances, so their checkpoints carry nothing extra
+        scatter_width = hidden if tii_cov == "shared" else 0
+        self.register_buffer("tii_scatter", torch.zeros(scatter_width, scatter_width, dtype=torch.float64, device=device))
         self.register_buffer("tii_scatter_count", torch.zeros((), dtype=torch.float64, device=device))
         self.register_buffer("tii_valid", torch.zeros(0, tii_clusters, dtype=torch.bool, device=device))
         self.tap = ClassGaussians(hidden, tap_centroids, ridge, device)
@@ -490,9 +493,7 @@ class LoracIpc(Method):
                 subset = {key: value[rows.to(value.device)] for key, value in inputs.items()}
                 group_logits = self.model.head(self.model.features(subset))
             if self.options.restrict_to_routed_task:
-                allowed = torch.full_like(group_logits, float("-inf"))
-                allowed[:, classes_of_task[task_index]] = 0.0
-                group_logits = group_logits + allowed
+                group_logits = mask_to_classes(group_logits, classes_of_task[task_index])
             logits[rows.to(logits.device)] = group_logits.float()
         self.set_model(TRAINING)
         return logits
@@ -507,14 +508,12 @@ class LoracIpc(Method):
 
     def _count_newest(self, logits: torch.Tensor, batch: dict[str, Any]) -> None:
         """Measurement only: per-task accuracy of the w/o-TII scores, reading labels and task ids as the engine does."""
-        scores = logits.float()
+        scores = logits.float().clone()  # the logits may still serve the newest task's rows
         task_ids = batch["task_ids"].cpu()
         if self.context.scenario == "task_incremental":  # the engine masks the other tasks' classes likewise
-            allowed = torch.full_like(scores, float("-inf"))
             for task in self.seen_tasks:
-                rows = (task_ids == task.index).nonzero().squeeze(1).to(scores.device)
-                allowed[rows[:, None], torch.tensor(task.class_ids, device=scores.device)[None]] = 0.0
-            scores = scores + allowed
+                rows = (task_ids == task.index).to(scores.device)
+                scores[rows] = mask_to_classes(scores[rows], task.class_ids)
         correct = (scores.argmax(dim=1).cpu() == batch["labels"].cpu())
         for task_index in task_ids.unique().tolist():
             rows = task_ids == task_index

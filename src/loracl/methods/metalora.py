@@ -32,7 +32,7 @@ from loracl.adapters.inject import find_target_modules, inject_adapters
 from loracl.adapters.tensor import TensorAdapterLayer
 from loracl.backbones.base import select_block_output
 from loracl.backbones.classifier import ContinualClassifier
-from loracl.backbones.heads import PrototypeHead
+from loracl.backbones.heads import PrototypeHead, mask_to_classes
 from loracl.config import Float
 from loracl.data.stream import Task
 from loracl.errors import ConfigError, LoraclError
@@ -177,22 +177,27 @@ class MetaLora(Method):
         self.state = MetaLoraState(model.backbone.hidden_size).to(next(model.backbone.parameters()).device)
         model.add_module("metalora", self.state)
 
+    @staticmethod
+    def _stack_size(model: ContinualClassifier, option: str) -> int:
+        """Number of transformer blocks; a ConfigError naming `option` for a backbone without a block stack."""
+        try:
+            return len(model.backbone.blocks())
+        except LoraclError as error:
+            raise ConfigError(f"method `metalora`: {option}: {error}; use extractor `base` and every block") from error
+
     def _in_adapted_blocks(self, model: ContinualClassifier, names: list[str]) -> list[str]:
         """The target modules that lie in the last `adapted_blocks` blocks (all of them when it is unset)."""
         if self.options.adapted_blocks is None:
             return names
-        try:
-            stack_size = len(model.backbone.blocks())
-        except LoraclError as error:
-            raise ConfigError(f"method `metalora`: adapted_blocks: {error}") from error
+        stack_size = self._stack_size(model, "adapted_blocks")
         if self.options.adapted_blocks > stack_size:
             raise ConfigError(
                 f"method `metalora`: adapted_blocks {self.options.adapted_blocks} is more than the backbone's"
                 f" {stack_size} blocks"
             )
         first = stack_size - self.options.adapted_blocks
-        indices = {name: model.backbone.block_index_of(name) for name in names}
-        kept = [name for name in names if indices[name] is not None and indices[name] >= first]
+        indices = model.backbone.block_indices(names)
+        kept = [name for name in names if (indices[name] if indices[name] is not None else -1) >= first]
         if not kept:
             raise ConfigError(f"method `metalora`: no target module lies in the last {self.options.adapted_blocks} blocks")
         return kept
@@ -202,19 +207,16 @@ class MetaLora(Method):
         if self.options.extractor != "base" or not self.options.share_frozen_prefix:
             return 0
         try:
-            indices = [model.backbone.block_index_of(name) for name in self.layers]
+            indices = list(model.backbone.block_indices(list(self.layers)).values())
         except LoraclError:
             return 0  # no block stack: nothing to replay
-        return 0 if any(index is None for index in indices) else min(index for index in indices if index is not None)
+        return 0 if None in indices else min(index for index in indices if index is not None)
 
     def _extractor_depth(self, model: ContinualClassifier) -> int | None:
         """How many frozen blocks the `blocks` extractor runs; None for the other extractors."""
         if self.options.extractor != "blocks":
             return None
-        try:
-            stack_size = len(model.backbone.blocks())
-        except LoraclError as error:
-            raise ConfigError(f"method `metalora`: extractor `blocks`: {error}; use extractor `base`") from error
+        stack_size = self._stack_size(model, "extractor `blocks`")
         depth = self.options.extractor_blocks or math.ceil(stack_size / 3)
         if depth > stack_size:
             raise ConfigError(
@@ -500,9 +502,7 @@ class MetaLora(Method):
             )
             group_scores = self._scores(group_features).to(scores.dtype)
             if self.options.restrict_to_routed_task:
-                allowed = torch.full_like(group_scores, float("-inf"))
-                allowed[:, self._task_classes(task_index)] = 0.0
-                group_scores = group_scores + allowed
+                group_scores = mask_to_classes(group_scores, self._task_classes(task_index))
             scores[rows] = group_scores
         return scores
 
