@@ -135,7 +135,7 @@ def test_class_incremental_predict_never_reads_task_ids_and_scores_routing():
         batch = next(iter(loader(method, task.test, task.index)))
         without_ids = {"inputs": batch["inputs"], "labels": batch["labels"]}
         scores = method.predict(without_ids)
-        routed = method._routes[-1]
+        routed = method.routing_tally.pending[-1]
         allowed = torch.isfinite(scores)
         for row, route in enumerate(routed.tolist()):  # only the routed task's classes can win
             assert allowed[row].nonzero().squeeze(1).tolist() == stream.tasks[route].class_ids
@@ -152,7 +152,7 @@ def test_task_incremental_uses_given_task_id():
     batch = next(iter(loader(method, stream.tasks[0].test, 0)))
     batch["task_ids"] = torch.full_like(batch["task_ids"], 2)  # the router would say 0
     method.predict(batch)
-    assert method._routes[-1].tolist() == [2] * len(batch["labels"])
+    assert method.routing_tally.pending[-1].tolist() == [2] * len(batch["labels"])
 
 
 def test_predictions_are_per_sample():
@@ -181,7 +181,7 @@ def test_save_load_round_trip_reproduces_every_route(options):
     restored.restore_structure(stream.tasks[:2])
     restored.load_state_dict(state)
     restored.load_extra_state(extra)
-    assert restored.seed_sizes() == method.seed_sizes() and restored.slot_task == method.slot_task
+    assert restored.seed_sizes() == method.seed_sizes() and torch.equal(restored.state.router.slot_task, method.state.router.slot_task)
     batch = probe_batch(method, stream)
     for block in ("task_0", "task_1"):
         assert torch.equal(restored.adapted_features(batch["inputs"], block), method.adapted_features(batch["inputs"], block))
@@ -363,7 +363,7 @@ def test_adapted_blocks_adapts_only_the_last_blocks_and_predict_replays_the_froz
     model.backbone.blocks()[0].register_forward_hook(lambda module, args, output: block_0_calls.append(1))
     replayed = method.predict({"inputs": batch["inputs"]})
     assert len(block_0_calls) == 1  # the extractor pass only, however many routed groups
-    routes = method._routes[-1]
+    routes = method.routing_tally.pending[-1]
     assert len(routes.unique()) == 2
     method.shared_prefix_depth = 0  # the same weights without the replay: every pass runs block 0
     full = method.predict({"inputs": batch["inputs"]})
@@ -391,12 +391,13 @@ def test_mahalanobis_precision_is_cached_until_the_routing_statistics_change():
     train_task(method, stream.tasks[1])
     features = method.frozen_features(probe_batch(method, stream)["inputs"])
     first = method.route(features)
-    cached = method._precision[1]
-    assert torch.equal(method.route(features), first) and method._precision[1] is cached  # reused, same routes
+    router = method.state.router
+    cached = router.precision()
+    assert torch.equal(method.route(features), first) and router.precision() is cached  # reused, same routes
     train_task(method, stream.tasks[2])  # new statistics: recomputed
     method.route(features)
-    recomputed = method._precision[1]
+    recomputed = router.precision()
     assert recomputed is not cached and not torch.equal(recomputed, cached)
-    method._precision = None  # computing from scratch gives the cached matrix
-    fresh = method._routing_precision(method.state.route_means.means(), method.state.route_means.counts)
+    router._precision = None  # computing from scratch gives the cached matrix
+    fresh = router.precision()
     assert fresh is not recomputed and torch.equal(fresh, recomputed)

@@ -7,7 +7,8 @@ linear head (old rows frozen), the prototype head, the cross-entropy scope, stat
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -22,11 +23,19 @@ from loracl.adapters import (
     find_target_modules,
     inject_adapters,
 )
+from loracl.adapters.base import MultiBranchLayer
 from loracl.backbones.alignment import ClassGaussians, realign_head
 from loracl.backbones.classifier import ContinualClassifier
-from loracl.backbones.heads import head_rows_generator
+from loracl.backbones.heads import head_rows_generator, mask_to_classes
 from loracl.config import Float, HeadConfig, StrictModel, TrainConfig
 from loracl.data.stream import Task
+from loracl.methods.routing import (
+    RoutedBranchOptions,
+    RoutedInferenceOptions,
+    RoutingTally,
+    TaskRouter,
+    select_rows,
+)
 from loracl.seeding import derived_generator, private_rng
 
 
@@ -45,6 +54,10 @@ class LoraOptions(MethodOptions):
     target_modules: str | list[str] = "auto"  # "auto": query and value where they exist, else all-linear
     use_rslora: bool = False
     init: Literal["kaiming", "gaussian"] = "kaiming"
+
+
+class RoutedLoraOptions(LoraOptions, RoutedBranchOptions):
+    """LoraOptions plus the [D] routed-inference switches (seq_lora, inc_lora, o_lora)."""
 
 
 @dataclass
@@ -105,6 +118,12 @@ class Method:
             device = next(model.backbone.parameters()).device
             self.class_gaussians = ClassGaussians(model.backbone.hidden_size, self.context.head.align_centroids, device=device)
             model.add_module("class_gaussians", self.class_gaussians)  # its buffers travel with state_dict
+        self.task_router: TaskRouter | None = None
+        self.routing_tally = RoutingTally()
+        if isinstance(self.options, RoutedInferenceOptions) and self.options.routed_inference:
+            self.task_router = TaskRouter(model.backbone.hidden_size, self.options.router, self.options.router_shrinkage)
+            self.task_router.to(next(model.backbone.parameters()).device)
+            model.add_module("task_router", self.task_router)  # saved and restored with the model's state
 
     def begin_task(self, task: Task) -> None:
         """Grow the head for the task's new classes and freeze earlier head rows (head.freeze_old), except the rows
@@ -170,6 +189,7 @@ class Method:
         a re-alignment of the whole head on every seen class (head.align)."""
         self.seen_tasks.append(task)
         self.update_task_statistics(task, train_loader)
+        self.record_routing(task, train_loader)
 
     def update_task_statistics(self, task: Task, train_loader: Iterable[dict[str, Any]]) -> None:
         """The end-of-task work on class statistics, under the model that will serve: prototypes (prototype head),
@@ -189,6 +209,7 @@ class Method:
             self.update_prototypes(task, train_loader)
         if self.class_gaussians is not None:
             self.store_class_gaussians(task, train_loader)
+        self.record_routing(task, train_loader)
 
     @torch.no_grad()
     def task_features(self, train_loader: Iterable[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -244,12 +265,106 @@ class Method:
     # ----- inference -------------------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Scores over all classes seen so far [B, C_seen]; the engine masks them in task-incremental runs."""
+        """Scores over all classes seen so far [B, C_seen]; the engine masks them in task-incremental runs.
+        With routed inference, each example is scored as its inferred task (routed_predict)."""
+        if self.task_router is not None and self.task_router.num_slots:
+            return self.routed_predict(batch)
+        return self.score(batch)
+
+    @torch.no_grad()
+    def score(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The method's own scores for a batch [B, C_seen] (linear or prototype head on the adapted features)."""
         assert self.model is not None
         features = self.model.features(batch["inputs"])
         if self.context.head.type == "prototype":
             return self.model.prototypes(features)
         return self.model.head(features)
+
+    # ----- routed inference ([D], RoutedInferenceOptions) ----------------------------------------------
+    @torch.no_grad()
+    def routing_features(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Frozen features the router reads [B, H]: the backbone with every adapter bypassed (`base`), or the
+        mean of its embedding layer's output (`embed`)."""
+        assert self.model is not None and isinstance(self.options, RoutedInferenceOptions)
+        with self.adapters_bypassed():
+            if self.options.router_features == "embed":
+                return self.model.backbone.embedding_features(**inputs)
+            return self.model.features(inputs)
+
+    @contextmanager
+    def adapters_bypassed(self) -> Iterator[None]:
+        """Every adapter branch off for the duration (the frozen pre-trained model); methods whose adapters are
+        not branches override this."""
+        assert self.model is not None
+        layers = [module for module in self.model.modules() if isinstance(module, MultiBranchLayer)]
+        if any(layer.merged_branches for layer in layers):
+            raise RuntimeError("routed inference needs unmerged adapters: the router reads the frozen model")
+        saved = [layer.disabled_branches for layer in layers]
+        for layer in layers:
+            layer.disabled_branches = set(layer.branches)
+        try:
+            yield
+        finally:
+            for layer, disabled in zip(layers, saved):
+                layer.disabled_branches = disabled
+
+    @contextmanager
+    def serving_as_of(self, task_index: int) -> Iterator[None]:
+        """routed_branches: the branches of tasks after `task_index` off (branches named `task_<i>`)."""
+        assert self.model is not None
+        if not (isinstance(self.options, RoutedBranchOptions) and self.options.routed_branches):
+            yield
+            return
+        layers = [module for module in self.model.modules() if isinstance(module, MultiBranchLayer)]
+        saved = [layer.disabled_branches for layer in layers]
+        for layer in layers:
+            later = {name for name in layer.branches if _branch_task(name) is not None and _branch_task(name) > task_index}
+            layer.disabled_branches = set(layer.disabled_branches) | later
+        try:
+            yield
+        finally:
+            for layer, disabled in zip(layers, saved):
+                layer.disabled_branches = disabled
+
+    @torch.no_grad()
+    def record_routing(self, task: Task, train_loader: Iterable[dict[str, Any]]) -> None:
+        """Add a finished task's class slots to the router, from its training data's frozen features."""
+        if self.task_router is None:
+            return
+        assert self.model is not None
+        slot_of_class = self.task_router.add_task(task.index, task.class_ids)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for batch in train_loader:
+                features = self.routing_features(batch["inputs"])
+                slots = torch.tensor([slot_of_class[int(label)] for label in batch["labels"]], device=features.device)
+                self.task_router.accumulate(features, slots)
+        finally:
+            self.model.train(was_training)
+
+    @torch.no_grad()
+    def routed_predict(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Each example scored as its task: the task inferred by the router (the protocol's task id in
+        task-incremental runs), the model as of that task, only that task's classes [B, C_seen]."""
+        assert self.task_router is not None
+        inputs = batch["inputs"]
+        if self.context.scenario == "task_incremental":
+            routes = batch["task_ids"]
+        else:
+            routes = self.task_router.route(self.routing_features(inputs))
+        self.routing_tally.add(routes)
+        scores: torch.Tensor | None = None
+        for task_index in routes.unique().tolist():
+            rows = (routes == task_index).nonzero().squeeze(1)
+            group = {"inputs": select_rows(inputs, rows), "task_ids": torch.full((len(rows),), task_index)}
+            with self.serving_as_of(task_index):
+                group_scores = mask_to_classes(self.score(group), self.task_router.task_classes(task_index))
+            if scores is None:
+                scores = group_scores.new_full((len(routes), group_scores.shape[1]), float("-inf"))
+            scores[rows.to(scores.device)] = group_scores
+        assert scores is not None
+        return scores
 
     # ----- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -307,10 +422,11 @@ class Method:
     def after_evaluate_task(self, task: Task) -> None:
         """Called once every test batch of `task` was predicted; lets a method score its own task-id inference
         (e.g. routing accuracy) against the truth without seeing it while predicting."""
+        self.routing_tally.close_task(task.name, task.index)
 
     def task_metrics(self) -> dict[str, Any]:
-        """Method-specific numbers for results.json (e.g. routing accuracy)."""
-        return {}
+        """Method-specific numbers for results.json (routing accuracy of class- and domain-incremental runs)."""
+        return {} if self.context.scenario == "task_incremental" else self.routing_tally.metrics()
 
 
 class LoraMethod(Method):
@@ -349,15 +465,22 @@ class LoraMethod(Method):
                 branch.requires_grad_(False)
 
 
+def _branch_task(branch_name: str) -> int | None:
+    """The task index of a per-task branch name `task_<i>`; None for other branches."""
+    prefix, _, index = branch_name.rpartition("_")
+    return int(index) if prefix == "task" and index.isdigit() else None
+
+
 __all__ = [
+    "KEY_VALUE_NAMES",
+    "QUERY_VALUE_NAMES",
     "LoraMethod",
     "LoraOptions",
     "Method",
     "MethodContext",
     "MethodOptions",
+    "RoutedLoraOptions",
     "adapter_layers",
     "find_target_modules",
     "resolve_target_modules",
-    "KEY_VALUE_NAMES",
-    "QUERY_VALUE_NAMES",
 ]

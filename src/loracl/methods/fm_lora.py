@@ -11,7 +11,8 @@ At the end of a task its cores fold into one accumulated core K, so prediction n
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -26,10 +27,11 @@ from loracl.config import Float
 from loracl.data.stream import Task
 from loracl.errors import LoraclError
 from loracl.methods.base import Method, MethodOptions, resolve_target_modules
+from loracl.methods.routing import RoutedInferenceOptions
 from loracl.seeding import derived_generator
 
 
-class FmLoraOptions(MethodOptions):
+class FmLoraOptions(MethodOptions, RoutedInferenceOptions):
     """FM-LoRA's knobs; [D] defaults are specs/fm-lora.md section 6 (docs/methods/fm_lora.md explains each)."""
 
     rank: int = Field(default=8, ge=1)  # shared rank r
@@ -333,6 +335,15 @@ class FmLora(Method):
             self.model.train(was_training)
         return torch.cat(chunks)
 
+    @contextmanager
+    def adapters_bypassed(self) -> Iterator[None]:
+        """The frozen model for the router: every F-LoRA delta and the meta-prompt off."""
+        self._set_bypass(True)
+        try:
+            yield
+        finally:
+            self._set_bypass(False)
+
     def _set_bypass(self, bypass: bool) -> None:
         for layer in self.layers.values():
             layer.delta_enabled = not bypass
@@ -486,13 +497,13 @@ class FmLora(Method):
 
     # ----- inference ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def predict(self, batch: dict[str, Any]) -> torch.Tensor:
+    def score(self, batch: dict[str, Any]) -> torch.Tensor:
         """No task id: every layer applies W0 + s B K A (plus the live task under its committed mask, if any)."""
         if any(layer.core_M is not None for layer in self.layers.values()):
             mask = self.prefix_mask(self.candidate_ranks[self.committed_rank_index()])
             for layer in self.layers.values():
                 layer.rank_mask = mask
-        return super().predict({"inputs": batch["inputs"]})
+        return super().score({"inputs": batch["inputs"]})
 
     # ----- reporting ---------------------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:
@@ -512,6 +523,7 @@ class FmLora(Method):
     def task_metrics(self) -> dict[str, Any]:
         """The chosen rank r_t and H(T_t) per trained task, and the per-task parameter formula's numbers."""
         return {
+            **super().task_metrics(),
             "chosen_ranks": {entry["task"]: rank for entry, rank in zip(self.complexity, self.chosen_ranks)},
             "complexity": {
                 entry["task"]: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in entry.items() if k != "task"}

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from loracl.data.stream import Task
-from loracl.methods.base import LoraMethod
+from loracl.methods.base import LoraMethod, MethodOptions, RoutedLoraOptions
 
 
 class IncLora(LoraMethod):
@@ -11,6 +13,7 @@ class IncLora(LoraMethod):
 
     name = "inc_lora"
     description = "a fresh LoRA per task, earlier ones frozen, all summed"
+    Options: ClassVar[type[MethodOptions]] = RoutedLoraOptions
 
     def begin_task(self, task: Task) -> None:
         super().begin_task(task)

@@ -28,11 +28,12 @@ from loracl.methods._subspace import (
     update_basis,
 )
 from loracl.methods.base import KEY_VALUE_NAMES, LoraMethod, MethodOptions
+from loracl.methods.routing import RoutedBranchOptions
 
 BASIS_PREFIX = "inflora_basis."
 
 
-class InfLoraOptions(MethodOptions):
+class InfLoraOptions(MethodOptions, RoutedBranchOptions):
     """Defaults: the official CIFAR-100 / DomainNet config (rank 10, lamb 0.95, lame 1.0, DualGPM)."""
 
     rank: int = Field(default=10, ge=1)
@@ -181,4 +182,4 @@ class InfLora(LoraMethod):
             leader: memory.basis.shape[1] if memory.flag == "remove" else memory.dim - memory.basis.shape[1]
             for leader, memory in self.bases.items()
         }
-        return {"old_subspace_dims": old_dims, "design_log": self.design_log}
+        return {**super().task_metrics(), "old_subspace_dims": old_dims, "design_log": self.design_log}

@@ -32,11 +32,12 @@ from loracl.adapters.inject import find_target_modules, inject_adapters
 from loracl.adapters.tensor import TensorAdapterLayer
 from loracl.backbones.base import select_block_output
 from loracl.backbones.classifier import ContinualClassifier
-from loracl.backbones.heads import PrototypeHead, mask_to_classes
+from loracl.backbones.heads import mask_to_classes
 from loracl.config import Float
 from loracl.data.stream import Task
 from loracl.errors import ConfigError, LoraclError
 from loracl.methods.base import Method, MethodContext, MethodOptions
+from loracl.methods.routing import RouterMetric, TaskRouter, select_rows
 from loracl.seeding import private_rng
 
 # Convolutions that are not inside residual blocks (stems, shortcuts, patch embeddings): not adapted by `auto`.
@@ -60,7 +61,7 @@ class MetaLoraOptions(MethodOptions):
     lambda_sd: Float = Field(default=1.0, ge=0.0)  # shared mode only
     # [D] spec G12 names cosine first; mahalanobis (LDA-style, shared shrunk within-class covariance) is the default
     # after it routed better on both measured streams (docs/methods/metalora.md, section metalora_routers_*)
-    router: Literal["cosine", "mahalanobis"] = "mahalanobis"
+    router: RouterMetric = "mahalanobis"
     mahalanobis_shrinkage: Float = Field(default=0.1, ge=0.0, le=1.0)
     restrict_to_routed_task: bool = True
     warm_start: bool = False
@@ -104,14 +105,12 @@ class MappingNet(nn.Module):
 
 
 class MetaLoraState(nn.Module):
-    """The method's own tensors, registered on the model so they are saved with it: mapping nets and routing stats."""
+    """The method's own tensors, registered on the model so they are saved with it: mapping nets and the router."""
 
-    def __init__(self, feature_size: int) -> None:
+    def __init__(self, feature_size: int, router: RouterMetric, shrinkage: float) -> None:
         super().__init__()
         self.mapping = nn.ModuleDict()
-        self.route_means = PrototypeHead(feature_size, "cosine")  # one row per (task, class) routing slot
-        self.register_buffer("scatter", torch.zeros(feature_size, feature_size, dtype=torch.float64))
-        self.register_buffer("scatter_count", torch.zeros((), dtype=torch.float64))
+        self.router = TaskRouter(feature_size, router, shrinkage)
 
 
 def resolve_metalora_targets(model: nn.Module, target_modules: str | list[str]) -> str | list[str]:
@@ -139,17 +138,12 @@ class MetaLora(Method):
         self.trains_jointly = self.options.cl_mode == "joint"  # instance override of the class flag
         self.layers: dict[str, TensorAdapterLayer] = {}
         self.block_of_task: dict[int, str | None] = {}  # task index -> block name (None: base session, no adapter)
-        self.slot_task: list[int] = []  # routing slot -> task index
-        self.slot_class: list[int] = []  # routing slot -> class id
         self.feature_cache: dict[bytes, torch.Tensor] = {}
-        self.routing_counts: dict[str, list[int]] = {}  # task name -> [correct, total], last evaluation round
-        self._routes: list[torch.Tensor] = []
         self._seeds: torch.Tensor | None = None
         self._features: torch.Tensor | None = None
         self.old_mapping: MappingNet | None = None
         self.extractor_depth: int | None = None  # blocks the `blocks` extractor runs (set at attach)
         self.shared_prefix_depth = 0  # leading adapter-free blocks that predict replays (set at attach)
-        self._precision: tuple[tuple[float, float, int], torch.Tensor] | None = None  # Mahalanobis router cache
 
     # ----- structure -----------------------------------------------------------------------------------
     @property
@@ -174,7 +168,8 @@ class MetaLora(Method):
         names = self._in_adapted_blocks(model, find_target_modules(model.backbone.model, targets))
         self.layers = inject_adapters(model.backbone.model, names, lambda module, name: TensorAdapterLayer(module, name))
         self.shared_prefix_depth = self._shared_prefix_depth(model)
-        self.state = MetaLoraState(model.backbone.hidden_size).to(next(model.backbone.parameters()).device)
+        state = MetaLoraState(model.backbone.hidden_size, self.options.router, self.options.mahalanobis_shrinkage)
+        self.state = state.to(next(model.backbone.parameters()).device)
         model.add_module("metalora", self.state)
 
     @staticmethod
@@ -303,8 +298,6 @@ class MetaLora(Method):
             self.block_of_task[0] = None
         elif self.expands:
             self.freeze_block(self.block_of_task[task.index])
-        if self.expands:
-            self._add_routing_slots(task)
 
     # ----- features and seeds --------------------------------------------------------------------------
     @contextmanager
@@ -354,7 +347,7 @@ class MetaLora(Method):
         keys = _example_keys(inputs)
         missing = [index for index, key in enumerate(keys) if key not in self.feature_cache]
         if missing:
-            subset = _select(inputs, torch.tensor(missing, device=_first(inputs).device))
+            subset = select_rows(inputs, torch.tensor(missing, device=_first(inputs).device))
             computed = self.extract(subset)
             for index, feature in zip(missing, computed):
                 self.feature_cache[keys[index]] = feature.detach()
@@ -421,60 +414,20 @@ class MetaLora(Method):
             self.clear_seeds()
 
     # ----- routing -------------------------------------------------------------------------------------
-    def _add_routing_slots(self, task: Task) -> None:
-        for class_id in task.class_ids:
-            self.slot_task.append(task.index)
-            self.slot_class.append(class_id)
-
     @torch.no_grad()
     def record_routing_stats(self, task: Task, train_loader: Iterable[dict[str, Any]]) -> None:
         """Class means of normalised frozen features per (task, class) slot, and the shared scatter."""
         if not self.expands:
             return
-        first_slot = len(self.slot_task)
-        self._add_routing_slots(task)
-        slot_of_class = {class_id: first_slot + offset for offset, class_id in enumerate(task.class_ids)}
-        means = self.state.route_means
-        means.reset_classes(list(range(first_slot, len(self.slot_task))))
+        slot_of_class = self.state.router.add_task(task.index, task.class_ids)
         for batch in train_loader:
-            features = F.normalize(self.frozen_features(batch["inputs"], use_cache=True).float(), dim=-1)
+            features = self.frozen_features(batch["inputs"], use_cache=True)
             slots = torch.tensor([slot_of_class[int(label)] for label in batch["labels"]], device=features.device)
-            means.accumulate(features, slots)
-            self.state.scatter += features.double().T @ features.double()
-            self.state.scatter_count += len(features)
-
-    def _routing_precision(self, means: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Inverse of the shrunk shared within-class covariance [d, d]; computed once per change of the routing
-        statistics (a pseudo-inverse per eval batch would cost more than the routing itself)."""
-        key = (float(self.state.scatter_count), float(self.state.scatter.sum()), len(self.slot_task))
-        if self._precision is not None and self._precision[0] == key:
-            return self._precision[1]
-        second = self.state.scatter / self.state.scatter_count.clamp(min=1)
-        class_outer = (means.double().T * counts.to(means.device)) @ means.double() / self.state.scatter_count.clamp(min=1)
-        covariance = second - class_outer  # within-class covariance
-        dim = covariance.shape[0]
-        shrink = self.options.mahalanobis_shrinkage
-        identity = torch.eye(dim, dtype=covariance.dtype, device=covariance.device)
-        covariance = (1 - shrink) * covariance + shrink * covariance.trace() / dim * identity
-        precision = torch.linalg.pinv(covariance).float()
-        self._precision = (key, precision)
-        return precision
+            self.state.router.accumulate(features, slots)
 
     def route(self, features: torch.Tensor) -> torch.Tensor:
         """Task index per sample [B] from the frozen features (never from the batch's task ids)."""
-        normalised = F.normalize(features.float(), dim=-1)
-        means_module = self.state.route_means
-        if self.options.router == "cosine":
-            scores = means_module(normalised)
-        else:
-            means = means_module.means().to(normalised.device)
-            counts = means_module.counts.to(normalised.device)
-            precision = self._routing_precision(means, counts).to(normalised.device)
-            difference = normalised.unsqueeze(1) - means.unsqueeze(0)  # [B, slots, d]
-            scores = -torch.einsum("bsd,de,bse->bs", difference, precision, difference)
-            scores = scores.masked_fill(counts.unsqueeze(0) == 0, float("-inf"))
-        slot_task = torch.tensor(self.slot_task, device=features.device)
-        return slot_task[scores.argmax(dim=1)]
+        return self.state.router.route(features)
 
     # ----- inference -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -490,7 +443,7 @@ class MetaLora(Method):
             routes = batch["task_ids"].to(features.device)  # the protocol gives the task id
         else:
             routes = self.route(features)
-        self._routes.append(routes.cpu())
+        self.routing_tally.add(routes)
         num_classes = self.model.head.num_classes if self.context.head.type != "prototype" else self.model.prototypes.num_classes
         scores = features.new_full((len(routes), num_classes), float("-inf"))
         for task_index in routes.unique().tolist():
@@ -498,11 +451,11 @@ class MetaLora(Method):
             block_name = self.block_of_task[task_index]
             group_prefix = None if prefix is None else select_block_output(prefix, rows)
             group_features = self.adapted_features(
-                _select(inputs, rows), block_name, features[rows] if block_name else None, group_prefix
+                select_rows(inputs, rows), block_name, features[rows] if block_name else None, group_prefix
             )
             group_scores = self._scores(group_features).to(scores.dtype)
             if self.options.restrict_to_routed_task:
-                group_scores = mask_to_classes(group_scores, self._task_classes(task_index))
+                group_scores = mask_to_classes(group_scores, self.state.router.task_classes(task_index))
             scores[rows] = group_scores
         return scores
 
@@ -512,30 +465,8 @@ class MetaLora(Method):
             return self.model.prototypes(features)
         return self.model.head(features)
 
-    def _task_classes(self, task_index: int) -> list[int]:
-        return [class_id for slot_task, class_id in zip(self.slot_task, self.slot_class) if slot_task == task_index]
-
-    def after_evaluate_task(self, task: Task) -> None:
-        """Score the routes of the task just evaluated against its true index (after prediction, never during)."""
-        if not self._routes:
-            return
-        routes = torch.cat(self._routes)
-        self._routes = []
-        self.routing_counts[task.name] = [int((routes == task.index).sum()), len(routes)]
-
-    def task_metrics(self) -> dict[str, Any]:
-        """Routing accuracy of the last evaluation round (expand mode in class/domain-incremental runs)."""
-        if not self.routing_counts or self.context.scenario == "task_incremental":
-            return {}
-        correct = sum(count[0] for count in self.routing_counts.values())
-        total = sum(count[1] for count in self.routing_counts.values())
-        return {
-            "routing_accuracy": correct / total if total else None,
-            "routing_accuracy_per_task": {name: c / n if n else None for name, (c, n) in self.routing_counts.items()},
-        }
-
     def extra_state(self) -> dict[str, Any]:
-        return {"block_of_task": {str(k): v for k, v in self.block_of_task.items()}, "slot_task": self.slot_task}
+        return {"block_of_task": {str(k): v for k, v in self.block_of_task.items()}, "slot_task": self.state.router.slot_task.tolist()}
 
     # ----- accounting ----------------------------------------------------------------------------------
     def block_parameter_count(self, block_name: str) -> int:
@@ -552,10 +483,6 @@ class MetaLora(Method):
 
 def _first(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     return next(iter(inputs.values()))
-
-
-def _select(inputs: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {key: value[rows] for key, value in inputs.items()}
 
 
 def _example_keys(inputs: dict[str, torch.Tensor]) -> list[bytes]:

@@ -11,11 +11,11 @@ from pydantic import Field
 from loracl.backbones.classifier import ContinualClassifier
 from loracl.config import Float
 from loracl.data.stream import Task
-from loracl.methods.base import LoraMethod, LoraOptions
+from loracl.methods.base import LoraMethod, LoraOptions, RoutedLoraOptions
 from loracl.seeding import private_rng
 
 
-class OLoraOptions(LoraOptions):
+class OLoraOptions(RoutedLoraOptions):
     """Defaults are the official code's: LoraOptions' rank 8, alpha 32 (s = 4), shared dropout 0.1; lambda_1 0.5,
     lambda_2 0."""
 
@@ -110,4 +110,7 @@ class OLora(LoraMethod):
         """The last task's overlap sum_l ||A_old A_t^T||_1, to check that the penalty did its job."""
         with torch.no_grad():
             overlaps = self.overlaps() if self.current_branch else []
-        return {"final_orth_overlap_l1": float(sum(o.abs().sum() for o in overlaps))} if overlaps else {}
+        metrics = super().task_metrics()
+        if overlaps:
+            metrics["final_orth_overlap_l1"] = float(sum(o.abs().sum() for o in overlaps))
+        return metrics

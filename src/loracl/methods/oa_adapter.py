@@ -24,10 +24,11 @@ from loracl.backbones.classifier import ContinualClassifier
 from loracl.config import Float
 from loracl.data.stream import Task
 from loracl.methods.base import Method, MethodOptions, resolve_target_modules
+from loracl.methods.routing import RoutedBranchOptions
 from loracl.seeding import private_rng
 
 
-class OaAdapterOptions(MethodOptions):
+class OaAdapterOptions(MethodOptions, RoutedBranchOptions):
     """OA-Adapter knobs; defaults are the spec's (§6 "Our defaults", §8)."""
 
     rank: int = Field(default=8, ge=1)  # r_max, the maximal bottleneck ("budget") per site
@@ -222,19 +223,20 @@ class OaAdapter(Method):
             yield
             return
         own = f"task_{int(batch['task_ids'][0])}"
+        saved = {site: layer.disabled_branches for site, layer in self.layers.items()}
         for layer in self.layers.values():
             layer.disabled_branches = {name for name in layer.branches if name != own}
         try:
             yield
         finally:
-            for layer in self.layers.values():
-                layer.disabled_branches = set()
+            for site, layer in self.layers.items():
+                layer.disabled_branches = saved[site]
 
     @torch.no_grad()
-    def predict(self, batch: dict[str, Any]) -> torch.Tensor:
+    def score(self, batch: dict[str, Any]) -> torch.Tensor:
         """All branches summed (no task id); task_oracle keeps only the batch's own task's branch."""
         with self.serving(batch):
-            return super().predict(batch)
+            return super().score(batch)
 
     def features_for_prototypes(self, batch: dict[str, Any]) -> torch.Tensor:
         """Class statistics (prototypes, head.align) under the composition that will score this task."""
@@ -271,6 +273,7 @@ class OaAdapter(Method):
         active = [self.stored_adapter_params(task) for task in tasks]
         cumulative = [sum(active[: i + 1]) for i in range(len(active))]
         return {
+            **super().task_metrics(),
             "sites": sites,
             "r_max": self.options.rank,
             "r_eff": {task: [self.budgets[task][site] for site in sites] for task in tasks},

@@ -17,12 +17,13 @@ from loracl.backbones.classifier import ContinualClassifier
 from loracl.config import Float
 from loracl.data.stream import Task
 from loracl.methods.base import LoraMethod, MethodOptions
+from loracl.methods.routing import RoutedBranchOptions
 from loracl.seeding import private_rng
 
 MAGNITUDES_MODULE = "sd_lora_magnitudes"
 
 
-class SdLoraOptions(MethodOptions):
+class SdLoraOptions(MethodOptions, RoutedBranchOptions):
     """Defaults follow the official code: rank 10, scale 1, magnitudes 0.8, factor-norm, magnitudes reset."""
 
     rank: int = Field(default=10, ge=1)
@@ -83,7 +84,7 @@ class SdLora(LoraMethod):
         return {name: float(value.detach()) for name, value in self.magnitudes.items()}
 
     def extra_state(self) -> dict[str, Any]:
-        return {"magnitudes": self.magnitude_values()}
+        return {**super().task_metrics(), "magnitudes": self.magnitude_values()}
 
     def task_metrics(self) -> dict[str, Any]:
-        return {"magnitudes": self.magnitude_values()}
+        return {**super().task_metrics(), "magnitudes": self.magnitude_values()}

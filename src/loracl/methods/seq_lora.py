@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from loracl.data.stream import Task
-from loracl.methods.base import LoraMethod
+from loracl.methods.base import LoraMethod, MethodOptions, RoutedLoraOptions
 
 
 class SeqLora(LoraMethod):
@@ -11,6 +13,7 @@ class SeqLora(LoraMethod):
 
     name = "seq_lora"
     description = "one LoRA trained on task after task (forgetting baseline)"
+    Options: ClassVar[type[MethodOptions]] = RoutedLoraOptions
 
     def begin_task(self, task: Task) -> None:
         super().begin_task(task)

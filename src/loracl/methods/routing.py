@@ -1,0 +1,156 @@
+"""Task-identity inference from frozen features, shared by every method that routes a test example to one task.
+
+A router keeps one mean per (task, class) slot of L2-normalised features from an extractor that never changes
+(the frozen backbone, or its embedding layer), and one within-class scatter pooled over every slot. It scores a
+test example against each slot by cosine similarity, or by Mahalanobis distance under the shared covariance
+(linear discriminant analysis with shrinkage), and answers the task of the best slot. MetaLoRA routes to a task's
+block with it; the LoRA baselines and FM-LoRA / OA-Adapter use it for the [D] `routed_inference` option.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from loracl.backbones.heads import PrototypeHead
+from loracl.config import Float, StrictModel
+
+RouterMetric = Literal["cosine", "mahalanobis"]
+
+
+class RoutedInferenceOptions(StrictModel):
+    """[D] routed inference (not in the method's paper or code): infer each test example's task from frozen
+    features, serve it by the model as of that task (`routed_branches`, for methods with one branch per task)
+    and score only that task's classes. Off by default; docs/methods/routed_inference.md."""
+
+    routed_inference: bool = False
+    router: RouterMetric = "mahalanobis"
+    # base: the frozen backbone's pooled output (one extra forward per example); embed: the mean of the embedding
+    # layer's output (nearly free; identifies text tasks well, image tasks poorly)
+    router_features: Literal["base", "embed"] = "base"
+    router_shrinkage: Float = Field(default=0.1, ge=0.0, le=1.0)  # (1-λ)Σ + λ tr(Σ)/d I
+
+
+class RoutedBranchOptions(RoutedInferenceOptions):
+    """Routed inference for methods with one adapter branch per task: `routed_branches` also switches off the
+    branches of tasks after the routed one, so each example meets the adapters its task was trained with."""
+
+    routed_branches: bool = True
+
+
+class TaskRouter(nn.Module):
+    """Slot means and the pooled scatter of normalised frozen features; answers a task index per example.
+
+    Every statistic is a buffer, so the router is saved and restored with the model's state_dict.
+    """
+
+    def __init__(self, feature_size: int, metric: RouterMetric = "mahalanobis", shrinkage: float = 0.1) -> None:
+        super().__init__()
+        self.metric = metric
+        self.shrinkage = shrinkage
+        self.means = PrototypeHead(feature_size, "cosine")  # one row per (task, class) slot
+        self.register_buffer("scatter", torch.zeros(feature_size, feature_size, dtype=torch.float64))
+        self.register_buffer("scatter_count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("slot_task", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("slot_class", torch.zeros(0, dtype=torch.long))
+        self._precision: tuple[tuple[float, float, int], torch.Tensor] | None = None
+
+    @property
+    def num_slots(self) -> int:
+        return int(self.slot_task.numel())
+
+    def add_task(self, task_index: int, class_ids: list[int]) -> dict[int, int]:
+        """New empty slots for a task's classes; returns class id -> slot."""
+        first = self.num_slots
+        device = self.slot_task.device
+        self.slot_task = torch.cat([self.slot_task, torch.full((len(class_ids),), task_index, device=device)])
+        self.slot_class = torch.cat([self.slot_class, torch.tensor(class_ids, dtype=torch.long, device=device)])
+        self.means.reset_classes(list(range(first, self.num_slots)))
+        return {class_id: first + offset for offset, class_id in enumerate(class_ids)}
+
+    @torch.no_grad()
+    def accumulate(self, features: torch.Tensor, slots: torch.Tensor) -> None:
+        """Add frozen features [B, d] of the given slots [B] to the means and the pooled scatter."""
+        normalised = F.normalize(features.float(), dim=-1)
+        self.means.accumulate(normalised, slots)
+        wide = normalised.to(self.scatter)
+        self.scatter += wide.T @ wide
+        self.scatter_count += len(normalised)
+
+    def precision(self) -> torch.Tensor:
+        """Inverse of the shrunk within-class covariance [d, d]; computed once per change of the statistics (a
+        pseudo-inverse per eval batch would cost more than the routing itself)."""
+        key = (float(self.scatter_count), float(self.scatter.sum()), self.num_slots)
+        if self._precision is not None and self._precision[0] == key:
+            return self._precision[1]
+        total = self.scatter_count.clamp(min=1)
+        means = self.means.means().double()
+        counts = self.means.counts.to(means.device)
+        covariance = self.scatter / total - (means.T * counts) @ means / total  # within-class covariance
+        dim = covariance.shape[0]
+        identity = torch.eye(dim, dtype=covariance.dtype, device=covariance.device)
+        covariance = (1 - self.shrinkage) * covariance + self.shrinkage * covariance.trace() / dim * identity
+        precision = torch.linalg.pinv(covariance).float()
+        self._precision = (key, precision)
+        return precision
+
+    def slot_scores(self, features: torch.Tensor) -> torch.Tensor:
+        """[B, d] -> [B, slots]: cosine to each slot mean, or minus the Mahalanobis distance; empty slots -inf."""
+        normalised = F.normalize(features.float(), dim=-1)
+        if self.metric == "cosine":
+            return self.means(normalised)
+        means = self.means.means().to(normalised.device)
+        counts = self.means.counts.to(normalised.device)
+        precision = self.precision().to(normalised.device)
+        difference = normalised.unsqueeze(1) - means.unsqueeze(0)  # [B, slots, d]
+        scores = -torch.einsum("bsd,de,bse->bs", difference, precision, difference)
+        return scores.masked_fill(counts.unsqueeze(0) == 0, float("-inf"))
+
+    @torch.no_grad()
+    def route(self, features: torch.Tensor) -> torch.Tensor:
+        """Task index per example [B] from frozen features (never from the batch's task ids)."""
+        if self.num_slots == 0:
+            raise RuntimeError("the task router has no statistics yet: record a task before routing")
+        return self.slot_task.to(features.device)[self.slot_scores(features).argmax(dim=1)]
+
+    def task_classes(self, task_index: int) -> list[int]:
+        """The class ids of a task's slots."""
+        return self.slot_class[self.slot_task == task_index].tolist()
+
+
+def select_rows(inputs: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The given rows [n] of every tensor in a batch of inputs."""
+    return {key: value[rows.to(value.device)] for key, value in inputs.items()}
+
+
+class RoutingTally:
+    """Routes predicted during one task's evaluation, scored against its index once all its batches are done."""
+
+    def __init__(self) -> None:
+        self.pending: list[torch.Tensor] = []
+        self.counts: dict[str, list[int]] = {}
+
+    def add(self, routes: torch.Tensor) -> None:
+        self.pending.append(routes.detach().cpu())
+
+    def close_task(self, task_name: str, task_index: int) -> None:
+        if not self.pending:
+            return
+        routes = torch.cat(self.pending)
+        self.pending = []
+        self.counts[task_name] = [int((routes == task_index).sum()), len(routes)]
+
+    def metrics(self) -> dict[str, object]:
+        """Routing accuracy of the last evaluation round, overall and per task."""
+        if not self.counts:
+            return {}
+        correct = sum(count[0] for count in self.counts.values())
+        total = sum(count[1] for count in self.counts.values())
+        return {
+            "routing_accuracy": correct / total if total else None,
+            "routing_accuracy_per_task": {name: c / n if n else None for name, (c, n) in self.counts.items()},
+        }
