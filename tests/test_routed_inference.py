@@ -17,7 +17,7 @@ from loracl.engine import run_experiment
 from loracl.engine.loaders import SplitLoader
 from loracl.methods.base import MethodContext
 from loracl.methods.registry import create_method
-from loracl.methods.routing import TaskRouter
+from loracl.methods.routing import TaskRouter, fingerprint_options
 
 ALPHABETS = ["abcde", "klmno", "vwxyz"]
 
@@ -217,6 +217,7 @@ def test_engine_run_with_routing_reports_routing_accuracy_and_resumes(tmp_path):
         ("inflora", {"router_features": "blocks"}, "router_features"),
         ("sd_lora", {"router_shrinkage": 1.5}, "router_shrinkage"),
         ("fm_lora", {"routed_branches": True}, "routed_branches"),  # one shared subspace: no per-task branches
+        ("seq_lora", {"routed_branches": True}, "routed_branches"),  # one branch for every task
         ("joint", {"routed_inference": True}, "routed_inference"),  # one model for every task: nothing to route
     ],
 )
@@ -224,3 +225,33 @@ def test_bad_routing_options_name_the_key(name, options, culprit):
     context = MethodContext(HeadConfig(), TrainConfig(), seed=0)
     with pytest.raises((ValidationError, ValueError), match=culprit):
         create_method(name, options, context)
+
+
+def test_task_incremental_eval_of_an_untrained_task_gets_the_plain_scores_and_no_routing_entry():
+    method, _, stream = trained("inc_lora", scenario="task_incremental")
+    batch = next(iter(loader(method, stream.tasks[0].test, 0)))
+    batch["task_ids"] = torch.full_like(batch["task_ids"], 5)  # a task the router has no classes for
+    torch.testing.assert_close(method.predict(batch), method.score(batch))
+    method.after_evaluate_task(stream.tasks[0])
+    assert method.task_metrics() == {}  # task-incremental: no routing to score
+
+
+def test_routes_of_a_task_not_trained_yet_are_not_scored_as_routing():
+    stream = separable_stream()
+    method, model = build("o_lora")
+    for task in stream.tasks[:2]:
+        train_task(method, task)
+    model.eval()
+    batch = next(iter(loader(method, stream.tasks[2].test, 2)))
+    method.predict({"inputs": batch["inputs"]})  # routed to task 0 or 1: the only ones it knows
+    method.after_evaluate_task(stream.tasks[2])
+    assert "routing_accuracy" not in method.task_metrics() and not method.routing_tally.pending
+
+
+def test_routing_keys_enter_the_run_fingerprint_only_when_routing_is_on():
+    options_class = create_method("o_lora", {}, MethodContext(HeadConfig(), TrainConfig())).Options
+    plain = fingerprint_options(options_class())
+    assert not any(key.startswith("rout") for key in plain)
+    assert fingerprint_options(options_class(router="cosine")) == plain  # inert while routing is off
+    routed = fingerprint_options(options_class(routed_inference=True))
+    assert routed["routed_inference"] is True and routed["router"] == "mahalanobis" and routed["routed_branches"] is True

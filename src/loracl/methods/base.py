@@ -333,6 +333,8 @@ class Method:
             return
         assert self.model is not None
         slot_of_class = self.task_router.add_task(task.index, task.class_ids)
+        if self.context.scenario == "task_incremental":
+            return  # the protocol gives the task: only its classes are needed, not the frozen features
         was_training = self.model.training
         self.model.eval()
         try:
@@ -358,8 +360,12 @@ class Method:
         for task_index in routes.unique().tolist():
             rows = (routes == task_index).nonzero().squeeze(1)
             group = {"inputs": select_rows(inputs, rows), "task_ids": torch.full((len(rows),), task_index)}
-            with self.serving_as_of(task_index):
-                group_scores = mask_to_classes(self.score(group), self.task_router.task_classes(task_index))
+            classes = self.task_router.task_classes(task_index)
+            if not classes:  # a task not trained yet (train.eval_next_task, task-incremental): the plain scores
+                group_scores = self.score(group)
+            else:
+                with self.serving_as_of(task_index):
+                    group_scores = mask_to_classes(self.score(group), classes)
             if scores is None:
                 scores = group_scores.new_full((len(routes), group_scores.shape[1]), float("-inf"))
             scores[rows.to(scores.device)] = group_scores
@@ -421,8 +427,10 @@ class Method:
 
     def after_evaluate_task(self, task: Task) -> None:
         """Called once every test batch of `task` was predicted; lets a method score its own task-id inference
-        (e.g. routing accuracy) against the truth without seeing it while predicting."""
-        self.routing_tally.close_task(task.name, task.index)
+        (e.g. routing accuracy) against the truth without seeing it while predicting; the routes of a task not
+        trained yet (train.eval_next_task) are not routing errors and are dropped."""
+        finished = {seen.index for seen in self.seen_tasks}
+        self.routing_tally.close_task(task.name, task.index, keep=task.index in finished)
 
     def task_metrics(self) -> dict[str, Any]:
         """Method-specific numbers for results.json (routing accuracy of class- and domain-incremental runs)."""

@@ -338,6 +338,8 @@ class FmLora(Method):
     @contextmanager
     def adapters_bypassed(self) -> Iterator[None]:
         """The frozen model for the router: every F-LoRA delta and the meta-prompt off."""
+        if any(layer.merged for layer in self.layers.values()):
+            raise RuntimeError("routed inference needs unmerged adapters: the router reads the frozen model")
         self._set_bypass(True)
         try:
             yield

@@ -35,6 +35,16 @@ class RoutedInferenceOptions(StrictModel):
     router_shrinkage: Float = Field(default=0.1, ge=0.0, le=1.0)  # (1-λ)Σ + λ tr(Σ)/d I
 
 
+def fingerprint_options(options: StrictModel) -> dict[str, object]:
+    """A method's options as they decide its results: the routing keys only when routing is on (so turning the
+    option on changes a run's fingerprint and adding it left earlier runs' fingerprints as they were)."""
+    dumped = options.model_dump(mode="json")
+    if isinstance(options, RoutedInferenceOptions) and not options.routed_inference:
+        for key in RoutedBranchOptions.model_fields:
+            dumped.pop(key, None)
+    return dumped
+
+
 class RoutedBranchOptions(RoutedInferenceOptions):
     """Routed inference for methods with one adapter branch per task: `routed_branches` also switches off the
     branches of tasks after the routed one, so each example meets the adapters its task was trained with."""
@@ -137,12 +147,14 @@ class RoutingTally:
     def add(self, routes: torch.Tensor) -> None:
         self.pending.append(routes.detach().cpu())
 
-    def close_task(self, task_name: str, task_index: int) -> None:
+    def close_task(self, task_name: str, task_index: int, keep: bool = True) -> None:
+        """Score the pending routes against the task's index (keep=False: drop them)."""
         if not self.pending:
             return
         routes = torch.cat(self.pending)
         self.pending = []
-        self.counts[task_name] = [int((routes == task_index).sum()), len(routes)]
+        if keep:
+            self.counts[task_name] = [int((routes == task_index).sum()), len(routes)]
 
     def metrics(self) -> dict[str, object]:
         """Routing accuracy of the last evaluation round, overall and per task."""

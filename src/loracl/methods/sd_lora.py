@@ -84,7 +84,7 @@ class SdLora(LoraMethod):
         return {name: float(value.detach()) for name, value in self.magnitudes.items()}
 
     def extra_state(self) -> dict[str, Any]:
-        return {**super().task_metrics(), "magnitudes": self.magnitude_values()}
+        return {"magnitudes": self.magnitude_values()}
 
     def task_metrics(self) -> dict[str, Any]:
         return {**super().task_metrics(), "magnitudes": self.magnitude_values()}

@@ -5,7 +5,12 @@ from __future__ import annotations
 from typing import ClassVar
 
 from loracl.data.stream import Task
-from loracl.methods.base import LoraMethod, MethodOptions, RoutedLoraOptions
+from loracl.methods.base import LoraMethod, LoraOptions, MethodOptions
+from loracl.methods.routing import RoutedInferenceOptions
+
+
+class SeqLoraOptions(LoraOptions, RoutedInferenceOptions):
+    """LoraOptions plus routed inference (one branch serves every task, so there is no `routed_branches`)."""
 
 
 class SeqLora(LoraMethod):
@@ -13,7 +18,7 @@ class SeqLora(LoraMethod):
 
     name = "seq_lora"
     description = "one LoRA trained on task after task (forgetting baseline)"
-    Options: ClassVar[type[MethodOptions]] = RoutedLoraOptions
+    Options: ClassVar[type[MethodOptions]] = SeqLoraOptions
 
     def begin_task(self, task: Task) -> None:
         super().begin_task(task)
