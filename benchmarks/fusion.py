@@ -130,7 +130,7 @@ def run_setting(host, tasks, sizes, args, methods, support_sizes) -> dict:
     options = fuse_options({"budget": args.lorahub_budget, "icm": {
         "warm_start_steps": args.warm_start_steps, "meta_steps": args.meta_steps, "batch_size": args.vae_batch,
         "meta_batch_size": args.meta_batch, "inner_steps": args.inner_steps, "channel_divisor": args.channel_divisor,
-        "normalisation": args.normalisation}})
+        "normalisation": args.normalisation, "centre": args.centre}})
     for method in methods:
         for count in support_sizes if method in WITH_EXAMPLES else [None]:
             label = method if count is None else f"{method} ({count} examples/task)"
@@ -202,6 +202,7 @@ def main() -> None:
     parser.add_argument("--meta-batch", type=int, default=2, help="tasks per meta step")
     parser.add_argument("--channel-divisor", type=int, default=1, help="thins every F-VAE conv layer k-fold (1: ICM-LoRA's)")
     parser.add_argument("--normalisation", choices=["shared", "per_sample"], default="shared", help="ICM's G5 switch")
+    parser.add_argument("--centre", action="store_true", help="ICM: subtract the pooled mean weight vector (fusion.icm.centre)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--lorahub-budget", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)

@@ -10,7 +10,7 @@ from loracl.engine import run_experiment
 from loracl.errors import LoraclError
 from loracl.fusion import LoraHost, TaskAdapter, TaskSupport, fuse
 from loracl.fusion.flat import FlatLayout, flatten, tensor_stats, unflatten
-from loracl.fusion.icm_fusion import IcmFusion, IcmFusionOptions
+from loracl.fusion.icm_fusion import FusionTask, IcmFusion, IcmFusionOptions
 from loracl.fusion.vae import FusionVAE, cvae_loss, kl_divergence
 
 MODULES = ["encoder.layer.0.attention.self.query", "encoder.layer.0.attention.self.value",
@@ -36,6 +36,30 @@ def test_flatten_unflatten_round_trip_and_length_bookkeeping():
     shared = tensor_stats(layout, [adapter, random_adapter(1)])
     restored = unflatten(layout, flatten(layout, adapter, shared)[0], shared)
     assert all(torch.allclose(restored[m].lora_B, adapter[m].lora_B, atol=1e-5) for m in MODULES)
+
+
+def test_centring_offset_round_trips_and_removes_what_every_lora_shares():
+    """centre: the pooled mean vector comes off after z-scoring and back on after decoding; a factor every task
+    shares (the same-seed A) is zero in the centred data the F-VAE sees."""
+    shared_down = random_adapter(0)
+    adapters = []
+    for seed in range(3):
+        ups = random_adapter(20 + seed)
+        adapters.append({m: LoraPair(shared_down[m].lora_A, ups[m].lora_B, 2.0) for m in MODULES})
+    tasks = [FusionTask(f"t{i}", adapter, TaskSupport({"input_ids": torch.zeros(1, 2, dtype=torch.long)}, torch.zeros(1, dtype=torch.long), torch.nn.Identity())) for i, adapter in enumerate(adapters)]
+    fusion = IcmFusion(IcmFusionOptions(task_vector="parameters", inner_steps=0, centre=True), host=None)
+    layout = FlatLayout.of(adapters[0])
+    per_task, finals, stats = fusion.weight_data(tasks, layout)
+    assert stats.offset is not None and stats.offset.shape == (layout.padded,)
+    flats = torch.stack(finals)
+    torch.testing.assert_close(flats.mean(0), torch.zeros(layout.padded), atol=1e-5, rtol=0)
+    a_size = shared_down[MODULES[0]].lora_A.numel()
+    assert flats[:, :a_size].abs().max() < 1e-5  # the first module's shared A is gone
+    for adapter, flat in zip(adapters, finals):
+        restored = unflatten(layout, flat, stats)
+        assert all(torch.allclose(restored[m].lora_B, adapter[m].lora_B, atol=1e-5) for m in MODULES)
+    with pytest.raises(ValueError, match="centre"):
+        IcmFusionOptions(centre=True, normalisation="per_sample")
 
 
 def test_vae_shapes_and_eval_determinism():

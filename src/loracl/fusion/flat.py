@@ -62,10 +62,12 @@ class FlatLayout:
 
 @dataclass
 class TensorStats:
-    """Per-tensor (mean, std) in layout order: 2 floats per LoRA tensor."""
+    """Per-tensor (mean, std) in layout order: 2 floats per LoRA tensor; optionally a per-position offset
+    subtracted after z-scoring (the pooled weight dataset's mean vector, `centre`)."""
 
     mean: torch.Tensor  # [num_tensors]
     std: torch.Tensor  # [num_tensors]
+    offset: torch.Tensor | None = None  # [N_pad], zero on the padding
 
 
 def tensor_stats(layout: FlatLayout, adapters: list[dict[str, LoraPair]], eps: float = 1e-8) -> TensorStats:
@@ -85,14 +87,16 @@ def flatten(layout: FlatLayout, adapter: dict[str, LoraPair], stats: TensorStats
     if stats is None:
         stats = tensor_stats(layout, [adapter])
     pieces = [((tensor - stats.mean[i]) / stats.std[i]).reshape(-1) for i, tensor in enumerate(tensors)]
-    flat = torch.cat(pieces)
-    return torch.nn.functional.pad(flat, (0, layout.padded - flat.numel())), stats
+    flat = torch.nn.functional.pad(torch.cat(pieces), (0, layout.padded - layout.numel))
+    return (flat if stats.offset is None else flat - stats.offset), stats
 
 
 def unflatten(layout: FlatLayout, flat: torch.Tensor, stats: TensorStats) -> dict[str, LoraPair]:
     """Inverse of flatten: cut the padding, split, de-normalise (sigma * piece + mu), reshape."""
     if flat.numel() != layout.padded:
         raise LoraclError(f"flat LoRA vector has {flat.numel()} values, the layout needs {layout.padded}")
+    if stats.offset is not None:
+        flat = flat + stats.offset
     parts: dict[str, dict[str, torch.Tensor]] = {}
     offset = 0
     for i, ((module, part), shape) in enumerate(zip(layout.keys, layout.shapes)):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from loracl.adapters.peft_io import LoraPair
 from loracl.config import Float, StrictModel
@@ -33,6 +33,10 @@ class IcmFusionOptions(StrictModel):
     channel_divisor: int = Field(default=1, ge=1)  # [D] 1 = ICM-LoRA's conv widths; k thins every conv layer k-fold
     kl_weight: Float = Field(default=0.005, ge=0.0)  # [C]
     normalisation: Literal["shared", "per_sample"] = "shared"  # [D] G5
+    # [D] subtract the pooled weight samples' mean vector (per position) after z-scoring and add it back after
+    # decoding, so the F-VAE models what differs between the LoRAs; per-task LoRAs from one init seed share
+    # their barely-trained A factors, a fixed random pattern a conv decoder cannot reproduce (shared only)
+    centre: bool = False
     warm_start_steps: int = Field(default=300, ge=0)  # [D] plain-CVAE steps (K = 0) before the meta phase
     meta_steps: int = Field(default=30, ge=0)  # [D] outer steps of Algorithm 1
     batch_size: int = Field(default=16, ge=2)  # [D] weight samples per VAE step (tasks drawn uniformly)
@@ -49,6 +53,12 @@ class IcmFusionOptions(StrictModel):
     noise_std: Float = Field(default=0.01, ge=0.0)  # [D] G7: jitter added to tasks with fewer than 5 samples
     min_samples: int = Field(default=5, ge=1)  # [D] G7
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _centre_needs_shared_statistics(self) -> IcmFusionOptions:
+        if self.centre and self.normalisation != "shared":
+            raise ValueError("`centre` needs normalisation `shared` (one offset for every weight sample)")
+        return self
 
 
 @dataclass
@@ -116,6 +126,9 @@ class IcmFusion:
         """Flat samples per task [n_i, N_pad], the flat final LoRAs [N_pad], and the stats used to decode."""
         pooled = [sample for task in tasks for sample in [task.final, *task.samples]]
         shared = tensor_stats(layout, pooled)
+        if self.options.centre:
+            offset = torch.stack([flatten(layout, sample, shared)[0] for sample in pooled]).mean(0)
+            shared = TensorStats(shared.mean, shared.std, offset)
         per_task, finals = [], []
         for task in tasks:
             own = None if self.options.normalisation == "per_sample" else shared
@@ -267,7 +280,9 @@ class IcmFusion:
             "vae_params": vae_params,
             "task_vector_dim": int(vectors.shape[1]),
             "final_reconstruction_mse": reconstruction_mse,
-            "storage_floats": vae_params + vectors.numel() + 2 * len(layout.keys) + layout.numel,  # invariant 11
+            "storage_floats": vae_params + vectors.numel() + 2 * len(layout.keys) + layout.numel
+            + (layout.padded if stats.offset is not None else 0),  # invariant 11, plus the centring offset
+            "final_target_mean_square": float(torch.stack(finals)[:, : layout.numel].pow(2).mean()),  # MSE of a zero output
             "fusion_s": time.perf_counter() - started,
             **losses,
         }
