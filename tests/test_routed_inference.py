@@ -135,7 +135,7 @@ def test_embedding_router_features_read_the_embedding_layer():
     torch.testing.assert_close(method.routing_features(batch["inputs"]), expected)
 
 
-@pytest.mark.parametrize("name", ["o_lora", "inflora", "sd_lora", "oa_adapter", "seq_lora"])
+@pytest.mark.parametrize("name", ["o_lora", "inflora", "sd_lora", "oa_adapter", "seq_lora", "probe"])
 def test_predict_scores_only_the_routed_task_without_reading_task_ids(name):
     method, _, stream = trained(name)
     for task in stream.tasks:

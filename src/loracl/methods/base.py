@@ -359,7 +359,9 @@ class Method:
         scores: torch.Tensor | None = None
         for task_index in routes.unique().tolist():
             rows = (routes == task_index).nonzero().squeeze(1)
-            group = {"inputs": select_rows(inputs, rows), "task_ids": torch.full((len(rows),), task_index)}
+            group: dict[str, Any] = {"inputs": select_rows(inputs, rows), "task_ids": torch.full((len(rows),), task_index)}
+            if "example_keys" in batch:  # per-example caches (probe) keep working inside a routed group
+                group["example_keys"] = [batch["example_keys"][row] for row in rows.tolist()]
             classes = self.task_router.task_classes(task_index)
             if not classes:  # a task not trained yet (train.eval_next_task, task-incremental): the plain scores
                 group_scores = self.score(group)

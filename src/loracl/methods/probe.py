@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from loracl.methods.base import Method
+from loracl.methods.base import Method, MethodOptions
+from loracl.methods.routing import RoutedInferenceOptions
+
+
+class ProbeOptions(MethodOptions, RoutedInferenceOptions):
+    """No knobs of its own; routed inference gives the floor that routed methods must clear."""
 
 
 class Probe(Method):
@@ -18,6 +23,7 @@ class Probe(Method):
 
     name = "probe"
     description = "frozen backbone, classifier only (lower bound)"
+    Options: ClassVar[type[MethodOptions]] = ProbeOptions
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -48,7 +54,7 @@ class Probe(Method):
         return self.frozen_features(batch)
 
     @torch.no_grad()
-    def predict(self, batch: dict[str, Any]) -> torch.Tensor:
+    def score(self, batch: dict[str, Any]) -> torch.Tensor:
         assert self.model is not None
         features = self.frozen_features(batch)
         if self.context.head.type == "prototype":
