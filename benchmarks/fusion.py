@@ -242,7 +242,9 @@ def main() -> None:
         f"(padded {icm_report['padded_length']:,}); task-vector dim {icm_report['task_vector_dim']}; "
         f"storage {icm_report['storage_floats']:,} floats. Last losses of the first ICM run: warm start "
         f"{icm_report['warm_start_loss']:.4f}, meta {icm_report['meta_loss']:.4f}; reconstruction MSE of the final "
-        f"LoRAs (normalised scale, where 1.0 is the spread of the weights) {icm_report['final_reconstruction_mse']:.4f}. "
+        f"LoRAs on the F-VAE's scale {icm_report['final_reconstruction_mse']:.4f}, against "
+        f"{icm_report['final_target_mean_square']:.4f} for an all-zero output (the targets' mean square: 1.0 without "
+        f"centring, less when the pooled mean vector is subtracted). "
         f"The `{ROUND_TRIP} icm ...` rows decode each task's own latent under its own condition and score it on that "
         "task (de-normalised with that task's own statistics under per-sample normalisation): a diagnostic of how well "
         "the F-VAE reproduces the LoRAs it fuses, not a fusion.",
