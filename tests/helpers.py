@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
 from loracl.config import RunConfig, validate_config
 from loracl.data.sources.digits import load_digits_tasks
@@ -83,3 +84,45 @@ def run_interrupted_then_resumed(config: RunConfig, out: Any, stream: Stream, mo
             run_experiment(config, out, stream=stream)
     [resumed] = run_experiment(config, out, stream=stream)
     return resumed
+
+
+ALPHABETS = ["abcde", "klmno", "vwxyz"]
+
+
+def separable_stream(scenario: str = "class_incremental", per_class: int = 4, seed: int = 0) -> Stream:
+    """Three tasks written in disjoint alphabets, so frozen features tell the tasks apart (routing tests)."""
+    generator = torch.Generator().manual_seed(seed)
+    tasks = []
+    for letters in ALPHABETS:
+
+        def sample(count: int) -> list[tuple[str, str]]:
+            pairs = []
+            for position in range(count):
+                picks = torch.randint(0, len(letters), (8,), generator=generator)
+                text = "".join(letters[i] for i in picks)
+                label = "yes" if position % 2 == 0 else "no"
+                pairs.append(((text + letters[0]) if label == "yes" else (text + letters[-1] * 3), label))
+            return pairs
+
+        tasks.append(RawTask(f"t{len(tasks)}", ["yes", "no"], sample(2 * per_class), sample(per_class)))
+    return build_stream(tasks, scenario=scenario)
+
+
+def train_method_task(method: Any, task: Any, batches: Any, steps: int = 2, lr: float = 5e-2) -> None:
+    """What the engine does for one task, in a few steps: begin, prepare, optimise task loss + extra loss with the
+    gradient hooks, end. `batches(shuffle)` gives a fresh loader over the task's training split."""
+    method.begin_task(task)
+    method.prepare_task(task, batches(False))
+    optimizer = torch.optim.AdamW(method.trainable_parameters(), lr=lr)
+    for step, batch in enumerate(batches(True)):
+        if step == steps:
+            break
+        logits = method.forward(batch)
+        loss = method.task_loss(logits, batch)
+        extra = method.extra_loss(batch, logits)
+        (loss if extra is None else loss + extra).backward()
+        method.after_backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        method.after_step()
+    method.end_task(task, batches(False))

@@ -3,36 +3,15 @@ block and trainable counts, frozen past, routing, seed layout, save/load, the CL
 
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import separable_stream, tiny_config, train_method_task
 
 from loracl.backbones.classifier import ContinualClassifier
 from loracl.backbones.registry import load_backbone
 from loracl.config import HeadConfig, TrainConfig
-from loracl.data.stream import RawTask, build_stream
 from loracl.engine.loaders import SplitLoader
 from loracl.errors import ConfigError
 from loracl.methods.base import MethodContext
 from loracl.methods.registry import create_method
-
-ALPHABETS = ["abcde", "klmno", "vwxyz"]
-
-
-def separable_stream(scenario="class_incremental", per_class=4):
-    """Three tasks written in disjoint alphabets, so frozen features separate them."""
-    generator = torch.Generator().manual_seed(0)
-    tasks = []
-    for index, letters in enumerate(ALPHABETS):
-        def sample(count, offset):
-            pairs = []
-            for position in range(count):
-                picks = torch.randint(0, len(letters), (8,), generator=generator)
-                text = "".join(letters[i] for i in picks)
-                label = "yes" if position % 2 == 0 else "no"
-                pairs.append(((text + letters[0]) if label == "yes" else (text + letters[-1] * 3), label))
-            return pairs
-
-        tasks.append(RawTask(f"t{index}", ["yes", "no"], sample(2 * per_class, 0), sample(per_class, 1)))
-    return build_stream(tasks, scenario=scenario)
 
 
 def build(options=None, scenario="class_incremental", head="linear"):
@@ -49,19 +28,7 @@ def loader(method, split, task_index, shuffle=False):
 
 
 def train_task(method, task, steps=2):
-    method.begin_task(task)
-    parameters = method.trainable_parameters()
-    optimizer = torch.optim.AdamW(parameters, lr=5e-2)
-    for step, batch in enumerate(loader(method, task.train, task.index, shuffle=True)):
-        if step == steps:
-            break
-        logits = method.forward(batch)
-        loss = method.task_loss(logits, batch)
-        extra = method.extra_loss(batch, logits)
-        (loss if extra is None else loss + extra).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    method.end_task(task, loader(method, task.train, task.index))
+    train_method_task(method, task, lambda shuffle: loader(method, task.train, task.index, shuffle), steps)
 
 
 def routing_accuracy(method, stream):

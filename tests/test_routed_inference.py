@@ -6,39 +6,18 @@ import shutil
 
 import pytest
 import torch
-from helpers import tiny_config, tiny_text_stream
+from helpers import separable_stream as alphabet_stream
+from helpers import tiny_config, tiny_text_stream, train_method_task
 from pydantic import ValidationError
 
 from loracl.backbones.classifier import ContinualClassifier
 from loracl.backbones.registry import load_backbone
 from loracl.config import HeadConfig, TrainConfig
-from loracl.data.stream import RawTask, build_stream
 from loracl.engine import run_experiment
 from loracl.engine.loaders import SplitLoader
 from loracl.methods.base import MethodContext
 from loracl.methods.registry import create_method
 from loracl.methods.routing import TaskRouter, fingerprint_options
-
-ALPHABETS = ["abcde", "klmno", "vwxyz"]
-
-
-def separable_stream(scenario: str = "class_incremental", per_class: int = 4):
-    """Three tasks written in disjoint alphabets, so frozen features tell the tasks apart."""
-    generator = torch.Generator().manual_seed(1)
-    tasks = []
-    for index, letters in enumerate(ALPHABETS):
-
-        def sample(count: int) -> list[tuple[str, str]]:
-            pairs = []
-            for position in range(count):
-                picks = torch.randint(0, len(letters), (8,), generator=generator)
-                text = "".join(letters[i] for i in picks)
-                label = "yes" if position % 2 == 0 else "no"
-                pairs.append(((text + letters[0]) if label == "yes" else (text + letters[-1] * 3), label))
-            return pairs
-
-        tasks.append(RawTask(f"t{index}", ["yes", "no"], sample(2 * per_class), sample(per_class)))
-    return build_stream(tasks, scenario=scenario)
 
 
 def build(name: str, options: dict | None = None, scenario: str = "class_incremental"):
@@ -54,21 +33,11 @@ def loader(method, split, task_index, shuffle=False):
 
 
 def train_task(method, task, steps: int = 2) -> None:
-    method.begin_task(task)
-    method.prepare_task(task, loader(method, task.train, task.index))
-    optimizer = torch.optim.AdamW(method.trainable_parameters(), lr=5e-2)
-    for step, batch in enumerate(loader(method, task.train, task.index, shuffle=True)):
-        if step == steps:
-            break
-        logits = method.forward(batch)
-        loss = method.task_loss(logits, batch)
-        extra = method.extra_loss(batch, logits)
-        (loss if extra is None else loss + extra).backward()
-        method.after_backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        method.after_step()
-    method.end_task(task, loader(method, task.train, task.index))
+    train_method_task(method, task, lambda shuffle: loader(method, task.train, task.index, shuffle), steps)
+
+
+def separable_stream(scenario: str = "class_incremental"):
+    return alphabet_stream(scenario, seed=1)
 
 
 def trained(name: str, options: dict | None = None, scenario: str = "class_incremental"):
