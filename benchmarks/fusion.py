@@ -243,7 +243,7 @@ def main() -> None:
         f"storage {icm_report['storage_floats']:,} floats. Last losses of the first ICM run: warm start "
         f"{icm_report['warm_start_loss']:.4f}, meta {icm_report['meta_loss']:.4f}; reconstruction MSE of the final "
         f"LoRAs on the F-VAE's scale {icm_report['final_reconstruction_mse']:.4f}, against "
-        f"{icm_report['final_target_mean_square']:.4f} for an all-zero output (the targets' mean square: 1.0 without "
+        f"{icm_report['final_target_mean_square']:.4f} for an all-zero output (the targets' mean square: about 1.0 without "
         f"centring, less when the pooled mean vector is subtracted). "
         f"The `{ROUND_TRIP} icm ...` rows decode each task's own latent under its own condition and score it on that "
         "task (de-normalised with that task's own statistics under per-sample normalisation): a diagnostic of how well "

@@ -114,6 +114,7 @@ def train_method_task(method: Any, task: Any, batches: Any, steps: int = 2, lr: 
     method.begin_task(task)
     method.prepare_task(task, batches(False))
     optimizer = torch.optim.AdamW(method.trainable_parameters(), lr=lr)
+    method.model.train_adapters()  # as the engine: backbone in eval mode, adapter dropout active
     for step, batch in enumerate(batches(True)):
         if step == steps:
             break
@@ -125,4 +126,5 @@ def train_method_task(method: Any, task: Any, batches: Any, steps: int = 2, lr: 
         optimizer.step()
         optimizer.zero_grad()
         method.after_step()
+    method.model.eval()
     method.end_task(task, batches(False))

@@ -174,3 +174,13 @@ def test_icm_fusion_method_rejects_bad_options():
         validate_config({"method": {"name": "icm_fusion", "mode": "sometimes"}})
     with pytest.raises(LoraclError, match="fusion.kl_weight"):
         validate_config({"method": {"name": "icm_fusion", "fusion": {"kl_weight": -1}}})
+
+
+def test_centre_enters_the_run_fingerprint_only_when_on():
+    """Runs written before `centre` existed keep their fingerprint (and resume); turning it on changes it."""
+    from loracl.methods.icm_fusion import IcmFusionMethodOptions
+
+    plain = IcmFusionMethodOptions().fingerprint_dump()
+    assert "centre" not in plain["fusion"] and plain["fusion"]["kl_weight"] == 0.005
+    centred = IcmFusionMethodOptions(fusion={"centre": True}).fingerprint_dump()
+    assert centred["fusion"]["centre"] is True and centred != plain

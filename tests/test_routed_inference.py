@@ -17,7 +17,7 @@ from loracl.engine import run_experiment
 from loracl.engine.loaders import SplitLoader
 from loracl.methods.base import MethodContext
 from loracl.methods.registry import create_method
-from loracl.methods.routing import TaskRouter, fingerprint_options
+from loracl.methods.routing import TaskRouter
 
 
 def build(name: str, options: dict | None = None, scenario: str = "class_incremental"):
@@ -29,7 +29,9 @@ def build(name: str, options: dict | None = None, scenario: str = "class_increme
 
 
 def loader(method, split, task_index, shuffle=False):
-    return SplitLoader(split, method.model.backbone, 4, task_index, shuffle=shuffle)
+    """Example keys unique per task and split, as the engine's are (the probe caches features by them)."""
+    keys = {"split_name": f"split{id(split)}", "task_name": f"t{task_index}"}
+    return SplitLoader(split, method.model.backbone, 4, task_index, shuffle=shuffle, **keys)
 
 
 def train_task(method, task, steps: int = 2) -> None:
@@ -219,8 +221,20 @@ def test_routes_of_a_task_not_trained_yet_are_not_scored_as_routing():
 
 def test_routing_keys_enter_the_run_fingerprint_only_when_routing_is_on():
     options_class = create_method("o_lora", {}, MethodContext(HeadConfig(), TrainConfig())).Options
-    plain = fingerprint_options(options_class())
+    plain = options_class().fingerprint_dump()
     assert not any(key.startswith("rout") for key in plain)
-    assert fingerprint_options(options_class(router="cosine")) == plain  # inert while routing is off
-    routed = fingerprint_options(options_class(routed_inference=True))
+    assert options_class(router="cosine").fingerprint_dump() == plain  # inert while routing is off
+    routed = options_class(routed_inference=True).fingerprint_dump()
     assert routed["routed_inference"] is True and routed["router"] == "mahalanobis" and routed["routed_branches"] is True
+
+
+def test_the_routed_probe_routes_from_its_feature_cache():
+    method, model, stream = trained("probe")
+    batch = next(iter(loader(method, stream.tasks[1].train, 1)))  # every example cached during training
+    calls = []
+    hook = model.backbone.model.register_forward_hook(lambda module, args, output: calls.append(1))
+    scores = method.predict(batch)
+    hook.remove()
+    assert calls == [] and scores.shape[0] == len(batch["labels"])  # no backbone pass: route and scores cached
+    fresh = method.routing_features(batch["inputs"])
+    torch.testing.assert_close(method.batch_routing_features(batch), fresh)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from typing import Annotated
@@ -34,6 +34,21 @@ class StrictModel(BaseModel):
     """Base for every config section: unknown keys and wrong types are errors."""
 
     model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+    # keys added after runs were written, left out of a run's fingerprint while they hold the value that keeps the
+    # old behaviour (so those runs still resume); a changed value changes the fingerprint
+    inert_defaults: ClassVar[dict[str, Any]] = {}
+
+    def fingerprint_dump(self) -> dict[str, Any]:
+        """The values that decide results, as JSON: model_dump without inert defaults, nested sections alike."""
+        dumped = self.model_dump(mode="json")
+        for key, value in self.inert_defaults.items():
+            if getattr(self, key) == value:
+                dumped.pop(key, None)
+        for key in type(self).model_fields:
+            value = getattr(self, key)
+            if isinstance(value, StrictModel) and key in dumped:
+                dumped[key] = value.fingerprint_dump()
+        return dumped
 
 
 class BackboneConfig(StrictModel):

@@ -25,7 +25,6 @@ from loracl.engine.loaders import SplitLoader
 from loracl.errors import ConfigError, LoraclError
 from loracl.methods.base import Method, MethodContext, MethodOptions
 from loracl.methods.registry import create_method
-from loracl.methods.routing import fingerprint_options
 from loracl.seeding import derived_generator, derived_seed
 
 logger = logging.getLogger("loracl")
@@ -118,7 +117,7 @@ class MethodRun:
         self.progress = config.train.progress and self.accelerator.is_local_main_process
         run_config = config_to_dict(config)
         # the resolved knobs, defaults included: a run must not resume under changed defaults
-        resolved = {"name": entry.name, "head": self.head.model_dump(mode="json"), **fingerprint_options(entry.options)}
+        resolved = {"name": entry.name, "head": self.head.model_dump(mode="json"), **entry.options.fingerprint_dump()}
         run_config["method"] = [resolved]
         self.fingerprint = config_fingerprint(run_config)
         self.records: list[dict[str, Any]] = []

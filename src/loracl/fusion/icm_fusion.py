@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -53,6 +53,7 @@ class IcmFusionOptions(StrictModel):
     noise_std: Float = Field(default=0.01, ge=0.0)  # [D] G7: jitter added to tasks with fewer than 5 samples
     min_samples: int = Field(default=5, ge=1)  # [D] G7
     seed: int = 0
+    inert_defaults: ClassVar[dict[str, Any]] = {"centre": False}
 
     @model_validator(mode="after")
     def _centre_needs_shared_statistics(self) -> IcmFusionOptions:
@@ -281,7 +282,7 @@ class IcmFusion:
             "task_vector_dim": int(vectors.shape[1]),
             "final_reconstruction_mse": reconstruction_mse,
             "storage_floats": vae_params + vectors.numel() + 2 * len(layout.keys) + layout.numel
-            + (layout.padded if stats.offset is not None else 0),  # invariant 11, plus the centring offset
+            + (layout.numel if stats.offset is not None else 0),  # invariant 11, plus the centring offset (0 on padding)
             "final_target_mean_square": float(torch.stack(finals)[:, : layout.numel].pow(2).mean()),  # MSE of a zero output
             "fusion_s": time.perf_counter() - started,
             **losses,

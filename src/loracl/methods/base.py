@@ -291,6 +291,10 @@ class Method:
                 return self.model.backbone.embedding_features(**inputs)
             return self.model.features(inputs)
 
+    def batch_routing_features(self, batch: dict[str, Any]) -> torch.Tensor:
+        """routing_features of a batch; a method that caches frozen features per example may answer from its cache."""
+        return self.routing_features(batch["inputs"])
+
     @contextmanager
     def adapters_bypassed(self) -> Iterator[None]:
         """Every adapter branch off for the duration (the frozen pre-trained model); methods whose adapters are
@@ -339,7 +343,7 @@ class Method:
         self.model.eval()
         try:
             for batch in train_loader:
-                features = self.routing_features(batch["inputs"])
+                features = self.batch_routing_features(batch)
                 slots = torch.tensor([slot_of_class[int(label)] for label in batch["labels"]], device=features.device)
                 self.task_router.accumulate(features, slots)
         finally:
@@ -354,7 +358,7 @@ class Method:
         if self.context.scenario == "task_incremental":
             routes = batch["task_ids"]
         else:
-            routes = self.task_router.route(self.routing_features(inputs))
+            routes = self.task_router.route(self.batch_routing_features(batch))
         self.routing_tally.add(routes)
         scores: torch.Tensor | None = None
         for task_index in routes.unique().tolist():

@@ -46,6 +46,13 @@ class Probe(Method):
             self._feature_cache.update(zip(keys, features.detach()))
         return features
 
+    def batch_routing_features(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The `base` router reads exactly the probe's frozen features: answer from the cache."""
+        assert isinstance(self.options, RoutedInferenceOptions)
+        if self.options.router_features == "base":
+            return self.frozen_features(batch)
+        return super().batch_routing_features(batch)
+
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         assert self.model is not None
         return self.model.head(self.frozen_features(batch))

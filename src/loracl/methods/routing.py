@@ -9,7 +9,7 @@ block with it; the LoRA baselines and FM-LoRA / OA-Adapter use it for the [D] `r
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -34,15 +34,14 @@ class RoutedInferenceOptions(StrictModel):
     router_features: Literal["base", "embed"] = "base"
     router_shrinkage: Float = Field(default=0.1, ge=0.0, le=1.0)  # (1-λ)Σ + λ tr(Σ)/d I
 
-
-def fingerprint_options(options: StrictModel) -> dict[str, object]:
-    """A method's options as they decide its results: the routing keys only when routing is on (so turning the
-    option on changes a run's fingerprint and adding it left earlier runs' fingerprints as they were)."""
-    dumped = options.model_dump(mode="json")
-    if isinstance(options, RoutedInferenceOptions) and not options.routed_inference:
-        for key in RoutedBranchOptions.model_fields:
-            dumped.pop(key, None)
-    return dumped
+    def fingerprint_dump(self) -> dict[str, Any]:
+        """The routing keys count only when routing is on: turning it on changes a run's fingerprint, and runs
+        written before the option existed keep theirs."""
+        dumped = super().fingerprint_dump()
+        if not self.routed_inference:
+            for key in RoutedBranchOptions.model_fields:
+                dumped.pop(key, None)
+        return dumped
 
 
 class RoutedBranchOptions(RoutedInferenceOptions):
