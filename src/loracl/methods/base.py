@@ -7,7 +7,7 @@ linear head (old rows frozen), the prototype head, the cross-entropy scope, stat
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -300,35 +300,40 @@ class Method:
         """Every adapter branch off for the duration (the frozen pre-trained model); methods whose adapters are
         not branches override this."""
         assert self.model is not None
-        layers = [module for module in self.model.modules() if isinstance(module, MultiBranchLayer)]
-        if any(layer.merged_branches for layer in layers):
+        if any(layer.merged_branches for layer in self._branch_layers()):
             raise RuntimeError("routed inference needs unmerged adapters: the router reads the frozen model")
+        with self.branches_disabled(lambda layer: set(layer.branches)):
+            yield
+
+    @contextmanager
+    def serving_as_of(self, task_index: int) -> Iterator[None]:
+        """routed_branches: the branches of tasks after `task_index` off (branches named `task_<i>`)."""
+        if not (isinstance(self.options, RoutedBranchOptions) and self.options.routed_branches):
+            yield
+            return
+
+        def later(layer: MultiBranchLayer) -> set[str]:
+            return set(layer.disabled_branches) | {name for name in layer.branches if _branch_task(name) > task_index}
+
+        with self.branches_disabled(later):
+            yield
+
+    @contextmanager
+    def branches_disabled(self, choose: Callable[[MultiBranchLayer], set[str]]) -> Iterator[None]:
+        """Every multi-branch layer's disabled set replaced by `choose(layer)` for the duration, then restored."""
+        layers = self._branch_layers()
         saved = [layer.disabled_branches for layer in layers]
         for layer in layers:
-            layer.disabled_branches = set(layer.branches)
+            layer.disabled_branches = choose(layer)
         try:
             yield
         finally:
             for layer, disabled in zip(layers, saved):
                 layer.disabled_branches = disabled
 
-    @contextmanager
-    def serving_as_of(self, task_index: int) -> Iterator[None]:
-        """routed_branches: the branches of tasks after `task_index` off (branches named `task_<i>`)."""
+    def _branch_layers(self) -> list[MultiBranchLayer]:
         assert self.model is not None
-        if not (isinstance(self.options, RoutedBranchOptions) and self.options.routed_branches):
-            yield
-            return
-        layers = [module for module in self.model.modules() if isinstance(module, MultiBranchLayer)]
-        saved = [layer.disabled_branches for layer in layers]
-        for layer in layers:
-            later = {name for name in layer.branches if _branch_task(name) is not None and _branch_task(name) > task_index}
-            layer.disabled_branches = set(layer.disabled_branches) | later
-        try:
-            yield
-        finally:
-            for layer, disabled in zip(layers, saved):
-                layer.disabled_branches = disabled
+        return [module for module in self.model.modules() if isinstance(module, MultiBranchLayer)]
 
     @torch.no_grad()
     def record_routing(self, task: Task, train_loader: Iterable[dict[str, Any]]) -> None:
@@ -336,16 +341,14 @@ class Method:
         if self.task_router is None:
             return
         assert self.model is not None
-        slot_of_class = self.task_router.add_task(task.index, task.class_ids)
-        if self.context.scenario == "task_incremental":
-            return  # the protocol gives the task: only its classes are needed, not the frozen features
+        if self.context.scenario == "task_incremental":  # the protocol gives the task: only its classes are needed
+            self.task_router.add_task(task.index, task.class_ids)
+            return
         was_training = self.model.training
         self.model.eval()
         try:
-            for batch in train_loader:
-                features = self.batch_routing_features(batch)
-                slots = torch.tensor([slot_of_class[int(label)] for label in batch["labels"]], device=features.device)
-                self.task_router.accumulate(features, slots)
+            batches = ((self.batch_routing_features(batch), batch["labels"]) for batch in train_loader)
+            self.task_router.record_task(task.index, task.class_ids, batches)
         finally:
             self.model.train(was_training)
 
@@ -479,10 +482,10 @@ class LoraMethod(Method):
                 branch.requires_grad_(False)
 
 
-def _branch_task(branch_name: str) -> int | None:
-    """The task index of a per-task branch name `task_<i>`; None for other branches."""
+def _branch_task(branch_name: str) -> int:
+    """The task index of a per-task branch name `task_<i>`; -1 for other branches (never switched off)."""
     prefix, _, index = branch_name.rpartition("_")
-    return int(index) if prefix == "task" and index.isdigit() else None
+    return int(index) if prefix == "task" and index.isdigit() else -1
 
 
 __all__ = [

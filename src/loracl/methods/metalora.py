@@ -419,11 +419,8 @@ class MetaLora(Method):
         """Class means of normalised frozen features per (task, class) slot, and the shared scatter."""
         if not self.expands:
             return
-        slot_of_class = self.state.router.add_task(task.index, task.class_ids)
-        for batch in train_loader:
-            features = self.frozen_features(batch["inputs"], use_cache=True)
-            slots = torch.tensor([slot_of_class[int(label)] for label in batch["labels"]], device=features.device)
-            self.state.router.accumulate(features, slots)
+        batches = ((self.frozen_features(batch["inputs"], use_cache=True), batch["labels"]) for batch in train_loader)
+        self.state.router.record_task(task.index, task.class_ids, batches)
 
     def route(self, features: torch.Tensor) -> torch.Tensor:
         """Task index per sample [B] from the frozen features (never from the batch's task ids)."""

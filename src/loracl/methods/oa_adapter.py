@@ -223,14 +223,8 @@ class OaAdapter(Method):
             yield
             return
         own = f"task_{int(batch['task_ids'][0])}"
-        saved = {site: layer.disabled_branches for site, layer in self.layers.items()}
-        for layer in self.layers.values():
-            layer.disabled_branches = {name for name in layer.branches if name != own}
-        try:
+        with self.branches_disabled(lambda layer: {name for name in layer.branches if name != own}):
             yield
-        finally:
-            for site, layer in self.layers.items():
-                layer.disabled_branches = saved[site]
 
     @torch.no_grad()
     def score(self, batch: dict[str, Any]) -> torch.Tensor:

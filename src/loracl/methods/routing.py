@@ -9,6 +9,7 @@ block with it; the LoRA baselines and FM-LoRA / OA-Adapter use it for the [D] `r
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import torch
@@ -80,6 +81,14 @@ class TaskRouter(nn.Module):
         self.slot_class = torch.cat([self.slot_class, torch.tensor(class_ids, dtype=torch.long, device=device)])
         self.means.reset_classes(list(range(first, self.num_slots)))
         return {class_id: first + offset for offset, class_id in enumerate(class_ids)}
+
+    @torch.no_grad()
+    def record_task(self, task_index: int, class_ids: list[int], batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """A finished task's slots from (frozen features [B, d], global labels [B]) batches."""
+        slot_of_class = self.add_task(task_index, class_ids)
+        for features, labels in batches:
+            slots = torch.tensor([slot_of_class[int(label)] for label in labels], device=features.device)
+            self.accumulate(features, slots)
 
     @torch.no_grad()
     def accumulate(self, features: torch.Tensor, slots: torch.Tensor) -> None:
