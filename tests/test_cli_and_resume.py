@@ -123,6 +123,31 @@ def test_checkpoint_from_another_config_is_refused(tmp_path, capsys):
     assert (out / "results.json").read_bytes() == before
 
 
+def test_checkpoint_whose_tensors_do_not_fit_is_refused_by_name(tmp_path, capsys):
+    """A checkpoint of the same config whose tensor names this version does not build (an older layout, a
+    hand-edited file): exit 2 naming the folder, the earlier results left as they were."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "out"
+    config = dict(TINY, method=[{"name": "seq_lora"}])
+    assert main(["run", str(write_config(tmp_path, config)), "--out", str(out)]) == 0
+    before = (out / "results.json").read_bytes()
+    checkpoints = out / "seq_lora" / "checkpoints"
+    state_file = checkpoints / "task_1" / "state.safetensors"
+    state = load_file(state_file)
+    state["renamed." + next(iter(state))] = state.pop(next(iter(state)))
+    save_file(state, state_file)
+    for later in sorted(checkpoints.iterdir())[2:]:  # task_1 becomes the latest checkpoint
+        for file in later.iterdir():
+            file.unlink()
+        later.rmdir()
+    capsys.readouterr()
+    assert main(["run", str(write_config(tmp_path, config)), "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert "task_1 does not fit method `seq_lora`" in error and "Traceback" not in error
+    assert (out / "results.json").read_bytes() == before
+
+
 def test_real_entry_point_exits_2_without_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "loracl.cli", "run", "--set", "train.lr=fast", "--out", str(tmp_path / "o")],

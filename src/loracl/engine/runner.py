@@ -401,7 +401,13 @@ class MethodRun:
         else:
             finished = int(record["task_index"]) + 1
             method.restore_structure(self.stream.tasks[:finished], base_session=base_session)
-        method.load_state_dict(state)
+        try:
+            method.load_state_dict(state)
+        except KeyError as error:  # e.g. a checkpoint written by an older layout of the method's tensors
+            raise LoraclError(
+                f"checkpoint {folder} does not fit method `{self.entry.name}` as this version builds it: {error.args[0]};"
+                " start a fresh --out or delete that run folder"
+            ) from error
         method.load_extra_state(record.get("extra_state", {}))
         self.records = list(record["records"])
         logger.info("%s: resumed after %d finished task(s) from %s", self.entry.run_label, finished, folder)
