@@ -65,7 +65,7 @@ def train_task(host: LoraHost, task, train_size: int, args) -> tuple[dict, nn.Li
         branch.requires_grad_(True)
     classes = task.class_ids
     with private_rng(args.seed, task.index):
-        head = nn.Linear(host.backbone.hidden_size, len(classes))
+        head = nn.Linear(host.backbone.hidden_size, len(classes)).to(host.device)
     remap = {c: i for i, c in enumerate(classes)}
     inputs, labels = task.train.inputs[:train_size], [remap[y] for y in task.train.labels[:train_size]]
     order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(args.seed + task.index)).tolist()
@@ -79,7 +79,7 @@ def train_task(host: LoraHost, task, train_size: int, args) -> tuple[dict, nn.Li
     for _ in range(args.epochs):
         for start, chunk in batches(order, args.batch_size):
             batch = host.backbone.collate([inputs[i] for i in chunk])
-            loss = F.cross_entropy(head(host.features(batch)), torch.tensor([labels[i] for i in chunk]))
+            loss = F.cross_entropy(head(host.features(batch)), torch.tensor([labels[i] for i in chunk], device=host.device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -103,7 +103,7 @@ def accuracy(host: LoraHost, adapter: dict, task, head: nn.Linear, test_size: in
     inputs, labels = task.test.inputs[:test_size], [remap[y] for y in task.test.labels[:test_size]]
     correct = 0
     for start, chunk in batches(inputs, 64):
-        predicted = head(host.features(host.backbone.collate(chunk))).argmax(1)
+        predicted = head(host.features(host.backbone.collate(chunk))).argmax(1).cpu()
         correct += int((predicted == torch.tensor(labels[start : start + len(chunk)])).sum())
     return correct / len(inputs)
 
@@ -136,8 +136,13 @@ def run_setting(host, tasks, sizes, args, methods, support_sizes) -> dict:
             label = method if count is None else f"{method} ({count} examples/task)"
             supports = [support_for(host, t, h, count or 16) for t, _, h, _ in trained]
             rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            if host.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(host.device)
             outcome = fuse(adapters, method, options, host=host, supports=supports, samples=[s for *_, s in trained])
-            peak = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024
+            if host.device.type == "cuda":  # the GPU's peak allocation during fusion
+                peak = torch.cuda.max_memory_allocated(host.device)
+            else:
+                peak = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024
             accs = [accuracy(host, outcome.adapter, t, h, args.test) for t, _, h, _ in trained]
             rows[label] = (accs, outcome.report["fusion_s"], peak, outcome.report)
             print(f"  {label}: {[round(a, 3) for a in accs]} in {outcome.report['fusion_s']:.1f}s", flush=True)
@@ -148,9 +153,9 @@ def run_setting(host, tasks, sizes, args, methods, support_sizes) -> dict:
     return {"tasks": [t.name for t in tasks], "sizes": sizes, "own": own, "rows": rows, "train_s": time.perf_counter() - started}
 
 
-def table(result: dict) -> str:
+def table(result: dict, memory_label: str) -> str:
     own = result["own"]
-    header = ["fusion"] + result["tasks"] + ["mean acc", "mean normalised", "fusion s", "peak RSS growth MiB"]
+    header = ["fusion"] + result["tasks"] + ["mean acc", "mean normalised", "fusion s", memory_label]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, (accs, seconds, peak, *_rest) in result["rows"].items():
         if label.startswith(ROUND_TRIP):
@@ -206,6 +211,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--lorahub-budget", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="where the backbone, the LoRAs and the F-VAE run (cpu, cuda)")
+    parser.add_argument("--note", default="", help="a sentence added to the section (e.g. where it ran)")
     parser.add_argument("--section", default="icm_fusion")
     parser.add_argument("--title", default="ICM-Fusion and merge baselines on the text stream's tasks")
     parser.add_argument("--no-write", action="store_true", help="print only (smoke runs)")
@@ -216,6 +223,7 @@ def main() -> None:
     config = load_config(args.config, [*args.set, f"stream.max_train_per_task={args.train}", f"stream.max_test_per_task={args.test}"])
     stream = load_stream(config.stream, config.seed)
     backbone = load_backbone(config.backbone.name, config.backbone.pooling, config.train.max_length, seed=args.seed)
+    backbone.to(torch.device(args.device))
     modules = [name for name, _ in backbone.model.named_modules() if name.endswith((".query", ".value"))]
     host = LoraHost(backbone, modules)
     tasks = stream.tasks
@@ -224,10 +232,13 @@ def main() -> None:
     sizes = [max(2, round(args.train / args.long_tail_ratio ** (i / (len(tasks) - 1)))) for i in range(len(tasks))]
     print("long-tailed setting", sizes, flush=True)
     tail_result = run_setting(host, tasks, sizes, args, WITH_EXAMPLES + DATA_FREE, [args.few_shot])
+    on_gpu = host.device.type == "cuda"
+    memory_label = "peak GPU memory MiB" if on_gpu else "peak RSS growth MiB"
+    where = f"one {torch.cuda.get_device_name(host.device)} (GPU)" if on_gpu else "the shared 2-core CPU"
     icm_report = next(row[3] for label, row in main_result["rows"].items() if label.startswith("icm"))
     body = [
         f"Tasks {', '.join(main_result['tasks'])} of `{args.config}` on MiniLM-L6 (max_length {config.train.max_length}); "
-        f"reduced for the shared 2-core CPU: {args.train} train / {args.test} test examples per task, {args.epochs} epoch, "
+        f"run on {where}{': ' + args.note if args.note else ''}; {args.train} train / {args.test} test examples per task, {args.epochs} epoch, "
         f"one LoRA per task (query/value, r={RANK}, alpha={ALPHA:g}, same init seed) with its own head; "
         f"{args.checkpoints} checkpoints harvested per task over the second half of training. "
         f"ICM-Fusion: ICM-LoRA's conv F-VAE (d_z 256, conv widths / {args.channel_divisor}), {args.warm_start_steps} "
@@ -235,8 +246,10 @@ def main() -> None:
         f"{args.meta_batch} tasks per step), {args.normalisation} normalisation, uniform fusion weights; LoRAHub budget "
         f"{args.lorahub_budget}. Accuracy with each task's own head (task id given); normalised = fused / own LoRA. "
         "Data-free baselines use PEFT's `add_weighted_adapter` defaults (density 0.5, weights 1/T, TIES 1 each); "
-        "task arithmetic lambda 0.3. Peak RSS growth is the rise of the process's peak resident memory during fusion "
-        "(0 when an earlier step already reached a higher peak).",
+        "task arithmetic lambda 0.3. "
+        + ("Peak GPU memory is the largest allocation during the fusion call (model, data and F-VAE together)."
+           if on_gpu else "Peak RSS growth is the rise of the process's peak resident memory during fusion "
+           "(0 when an earlier step already reached a higher peak)."),
         "",
         f"F-VAE: {icm_report['vae_params']:,} parameters for {icm_report['lora_params']:,} LoRA parameters per task "
         f"(padded {icm_report['padded_length']:,}); task-vector dim {icm_report['task_vector_dim']}; "
@@ -251,13 +264,13 @@ def main() -> None:
         "",
         f"### Main setting ({args.train} train examples per task; fusion with {args.support} and with {args.few_shot} examples per task)",
         "",
-        table(main_result),
+        table(main_result, memory_label),
         "",
         verdict(main_result),
         "",
         f"### Long-tailed setting (train sizes {sizes}, fusion with {args.few_shot} examples per task)",
         "",
-        table(tail_result),
+        table(tail_result, memory_label),
         "",
         verdict(tail_result),
     ]

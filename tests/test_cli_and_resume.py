@@ -61,7 +61,8 @@ def test_export_of_a_run_loads_in_peft_with_identical_features(tmp_path, capsys)
     backbone.load_state_dict(load_file(str(out / "inc_lora" / "checkpoints" / "task_0" / "backbone.safetensors")))
     peft_model = PeftModel.from_pretrained(backbone.model, str(tmp_path / "peft")).eval()
     pixels = torch.rand(4, 1, 8, 8)
-    ours = result.method.model.backbone.model(pixel_values=pixels).last_hidden_state
+    device = next(result.method.model.parameters()).device
+    ours = result.method.model.backbone.model(pixel_values=pixels.to(device)).last_hidden_state.cpu()
     theirs = peft_model(pixel_values=pixels).last_hidden_state
     assert torch.allclose(ours, theirs, atol=1e-5)
     assert main(["export", str(out / "inc_lora"), "--task", "7", "--out", str(tmp_path / "x")]) == 2

@@ -300,7 +300,7 @@ def test_tii_distance_zero_at_a_cluster_mean_and_routes_to_its_task(trained):
     query = memory.tii_means[class_id, cluster][None]
     distances = mahalanobis_to_classes(query, memory.tii_means[:seen], memory.tii_precisions[:seen], memory.tii_valid[:seen])
     assert distances[0, class_id].item() == pytest.approx(0.0, abs=1e-5)
-    assert method.class_tasks()[distances.argmin(dim=1)].item() == 1
+    assert method.class_tasks()[distances.argmin(dim=1).cpu()].item() == 1
 
 
 def test_tii_with_a_single_task_returns_the_first_task():
@@ -424,7 +424,7 @@ def test_shared_tii_covariance_pools_every_cluster_and_routes_like_its_definitio
     pooled = memory.tii_scatter / (memory.tii_scatter_count - 1)
     torch.testing.assert_close(precision, precision_from_covariance(pooled, method.options.tii_ridge))
     assert precision.shape == (hidden, hidden) and torch.isfinite(precision).all()
-    queries = torch.nn.functional.normalize(torch.randn(5, hidden), dim=-1)
+    queries = torch.nn.functional.normalize(torch.randn(5, hidden, device=memory.tii_means.device), dim=-1)
     seen = run.model.head.num_classes
     distances = mahalanobis_to_classes(queries, memory.tii_means[:seen], precision, memory.tii_valid[:seen])
     diff = queries[:, None, None] - memory.tii_means[:seen][None]

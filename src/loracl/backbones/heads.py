@@ -36,6 +36,8 @@ class LinearHead(nn.Module):
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
         self.class_ids: list[int] = []
+        # an empty buffer that `.to(device)` moves: rows added later are created where the head lives
+        self.register_buffer("device_anchor", torch.empty(0), persistent=False)
 
     @property
     def num_classes(self) -> int:
@@ -48,8 +50,7 @@ class LinearHead(nn.Module):
             return []
         if new_ids != list(range(self.num_classes, self.num_classes + len(new_ids))):
             raise ValueError(f"class ids must arrive in order, got {new_ids} after {self.num_classes} classes")
-        reference = self.weights[0] if len(self.weights) else None
-        device = reference.device if reference is not None else None
+        device = self.device_anchor.device
         bound = 1.0 / self.hidden_size**0.5  # nn.Linear's default init
         weight = (torch.rand(len(new_ids), self.hidden_size, generator=generator) * 2 - 1) * bound
         self.weights.append(nn.Parameter(weight.to(device)))

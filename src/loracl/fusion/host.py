@@ -55,6 +55,11 @@ class LoraHost:
             parameter.requires_grad_(False)
         backbone.eval()
 
+    @property
+    def device(self) -> torch.device:
+        """Where the backbone lives: fusion runs its F-VAE and in-context steps there."""
+        return next(self.backbone.parameters()).device
+
     def set_adapter(self, adapter: dict[str, LoraPair]) -> None:
         """Make `adapter` the only active LoRA (other branches on these layers are disabled meanwhile)."""
         for name, layer in self.layers.items():
@@ -79,16 +84,17 @@ class LoraHost:
             layer.disabled_branches = set()
 
     def features(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.backbone(**inputs)
+        """Pooled features [B, H] of collated inputs (moved to the backbone's device)."""
+        return self.backbone(**{key: value.to(self.device) for key, value in inputs.items()})
 
     def loss(self, support: TaskSupport) -> torch.Tensor:
         """Cross-entropy with the task's head when labels exist, else MSE to the teacher's features."""
         features = self.features(support.inputs)
         if support.head is not None and support.labels is not None:
-            return F.cross_entropy(support.head(features), support.labels)
+            return F.cross_entropy(support.head(features), support.labels.to(features.device))
         if support.target_features is None:
             raise LoraclError("a task's examples have neither labels with a head nor teacher features")
-        return F.mse_loss(features, support.target_features)
+        return F.mse_loss(features, support.target_features.to(features.device))
 
     def loss_and_grads(self, adapter: dict[str, LoraPair], support: TaskSupport) -> tuple[float, dict[str, LoraPair]]:
         """The support loss of `adapter` and its gradient w.r.t. each lora_A / lora_B (backbone stays frozen)."""

@@ -92,6 +92,11 @@ class IcmFusionResult:
         return [unflatten(self.layout, flat, stats) for flat, stats in zip(flats, self.task_stats)]
 
 
+def adapter_on(adapter: Adapter, device: torch.device) -> Adapter:
+    """The same LoRA with its tensors on `device`."""
+    return {module: LoraPair(p.lora_A.to(device), p.lora_B.to(device), p.scaling) for module, p in adapter.items()}
+
+
 def parameter_task_vector(adapter: Adapter) -> torch.Tensor:
     """Eq. (3b) compressed [D]: per module, mean |delta W| and the leading r singular values of delta W."""
     parts = []
@@ -114,7 +119,8 @@ class IcmFusion:
                 "icm fusion without a base model and examples needs task_vector=parameters, inner_steps=0, "
                 "refine_steps=0 and fusion_weights=uniform (the data-free mode)"
             )
-        self.generator = torch.Generator().manual_seed(options.seed)
+        self.generator = torch.Generator().manual_seed(options.seed)  # CPU draws: the same order on any device
+        self.device = host.device if host is not None else torch.device("cpu")
 
     # ----- data --------------------------------------------------------------------------------------
     def task_vectors(self, tasks: list[FusionTask]) -> torch.Tensor:
@@ -136,7 +142,7 @@ class IcmFusion:
             flats = [flatten(layout, sample, own)[0] for sample in [*task.samples, task.final]]
             stack = torch.stack(flats)
             if len(flats) < self.options.min_samples and self.options.noise_std > 0:
-                jitter = torch.randn((self.options.min_samples - len(flats), layout.padded), generator=self.generator)
+                jitter = torch.randn((self.options.min_samples - len(flats), layout.padded), generator=self.generator).to(stack.device)
                 noisy = stack[torch.arange(len(jitter)) % len(flats)] + self.options.noise_std * jitter
                 noisy[:, layout.numel :] = 0.0  # the padding stays zero
                 stack = torch.cat([stack, noisy])
@@ -184,7 +190,8 @@ class IcmFusion:
         optimizer = torch.optim.AdamW(vae.parameters(), lr=self.options.outer_lr, weight_decay=0.0)
         vae.train()
         losses = {"warm_start_loss": float("nan"), "meta_loss": float("nan")}
-        with torch.random.fork_rng(devices=[]):
+        # the reparameterisation noise is drawn on the F-VAE's device: fork that device's generator too
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(self.options.seed)
             for _ in range(self.options.warm_start_steps):
                 task_ids, targets = self.draw(per_task, self.options.batch_size)
@@ -221,7 +228,7 @@ class IcmFusion:
     def learn_weights(self, vae: FusionVAE, latents: torch.Tensor, vectors: torch.Tensor, tasks: list[FusionTask], layout: FlatLayout, stats: TensorStats) -> torch.Tensor:
         """[D] G1: softmax weights minimising the summed few-shot loss through the frozen decoder."""
         assert self.host is not None
-        logits = torch.zeros(len(tasks), requires_grad=True)
+        logits = torch.zeros(len(tasks), device=self.device, requires_grad=True)
         optimizer = torch.optim.Adam([logits], lr=self.options.learned_weight_lr)
         for parameter in vae.parameters():
             parameter.requires_grad_(False)
@@ -244,19 +251,24 @@ class IcmFusion:
         if not tasks:
             raise LoraclError("no tasks to fuse")
         started = time.perf_counter()
+        tasks = [
+            FusionTask(task.name, adapter_on(task.final, self.device), task.support, [adapter_on(s, self.device) for s in task.samples])
+            for task in tasks
+        ]
         layout = FlatLayout.of(tasks[0].final)
         per_task, finals, stats = self.weight_data(tasks, layout)
         vectors = self.task_vectors(tasks)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.options.seed)
             vae = FusionVAE(layout.padded, vectors.shape[1], self.options.latent_dim, self.options.channel_divisor)
+        vae.to(self.device)
         losses = self.train(vae, per_task, vectors, tasks, layout, stats)
         with torch.no_grad():
             latents, _ = vae.encode(torch.stack(finals), vectors)  # (15): posterior means
         if self.options.fusion_weights == "learned":
             weights = self.learn_weights(vae, latents, vectors, tasks, layout, stats)
         else:
-            weights = torch.full((len(tasks),), 1.0 / len(tasks))
+            weights = torch.full((len(tasks),), 1.0 / len(tasks), device=self.device)
         with torch.no_grad():
             flat = self.decode_fused(vae, latents, vectors, weights)
         flat[layout.numel :] = 0.0
@@ -267,7 +279,10 @@ class IcmFusion:
                 _, grads = self.host.loss_and_grads(adapter, task.support)
                 gradient += flat_gradient(layout, grads, stats) / len(tasks)
             flat = flat - self.options.inner_lr * gradient
-        adapter = {module: LoraPair(p.lora_A.contiguous(), p.lora_B.contiguous(), p.scaling) for module, p in unflatten(layout, flat.detach(), stats).items()}
+        adapter = {  # stored and exported from the CPU, wherever it was fused
+            module: LoraPair(p.lora_A.cpu().contiguous(), p.lora_B.cpu().contiguous(), p.scaling)
+            for module, p in unflatten(layout, flat.detach(), stats).items()
+        }
         with torch.no_grad():
             reconstruction = vae.decode(latents, vectors)
             reconstruction_mse = float(torch.nn.functional.mse_loss(reconstruction[:, : layout.numel], torch.stack(finals)[:, : layout.numel]))

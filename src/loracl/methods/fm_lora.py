@@ -110,7 +110,7 @@ def spectral_complexity(features: torch.Tensor) -> tuple[float, torch.Tensor]:
 def subspace_overlap(first: torch.Tensor, second: torch.Tensor) -> float:
     """o = ||U_1^T U_2||_F^2 / k for two orthonormal bases [d, k] (1 = same subspace, 0 = orthogonal)."""
     k = min(first.shape[1], second.shape[1])
-    return float((first.double().T @ second.double()).pow(2).sum() / k)
+    return float((first.double().T @ second.to(first.device).double()).pow(2).sum() / k)
 
 
 def query_value_targets(model: nn.Module, target_modules: str | list[str]) -> str | list[str]:

@@ -102,7 +102,7 @@ def tii_precision(members: torch.Tensor, ridge: float, full: bool) -> torch.Tens
     if members.shape[0] > 1:
         cov = torch.cov(members.T)
     else:
-        cov = torch.zeros(hidden, hidden, dtype=torch.float64)  # one member: no spread to estimate
+        cov = torch.zeros(hidden, hidden, dtype=torch.float64, device=members.device)  # one member: no spread to estimate
     return precision_from_covariance(cov, ridge, full)
 
 
@@ -110,8 +110,9 @@ def precision_from_covariance(cov: torch.Tensor, ridge: float, full: bool = True
     """Spec §3.3 steps 3-4 on a covariance [H, H]: + ridge·I, + mean(diag)·I, correlation-normalise, pseudo-invert
     (diag: inverse shrunk variances, no correlation step)."""
     hidden = cov.shape[0]
-    cov = cov.double() + ridge * torch.eye(hidden, dtype=torch.float64)
-    cov = cov + torch.diagonal(cov).mean() * torch.eye(hidden, dtype=torch.float64)
+    identity = torch.eye(hidden, dtype=torch.float64, device=cov.device)
+    cov = cov.double() + ridge * identity
+    cov = cov + torch.diagonal(cov).mean() * identity
     if not full:
         return (1.0 / torch.diagonal(cov)).float()
     std = torch.diagonal(cov).sqrt()
