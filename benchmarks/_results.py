@@ -42,7 +42,8 @@ HEADER = (
     '`serving_time_routed`; digits: `digits_routed`, `digits_routed_probe`),\n'
     '`text_stream_cosine_head_full`, and `step_time_text` (train step time of every method on an idle\n'
     'machine); digits in `digits_aligned`; forward transfer in `shared_labels_fwt`; the default run in\n'
-    '`quickstart_time`; speed against PEFT in `peft_speed`. Sections with "300 train / 200 test" in their title are\n'
+    '`quickstart_time`; speed against PEFT in `peft_speed`. GPU sections (one lent H100): `icm_fusion_gpu*` and\n'
+    '`icm_fusion_stream_text_gpu`. Sections with "300 train / 200 test" in their title are\n'
     'the earlier reduced stream.\n'
 )
 

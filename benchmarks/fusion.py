@@ -130,7 +130,8 @@ def run_setting(host, tasks, sizes, args, methods, support_sizes) -> dict:
     options = fuse_options({"budget": args.lorahub_budget, "icm": {
         "warm_start_steps": args.warm_start_steps, "meta_steps": args.meta_steps, "batch_size": args.vae_batch,
         "meta_batch_size": args.meta_batch, "inner_steps": args.inner_steps, "channel_divisor": args.channel_divisor,
-        "normalisation": args.normalisation, "centre": args.centre}})
+        "normalisation": args.normalisation, "centre": args.centre, "fusion_weights": args.fusion_weights,
+        "refine_steps": args.refine_steps}})
     for method in methods:
         for count in support_sizes if method in WITH_EXAMPLES else [None]:
             label = method if count is None else f"{method} ({count} examples/task)"
@@ -208,6 +209,8 @@ def main() -> None:
     parser.add_argument("--channel-divisor", type=int, default=1, help="thins every F-VAE conv layer k-fold (1: ICM-LoRA's)")
     parser.add_argument("--normalisation", choices=["shared", "per_sample"], default="shared", help="ICM's G5 switch")
     parser.add_argument("--centre", action="store_true", help="ICM: subtract the pooled mean weight vector (fusion.icm.centre)")
+    parser.add_argument("--fusion-weights", choices=["uniform", "learned"], default="uniform", help="ICM's G1 switch")
+    parser.add_argument("--refine-steps", type=int, default=0, help="ICM: in-context steps on the fused LoRA (eq. 18)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--lorahub-budget", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
@@ -243,7 +246,8 @@ def main() -> None:
         f"{args.checkpoints} checkpoints harvested per task over the second half of training. "
         f"ICM-Fusion: ICM-LoRA's conv F-VAE (d_z 256, conv widths / {args.channel_divisor}), {args.warm_start_steps} "
         f"warm-start CVAE steps (batch {args.vae_batch}), {args.meta_steps} meta steps (K={args.inner_steps}, first order, "
-        f"{args.meta_batch} tasks per step), {args.normalisation} normalisation, uniform fusion weights; LoRAHub budget "
+        f"{args.meta_batch} tasks per step), {args.normalisation} normalisation{', centred' if args.centre else ''}, {args.fusion_weights} fusion weights, "
+        f"{args.refine_steps} refine steps; LoRAHub budget "
         f"{args.lorahub_budget}. Accuracy with each task's own head (task id given); normalised = fused / own LoRA. "
         "Data-free baselines use PEFT's `add_weighted_adapter` defaults (density 0.5, weights 1/T, TIES 1 each); "
         "task arithmetic lambda 0.3. "
