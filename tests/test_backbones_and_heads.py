@@ -59,6 +59,15 @@ def test_linear_head_grows_keeping_old_rows():
         head.add_classes([7])
 
 
+def test_linear_head_adds_rows_on_the_device_it_was_moved_to():
+    # the runner moves an empty head to the GPU before its first task: rows added later must follow it
+    # (the meta device stands in for a GPU here; before the fix the first rows landed on the CPU)
+    head = LinearHead(4).to("meta")
+    head.add_classes([0, 1], generator=torch.Generator().manual_seed(0))
+    assert head.weights[0].device.type == "meta" and head.biases[0].device.type == "meta"
+    assert "device_anchor" not in head.state_dict()  # not a checkpoint key: old checkpoints still load
+
+
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
 def test_prototype_head_is_nearest_class_mean(metric):
     head = PrototypeHead(2, metric)
