@@ -303,3 +303,23 @@ def test_a_fully_pruned_branch_is_empty_and_adds_nothing():
     assert branch.rank == 0 and branch.reserved_columns().shape == (7, 0)
     assert torch.equal(layer(x), layer.base_layer(x))
     assert orthogonality_loss(torch.randn(7, 3), branch.reserved_columns()) == 0
+
+
+def test_revivals_count_each_inactive_to_active_flip_per_site_and_task():
+    method, model, stream = make_method()
+    task = stream.tasks[0]
+    method.begin_task(task)
+    sites = list(method.current_branches())
+    first, other = method.current_branches()[sites[0]], method.current_branches()[sites[1]]
+    with torch.no_grad():
+        first.gate[:2] = 0.0  # two dimensions at or below τ: inactive
+    method.after_step()
+    with torch.no_grad():
+        first.gate[:2] = 1.0  # both come back
+        other.gate[0] = 0.0  # one goes inactive: not a revival
+    method.after_step()
+    method.after_step()  # no change: nothing counted twice
+    method.end_task(task, batches(model, task, train=False))
+    assert method.revivals[task.name][sites[0]] == 2
+    assert sum(method.revivals[task.name].values()) == 2
+    assert method.task_metrics()["revivals"] == {task.name: 2}

@@ -84,6 +84,7 @@ class OaAdapter(Method):
         self.budgets: dict[str, dict[str, int]] = {}  # task name -> site -> r_eff at task end
         self.thresholds: dict[str, dict[str, float]] = {}  # task name -> site -> τ at task end
         self.revivals: dict[str, dict[str, int]] = {}  # task name -> site -> inactive-to-active flips
+        self._revival_counts: dict[str, torch.Tensor] = {}  # the current task's flips, still on the device
         self.orth_losses: dict[str, dict[str, float]] = {}  # task name -> site -> ‖W2ᵀH‖² at task end
         self._active: dict[str, torch.Tensor] = {}
 
@@ -132,6 +133,8 @@ class OaAdapter(Method):
                 )
         self._active = {site: branch.active_mask() for site, branch in self.current_branches().items()}
         self.revivals[task.name] = {site: 0 for site in self.layers}
+        # summed on the model's device and read once in end_task: an int() per site and step stalls a GPU
+        self._revival_counts = {}
 
     def _history(self, layer: GatedLayer) -> torch.Tensor | None:
         """H = [W2_s diag(γ_s) on active columns, s < t] [d_out, R], detached; None before any finished task."""
@@ -190,16 +193,18 @@ class OaAdapter(Method):
                 branch.threshold.clamp_(min=0.0)
         if self.current_task is None:
             return
-        revivals = self.revivals.setdefault(self.current_task.name, {})
         for site, branch in branches.items():
             active = branch.active_mask()
             previous = self._active.get(site)
             if previous is not None:
-                revivals[site] = revivals.get(site, 0) + int((active & ~previous).sum())
+                revived = (active & ~previous).sum()
+                self._revival_counts[site] = revived + self._revival_counts[site] if site in self._revival_counts else revived
             self._active[site] = active
 
     def end_task(self, task: Task, train_loader) -> None:
         """Record r_eff and τ per site, prune the inactive dimensions, freeze the branch; then prototypes."""
+        counts = self._revival_counts
+        self.revivals[task.name] = {site: int(counts[site]) if site in counts else 0 for site in self.layers}
         self.record_budget(task)
         for branch in self.current_branches().values():
             branch.prune()
