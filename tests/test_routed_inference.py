@@ -162,6 +162,18 @@ def test_router_state_round_trips_through_the_method_state():
     assert torch.equal(restored.task_router.slot_task, torch.tensor([0, 0, 1, 1, 2, 2]))
 
 
+def test_router_means_are_stored_in_float32_and_older_float64_states_still_load():
+    method, _, stream = trained("o_lora", {"router": "mahalanobis"})
+    state = method.state_dict()
+    assert state["task_router.means.sums"].dtype == torch.float32  # 4 bytes per feature per class and task
+    older = {**state, "task_router.means.sums": state["task_router.means.sums"].double()}  # before 2026-11-23
+    restored, _ = build("o_lora", {"router": "mahalanobis"})
+    restored.restore_structure(stream.tasks)
+    restored.load_state_dict(older)
+    assert restored.task_router.means.sums.dtype == torch.float32
+    torch.testing.assert_close(restored.task_router.means.sums, state["task_router.means.sums"])
+
+
 def test_routing_is_off_by_default_and_adds_no_state():
     model = ContinualClassifier(load_backbone("tiny-bert", max_length=16, seed=0))
     method = create_method("o_lora", {}, MethodContext(HeadConfig(), TrainConfig(), seed=0))

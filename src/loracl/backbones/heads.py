@@ -88,10 +88,10 @@ class LinearHead(nn.Module):
 class PrototypeHead(nn.Module):
     """Nearest class mean on pooled features; logits are cosine similarities or negative squared distances."""
 
-    def __init__(self, hidden_size: int, metric: str = "cosine") -> None:
+    def __init__(self, hidden_size: int, metric: str = "cosine", dtype: torch.dtype = torch.float64) -> None:
         super().__init__()
         self.metric = metric
-        self.register_buffer("sums", torch.zeros(0, hidden_size, dtype=torch.float64))
+        self.register_buffer("sums", torch.zeros(0, hidden_size, dtype=dtype))
         self.register_buffer("counts", torch.zeros(0, dtype=torch.float64))
 
     @property

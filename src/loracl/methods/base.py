@@ -405,7 +405,7 @@ class Method:
                 module_name, _, attribute = key.rpartition(".")
                 module = self.model.get_submodule(module_name)
                 if attribute in module._buffers:
-                    module._buffers[attribute] = value.clone().to(target.device)
+                    module._buffers[attribute] = value.clone().to(device=target.device, dtype=target.dtype)
                     continue
                 raise KeyError(f"state tensor {key} has shape {tuple(value.shape)}, model has {tuple(target.shape)}")
             with torch.no_grad():

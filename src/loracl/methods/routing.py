@@ -62,7 +62,9 @@ class TaskRouter(nn.Module):
         super().__init__()
         self.metric = metric
         self.shrinkage = shrinkage
-        self.means = PrototypeHead(feature_size, "cosine")  # one row per (task, class) slot
+        # one row per (task, class) slot; float32 sums: a slot is filled once, from one task's data, and its
+        # 4 bytes per feature are stored for every class of every task (the scatter below stays float64)
+        self.means = PrototypeHead(feature_size, "cosine", dtype=torch.float32)
         self.register_buffer("scatter", torch.zeros(feature_size, feature_size, dtype=torch.float64))
         self.register_buffer("scatter_count", torch.zeros((), dtype=torch.float64))
         self.register_buffer("slot_task", torch.zeros(0, dtype=torch.long))
