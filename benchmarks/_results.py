@@ -34,7 +34,7 @@ HEADER = (
     'an earlier one (only shared-label / domain-incremental streams are affected; no earlier section used one).\n'
     "At 04:35 UTC metalora's `router` default moved from cosine to mahalanobis: metalora commands written before then\n"
     'without a `router:` key ran the cosine router (the collected sections name the router of every row).\n'
-    "At 09:45 UTC the task router's class means moved from float64 to float32 storage (routed rows and metalora:\n"
+    "At 09:24 UTC the task router's class means moved from float64 to float32 storage (routed rows and metalora:\n"
     'stored bytes 1,536 B lower per class; routing scores change in the 7th digit).\n'
     '\n'
     'Where to look first: the full text stream in `text_stream_baselines_full` (baselines, linear and prototype\n'
