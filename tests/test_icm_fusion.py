@@ -152,6 +152,28 @@ def test_round_trip_adapters_decode_each_task_under_its_own_condition(normalisat
         assert torch.allclose(outcome.adapter[module].lora_A, fused_adapter[module].lora_A, atol=1e-6)
 
 
+def test_a_head_on_another_device_than_the_base_model_is_named():
+    # the meta device stands in for a GPU: a support head left elsewhere is one clear error, not a device trace
+    backbone = load_backbone("tiny-bert", seed=0)
+    host = LoraHost(backbone, MODULES)
+    support = TaskSupport(backbone.collate(["abc de", "fgh"]), torch.tensor([0, 1]), torch.nn.Linear(32, 2).to("meta"))
+    with pytest.raises(LoraclError, match="head is on meta"):
+        host.loss_and_grads(random_adapter(0), support)
+
+
+def test_seeded_blocks_leave_the_callers_random_stream_untouched():
+    from loracl.seeding import seeded_rng
+
+    torch.manual_seed(1)
+    expected = torch.rand(3)
+    torch.manual_seed(1)
+    with seeded_rng(5):
+        inside = torch.rand(3)
+    assert torch.equal(torch.rand(3), expected)
+    with seeded_rng(5):
+        assert torch.equal(torch.rand(3), inside)
+
+
 @pytest.mark.parametrize("mode", ["online", "end"])
 def test_icm_fusion_method_runs_a_tiny_stream(tmp_path, mode):
     method = {"name": "icm_fusion", "rank": 2, "mode": mode, "harvest_checkpoints": 2, "support_per_task": 4,

@@ -19,9 +19,21 @@ def derived_generator(run_seed: int, slot: int) -> torch.Generator:
     return torch.Generator().manual_seed(derived_seed(run_seed, slot))
 
 
+def _started_gpus() -> list[int]:
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+
+
+@contextmanager
+def seeded_rng(seed: int) -> Iterator[None]:
+    """Seed torch's global generators (the CPU's and every started GPU's) for the block, then restore them all:
+    torch.manual_seed reseeds the GPUs too, so forking only the CPU generator would leak the seed into the caller's."""
+    with torch.random.fork_rng(devices=_started_gpus()):
+        torch.manual_seed(seed)
+        yield
+
+
 @contextmanager
 def private_rng(run_seed: int, slot: int) -> Iterator[None]:
     """Seed the global RNG with derived_seed for the block, then restore it (the caller's stream is untouched)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derived_seed(run_seed, slot))
+    with seeded_rng(derived_seed(run_seed, slot)):
         yield

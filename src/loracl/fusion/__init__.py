@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
 from pydantic import Field, ValidationError
 
 from loracl.adapters.peft_io import LoraPair
@@ -18,7 +19,7 @@ from loracl.config import Float, StrictModel, _format_validation_error
 from loracl.errors import ConfigError, LoraclError
 from loracl.fusion.adapters import TaskAdapter, check_compatible, read_adapter, read_run_branch
 from loracl.fusion.host import LoraHost, TaskSupport
-from loracl.fusion.icm_fusion import FusionTask, IcmFusion, IcmFusionOptions, IcmFusionResult
+from loracl.fusion.icm_fusion import FusionTask, IcmFusion, IcmFusionOptions, IcmFusionResult, adapter_on
 from loracl.fusion.merges import PEFT_COMBINATIONS, lorahub, peft_merge, task_arithmetic
 
 FUSION_METHODS = ("icm", *PEFT_COMBINATIONS, "task_arithmetic", "lorahub")
@@ -74,7 +75,8 @@ def fuse(
             raise LoraclError(f"fusion method `{method}` needs a base model and a few examples per task")
         if len(supports) != len(adapters):
             raise LoraclError(f"{len(supports)} example sets for {len(adapters)} adapters: give one per adapter")
-    pairs = [adapter.pairs for adapter in adapters]
+    # every method starts from (and returns) CPU tensors; ICM and the host move what they compute with
+    pairs = [adapter_on(adapter.pairs, torch.device("cpu")) for adapter in adapters]
     icm_result = None
     started = time.perf_counter()
     report: dict[str, Any] = {"method": method, "adapters": [adapter.name for adapter in adapters]}
@@ -96,7 +98,7 @@ def fuse(
         else:
             icm, dummy = IcmFusion(options.icm, host), list(supports or [])
         tasks = [
-            FusionTask(adapter.name, adapter.pairs, support, (samples or [[]] * len(adapters))[i])  # type: ignore[arg-type]
+            FusionTask(adapter.name, pairs[i], support, (samples or [[]] * len(adapters))[i])  # type: ignore[arg-type]
             for i, (adapter, support) in enumerate(zip(adapters, dummy))
         ]
         icm_result = icm.fuse(tasks)

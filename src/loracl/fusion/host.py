@@ -91,6 +91,9 @@ class LoraHost:
         """Cross-entropy with the task's head when labels exist, else MSE to the teacher's features."""
         features = self.features(support.inputs)
         if support.head is not None and support.labels is not None:
+            head_device = next(support.head.parameters(), features).device
+            if head_device != features.device:
+                raise LoraclError(f"a task's head is on {head_device} but the base model on {features.device}: move the head")
             return F.cross_entropy(support.head(features), support.labels.to(features.device))
         if support.target_features is None:
             raise LoraclError("a task's examples have neither labels with a head nor teacher features")

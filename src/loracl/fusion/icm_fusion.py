@@ -21,6 +21,7 @@ from loracl.errors import LoraclError
 from loracl.fusion.flat import FlatLayout, TensorStats, flat_gradient, flatten, tensor_stats, unflatten
 from loracl.fusion.host import LoraHost, TaskSupport
 from loracl.fusion.vae import FusionVAE, cvae_loss, kl_divergence
+from loracl.seeding import seeded_rng
 
 Adapter = dict[str, LoraPair]
 
@@ -89,7 +90,8 @@ class IcmFusionResult:
         with torch.no_grad():
             flats = self.vae.decode(self.latents, self.task_vectors)  # [T, N_pad]
         flats[:, self.layout.numel :] = 0.0
-        return [unflatten(self.layout, flat, stats) for flat, stats in zip(flats, self.task_stats)]
+        decoded = [unflatten(self.layout, flat, stats) for flat, stats in zip(flats, self.task_stats)]
+        return [adapter_on(adapter, torch.device("cpu")) for adapter in decoded]  # on the CPU, like `adapter`
 
 
 def adapter_on(adapter: Adapter, device: torch.device) -> Adapter:
@@ -190,9 +192,7 @@ class IcmFusion:
         optimizer = torch.optim.AdamW(vae.parameters(), lr=self.options.outer_lr, weight_decay=0.0)
         vae.train()
         losses = {"warm_start_loss": float("nan"), "meta_loss": float("nan")}
-        # the reparameterisation noise is drawn on the F-VAE's device: fork that device's generator too
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(self.options.seed)
+        with seeded_rng(self.options.seed):  # the reparameterisation noise may come from a GPU's generator
             for _ in range(self.options.warm_start_steps):
                 task_ids, targets = self.draw(per_task, self.options.batch_size)
                 reconstruction, mean, logvar = vae(targets, vectors[task_ids])
@@ -258,8 +258,7 @@ class IcmFusion:
         layout = FlatLayout.of(tasks[0].final)
         per_task, finals, stats = self.weight_data(tasks, layout)
         vectors = self.task_vectors(tasks)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.options.seed)
+        with seeded_rng(self.options.seed):
             vae = FusionVAE(layout.padded, vectors.shape[1], self.options.latent_dim, self.options.channel_divisor)
         vae.to(self.device)
         losses = self.train(vae, per_task, vectors, tasks, layout, stats)

@@ -15,6 +15,7 @@ from torch import nn
 
 from loracl.adapters.peft_io import LoraPair, combine_pairs
 from loracl.errors import LoraclError, MissingDependencyError
+from loracl.seeding import seeded_rng
 
 PEFT_COMBINATIONS = (
     "linear",
@@ -95,8 +96,7 @@ def peft_merge(
                 layer.lora_A[name].weight.copy_(adapter[module].lora_A)
                 layer.lora_B[name].weight.copy_(adapter[module].lora_B)
     names = [f"task_{index}" for index in range(len(adapters))]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)  # DARE drops entries at random: fixed so a merge is reproducible
+    with seeded_rng(0):  # DARE drops entries at random: fixed so a merge is reproducible
         model.add_weighted_adapter(
             names,
             weights,

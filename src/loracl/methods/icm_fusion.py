@@ -17,7 +17,6 @@ from pydantic import Field
 from loracl.adapters.peft_io import LoraPair
 from loracl.config import Float
 from loracl.data.stream import Task
-from loracl.fusion.flat import unflatten
 from loracl.fusion.host import LoraHost, TaskSupport
 from loracl.fusion.icm_fusion import FusionTask, IcmFusion, IcmFusionOptions
 from loracl.methods.base import LoraMethod, LoraOptions
@@ -143,11 +142,9 @@ class IcmFusionMethod(LoraMethod):
         result = IcmFusion(self.options.fusion, host).fuse(fusion_tasks)
         host.remove()
         if self.options.mode == "online":  # keep generated, not stored, past LoRAs (generative weight replay)
-            with torch.no_grad():
-                regenerated = result.vae.decode(result.latents, result.task_vectors)
-            regenerated[:, result.layout.numel :] = 0.0
-            for row, task in zip(regenerated, tasks):
-                self._write_branch(f"task_{task.index}", unflatten(result.layout, row, result.stats))
+            # each task's latent decoded under its own condition, de-normalised with the statistics it was encoded with
+            for adapter, task in zip(result.decoded_task_adapters(), tasks):
+                self._write_branch(f"task_{task.index}", adapter)
                 self.samples[task.index] = []
         self._write_branch(FUSED, result.adapter)
         for layer in self.layers.values():
