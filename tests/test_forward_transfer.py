@@ -70,7 +70,7 @@ def test_without_the_switch_the_upper_cells_stay_empty():
         ("inc_lora", "class_incremental", "no task of this stream"),
         ({"name": "metalora", "cp_rank": 2}, "domain_incremental", "metalora"),
         ({"name": "lorac_ipc", "rank": 2}, "domain_incremental", "lorac_ipc"),
-        ("joint", "domain_incremental", "without a base session"),
+        ("joint", "domain_incremental", "method `joint` trains on every task at once"),
     ],
 )
 def test_streams_and_methods_that_cannot_score_unseen_tasks_are_refused(tmp_path, method, scenario, culprit):
@@ -104,3 +104,10 @@ def test_a_bad_later_entry_stops_the_run_before_any_entry_trains(tmp_path):
     with pytest.raises(ConfigError, match="train.eval_next_task: method `metalora`"):
         run_experiment(config, tmp_path, stream=stream)
     assert not any(tmp_path.rglob("*.json")) and not any(tmp_path.rglob("*.safetensors"))
+
+
+def test_a_base_session_is_refused_with_next_task_evaluation(tmp_path):
+    stream = tiny_text_stream(3, scenario="domain_incremental", train=6, test=4)
+    with pytest.raises(ConfigError, match="train.eval_next_task: needs a stream trained task by task without a base session"):
+        run_experiment(tiny_config("inc_lora", train={**TRAIN, "base_session_epochs": 1}), tmp_path, stream=stream)
+    assert not any(tmp_path.rglob("results.json"))

@@ -468,7 +468,9 @@ def check_next_task_evaluation(method: Method, name: str, stream: Stream, base_s
             f"train.eval_next_task: method `{name}` routes by statistics of finished tasks and cannot"
             " score a task before training it"
         )
-    if base_session or method.trains_jointly:
+    if method.trains_jointly:
+        raise ConfigError(f"train.eval_next_task: method `{name}` trains on every task at once, so no task comes next")
+    if base_session:
         raise ConfigError("train.eval_next_task: needs a stream trained task by task without a base session")
     seen: set[int] = set()
     reused = False
