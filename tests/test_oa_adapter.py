@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import tiny_config, tiny_text_stream
+from helpers import tiny_config, tiny_text_stream, train_method_task
 from torch import nn
 
 from loracl.adapters.gated import GatedLayer, orthogonality_loss, soft_threshold
@@ -32,20 +32,8 @@ def batches(model, task, train=True):
 
 def train_task(method, model, task, steps=4, lr=5e-2):
     """begin_task, a few optimizer steps on task loss + penalty, end_task (what the engine does)."""
-    method.begin_task(task)
-    optimizer = torch.optim.AdamW(method.trainable_parameters(), lr=lr, weight_decay=0.0)
-    model.train()
-    model.backbone.eval()
-    for _, batch in zip(range(steps), batches(model, task)):
-        logits = method.forward(batch)
-        loss = method.task_loss(logits, batch)
-        extra = method.extra_loss(batch, logits)
-        (loss if extra is None else loss + extra).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        method.after_step()
-    model.eval()
-    method.end_task(task, batches(model, task, train=False))
+    # the split the shuffled loader reads is the training split; end_task sees the test split, as before
+    train_method_task(method, task, lambda shuffle: batches(model, task, train=shuffle), steps, lr)
 
 
 def linear_layer(d_in=6, d_out=5, dropout=0.0):

@@ -198,13 +198,12 @@ class OaAdapter(Method):
             previous = self._active.get(site)
             if previous is not None:
                 revived = (active & ~previous).sum()
-                self._revival_counts[site] = revived + self._revival_counts[site] if site in self._revival_counts else revived
+                self._revival_counts[site] = self._revival_counts.get(site, 0) + revived
             self._active[site] = active
 
     def end_task(self, task: Task, train_loader) -> None:
         """Record r_eff and τ per site, prune the inactive dimensions, freeze the branch; then prototypes."""
-        counts = self._revival_counts
-        self.revivals[task.name] = {site: int(counts[site]) if site in counts else 0 for site in self.layers}
+        self.revivals[task.name] = {site: int(self._revival_counts.get(site, 0)) for site in self.layers}
         self.record_budget(task)
         for branch in self.current_branches().values():
             branch.prune()
