@@ -220,6 +220,8 @@ def main() -> None:
     parser.add_argument("--title", default="ICM-Fusion and merge baselines on the text stream's tasks")
     parser.add_argument("--no-write", action="store_true", help="print only (smoke runs)")
     args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this torch sees no GPU")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
