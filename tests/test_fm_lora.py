@@ -9,7 +9,8 @@ from helpers import tiny_config, tiny_text_stream
 from loracl.backbones.classifier import ContinualClassifier
 from loracl.backbones.registry import load_backbone
 from loracl.config import validate_config
-from loracl.errors import ConfigError
+from loracl.adapters.prompts import PREFIX_ATTENTION, prefix_attention
+from loracl.errors import ConfigError, LoraclError
 from loracl.methods.base import MethodContext
 from loracl.methods.fm_lora import spectral_complexity, subspace_overlap
 from loracl.methods.registry import create_method
@@ -83,8 +84,11 @@ def test_identity_at_task_start_after_a_finished_task():
         assert torch.allclose(model.features(batch["inputs"]), before, atol=1e-6)
 
 
-def test_drs_masks_temperature_commit_and_bias_gradient():
-    method, model = _method(rank_loss_weight=0.5)
+@pytest.mark.parametrize("granularity", ["global", "per_layer"])
+def test_drs_masks_temperature_commit_and_bias_gradient(granularity):
+    method, model = _method(rank_loss_weight=0.5, drs_granularity=granularity)
+    groups = len(method.layers) if granularity == "per_layer" else 1
+    assert method.state.drs_bias.view(-1, len(method.candidate_ranks)).shape[0] == groups
     task = STREAM.tasks[0]
     method.begin_task(task)
     method.prepare_task(task, [])
@@ -92,22 +96,33 @@ def test_drs_masks_temperature_commit_and_bias_gradient():
     model.train()
     for step in range(12):  # before the commit phase (the last 10 %)
         method.step = step
-        mask = method.sample_mask()
-        assert set(mask.detach().tolist()) <= {0.0, 1.0}
-        ones = int(mask.sum())
-        assert ones in method.candidate_ranks and torch.equal(mask.detach(), method.prefix_mask(ones))
+        masks = method.sample_mask()
+        assert masks.shape == (groups, method.options.rank)
+        for mask in masks.detach():
+            assert set(mask.tolist()) <= {0.0, 1.0}
+            ones = int(mask.sum())
+            assert ones in method.candidate_ranks and torch.equal(mask, method.prefix_mask(ones))
+    method.forward(_batch(model, task))
+    layer_masks = [layer.rank_mask for layer in method.layers.values()]
+    assert all(torch.equal(mask, layer_masks[0]) for mask in layer_masks) or groups > 1
     loss = method.extra_loss(_batch(model, task), None)
     loss.backward()
     assert method.state.drs_bias.grad is not None and method.state.drs_bias.grad.abs().sum() > 0
+    if groups > 1:  # every layer's logits get their own gradient
+        assert (method.state.drs_bias.grad.abs().sum(dim=1) > 0).all()
     temperatures = [method.temperature(step) for step in range(21)]
     assert all(a >= b for a, b in zip(temperatures, temperatures[1:]))
     assert math.isclose(temperatures[10], method.options.tau_min) and math.isclose(temperatures[20], method.options.tau_min)
     method.step = 19
     assert method.in_commit_phase()
-    expected = method.candidate_ranks[int(method.selector_logits().argmax())]
-    assert torch.equal(method.sample_mask(), method.prefix_mask(expected))
+    with torch.no_grad():  # make the selectors disagree so per-layer commits are visible
+        method.state.drs_bias.copy_(torch.randn(method.state.drs_bias.shape, generator=torch.Generator().manual_seed(3)) * 5)
+    expected = [method.candidate_ranks[int(index)] for index in method.selector_logits().argmax(dim=1)]
+    assert torch.equal(method.sample_mask(), torch.stack([method.prefix_mask(rank) for rank in expected]))
     method.end_task(task, [])
-    assert method.chosen_ranks == [expected]
+    assert method.chosen_ranks == [expected[0] if groups == 1 else expected]
+    for layer, rank in zip(method.layers.values(), expected * len(method.layers) if groups == 1 else expected):
+        assert getattr(layer.kept_cores, "N_0").shape == (method.options.rank, rank)
 
 
 def test_deterministic_drs_picks_the_nearest_rank_and_off_uses_r():
@@ -215,6 +230,12 @@ def test_dynamic_prompt_components_are_input_conditioned():
         ({"spectral_weight": 0.0, "similarity_weight": 0.0}, "spectral_weight"),
         ({"head_init": "normal"}, "head_init"),
         ({"ranks": 4}, "ranks"),
+        ({"core_form": "triple"}, "core_form"),
+        ({"core_form": "single", "core_orth_weight": 0.1}, "core_orth_weight"),
+        ({"prompt_depth": "middle"}, "prompt_depth"),
+        ({"prompt_depth": "deep", "prompt_components": 3}, "prompt_components"),
+        ({"prompt_layers": 0}, "prompt_layers"),
+        ({"drs_granularity": "per_head"}, "drs_granularity"),
     ],
 )
 def test_bad_options_name_the_key(options, key):
@@ -240,3 +261,80 @@ def test_which_tasks_train_the_shared_bases(mode, trains_later):
     assert layer.shared_A.requires_grad == trains_later and layer.core_N.requires_grad
     assert torch.equal(layer.core_N, torch.zeros_like(layer.core_N))
     assert method._drs_mode() == "gumbel"
+
+
+def test_single_core_per_layer_deep_prompt_trainable_count_matches_the_formula():
+    method, model = _method(core_form="single", drs_granularity="per_layer", prompt_depth="deep", prompt_layers=2, prompt_len=3)
+    task = STREAM.tasks[0]
+    method.begin_task(task)
+    method.prepare_task(task, [])
+    groups = method.parameter_groups(1e-3, 1e-2)
+    counted = sum(parameter.numel() for group in groups for parameter in group["params"])
+    layers, rank, hidden = len(method.layers), 4, model.backbone.hidden_size
+    prefix = 2 * 2 * 3 * hidden  # prompt_layers x (keys, values) x L_p x d
+    expected = layers * rank * rank + prefix + layers * len(method.candidate_ranks) + (hidden + 1) * len(task.class_ids)
+    assert counted == expected
+
+
+def _reference_prefix_attention(query, key, value, prefix_key, prefix_value, keep, scaling):
+    """Brute force: softmax(q [pk; k]^T s + mask) [pv; v], heads split by hand."""
+    batch, heads, _, head_dim = key.shape
+    split = lambda tokens: tokens.view(-1, heads, head_dim).transpose(0, 1).expand(batch, -1, -1, -1)  # noqa: E731
+    keys = torch.cat([split(prefix_key), key], dim=2)
+    values = torch.cat([split(prefix_value), value], dim=2)
+    scores = query @ keys.transpose(-1, -2) * scaling
+    visible = torch.cat([torch.ones(batch, prefix_key.shape[0], dtype=torch.bool), keep], dim=1)[:, None, None, :]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return (scores.softmax(-1) @ values).transpose(1, 2)
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "additive", "none"])
+def test_prefix_attention_matches_brute_force(mask_kind):
+    generator = torch.Generator().manual_seed(0)
+    batch, heads, length, head_dim, prefix_length = 2, 3, 5, 4, 2
+    query, key, value = (torch.randn(batch, heads, length, head_dim, generator=generator) for _ in range(3))
+    prefix_key, prefix_value = (torch.randn(prefix_length, heads * head_dim, generator=generator) for _ in range(2))
+    keep = torch.ones(batch, length, dtype=torch.bool)
+    if mask_kind != "none":
+        keep[1, 3:] = False
+    mask = {
+        "bool": keep[:, None, None, :].expand(batch, 1, length, length),
+        "additive": (~keep[:, None, None, :]).float() * torch.finfo(torch.float32).min,
+        "none": None,
+    }[mask_kind]
+    module = torch.nn.Module()
+    module.loracl_prefix = lambda: (prefix_key, prefix_value)
+    output, _ = prefix_attention(module, query, key, value, mask, scaling=0.5)
+    expected = _reference_prefix_attention(query, key, value, prefix_key, prefix_value, keep, 0.5)
+    assert output.shape == (batch, length, heads, head_dim)
+    assert torch.allclose(output, expected, atol=1e-5)
+    module.loracl_prefix = lambda: (prefix_key[:, :5], prefix_value[:, :5])
+    with pytest.raises(LoraclError, match="deep prompt width 5"):
+        prefix_attention(module, query, key, value, mask)
+
+
+@pytest.mark.parametrize("backbone", ["tiny-bert", "tiny-vit"])
+def test_deep_prompt_changes_only_the_prefixed_blocks_and_respects_padding(backbone):
+    plain = ContinualClassifier(load_backbone(backbone))
+    method, model = _method(backbone, prompt_depth="deep", prompt_layers=1, prompt_len=3, prompt_init_std=1.0)
+    blocks = [module for module in model.backbone.model.modules() if hasattr(module, "loracl_prefix")]
+    assert len(blocks) == 1 and blocks[0].config._attn_implementation == PREFIX_ATTENTION
+    assert model.backbone.model.config._attn_implementation != PREFIX_ATTENTION  # the other blocks keep theirs
+    prompt_keys = {key for key in model.state_dict() if key.startswith("fm_lora.")}
+    bare, _ = _method(backbone, prompt_len=0)
+    assert set(model.state_dict()) - prompt_keys == set(bare.model.state_dict()) - {k for k in bare.model.state_dict() if k.startswith("fm_lora.")}
+    if backbone == "tiny-bert":
+        texts = ["ab", "a much longer sentence"]
+        inputs = model.backbone.collate(texts)
+        alone = model.features(model.backbone.collate(texts[:1]))
+        assert torch.allclose(model.features(inputs)[0], alone[0], atol=1e-5)  # padding stays masked
+    else:
+        inputs = model.backbone.collate([torch.rand(1, 8, 8).numpy() for _ in range(2)])
+    model.eval()
+    plain.eval()
+    prompted = model.features(inputs)
+    assert not torch.allclose(prompted, plain.features(inputs), atol=1e-4)
+    with method.adapters_bypassed():
+        assert torch.allclose(model.features(inputs), plain.features(inputs), atol=1e-5)
+    with pytest.raises(LoraclError, match="prompt_layers 9"):
+        _method(backbone, prompt_depth="deep", prompt_layers=9)

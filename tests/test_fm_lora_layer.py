@@ -135,3 +135,30 @@ def test_task_parameter_count_is_two_r_squared():
     layer = FactorizedLoraLayer(_linear(), "t", rank=4)
     layer.start_task_cores()
     assert layer.task_parameter_count() == 32 == layer.core_M.numel() + layer.core_N.numel()
+
+
+@pytest.mark.parametrize("make", [_linear, _conv])
+def test_single_core_form_identity_count_fold_and_merge(make):
+    base = make()
+    x = _input(base)
+    expected = base(x)
+    layer = FactorizedLoraLayer(base, "t", rank=4, single_core=True)
+    layer.start_task_cores()
+    assert layer.core_M is None and layer.live_cores() == [layer.core_N]
+    assert torch.allclose(layer(x), expected, atol=1e-6)  # N_t = 0
+    assert layer.task_parameter_count() == 16 == layer.core_N.numel()
+    with torch.no_grad():
+        layer.core_N.copy_(torch.randn(4, 4, generator=torch.Generator().manual_seed(2)))
+    mask = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    layer.rank_mask = mask
+    live = layer(x)
+    assert torch.allclose(layer.live_core(), layer.core_N * mask)
+    layer.fold_task_cores("0", 2)
+    assert not hasattr(layer.kept_cores, "M_0") and layer.kept_cores.N_0.shape == (4, 2)
+    assert torch.allclose(layer(x), live, atol=1e-5)  # folding is exact
+    assert torch.allclose(layer.kept_task_core("0"), layer.accumulated_core, atol=1e-6)
+    assert torch.linalg.matrix_rank(layer.accumulated_core) <= 2
+    layer.merge()
+    assert torch.allclose(layer(x), live, atol=1e-5)
+    layer.unmerge()
+    assert torch.allclose(layer(x), live, atol=1e-5)

@@ -93,3 +93,23 @@ def test_digits_vit_with_base_session_and_learned_bases(tmp_path):
     assert len(ranks) == 2 and list(ranks.values())[0] == 4  # DRS is off while the bases learn
     assert result.results["method_metrics"]["adapted_layers"] == 4  # q and v of 2 blocks
     assert all(not layer.shared_A.requires_grad for layer in result.method.layers.values())
+
+
+def test_single_core_per_layer_ranks_and_deep_prompt_end_to_end_with_resume(tmp_path):
+    options = {**OPTIONS, "core_form": "single", "drs_granularity": "per_layer", "prompt_depth": "deep", "prompt_layers": 2}
+    out = tmp_path / "run"
+    [result] = run_experiment(tiny_config(options), out, stream=tiny_text_stream(3))
+    method = result.method
+    ranks = result.results["method_metrics"]["chosen_ranks"]
+    assert len(ranks) == 3 and all(set(per_layer) == set(method.layers) for per_layer in ranks.values())
+    hidden = method.model.backbone.hidden_size
+    for size, per_layer in zip(result.results["stored_bytes_per_task"][1:], method.chosen_ranks[1:]):
+        assert size == 4 * (sum(4 * rank for rank in per_layer) + hidden * 8 + (hidden + 1) * 2)  # N_t [r, r_t] only
+    copy = tmp_path / "resumed"
+    shutil.copytree(out, copy)
+    shutil.rmtree(copy / "fm_lora" / "checkpoints" / "task_2")
+    [resumed] = run_experiment(tiny_config(options), copy, stream=tiny_text_stream(3))
+    assert resumed.accuracy_matrix == result.accuracy_matrix
+    assert resumed.method.chosen_ranks == method.chosen_ranks
+    original, again = method.state_dict(), resumed.method.state_dict()
+    assert original.keys() == again.keys() and all(torch.equal(original[key].cpu(), again[key].cpu()) for key in original)

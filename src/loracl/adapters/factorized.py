@@ -7,6 +7,8 @@ For a frozen W0 (d_out x d_in) the layer keeps
 and computes, for a token u and a rank mask m in {0,1}^r (a prefix of ones),
     z  = A u;   z' = K z + N (m * (M z));   y = W0 u + b0 + s B z'        (s = alpha / r)
 so a task's increment  s B N diag(m) M A  has rank <= sum(m), and folding it into K is exact.
+With `single_core` (the spec's `core_form: single` ablation) a task trains N alone and M is the identity
+(never stored): the increment is  s B N diag(m) A,  r^2 new values per task instead of 2 r^2.
 For Conv2d, A is a conv with the base kernel's geometry and B a 1x1 conv, as in PEFT's LoRA Conv2d;
 the cores mix the r channels of the down-projected map.
 The layer knows nothing about tasks beyond "a live pair of cores, then fold it"; the method decides when.
@@ -43,6 +45,7 @@ class FactorizedLoraLayer(AdapterLayer):
         alpha: float | None = None,
         shared_basis: SharedBasisInit = "svd",
         generator: torch.Generator | None = None,
+        single_core: bool = False,
     ) -> None:
         super().__init__(base_layer, name)
         weight = _flat_weight(base_layer.weight.detach())
@@ -50,12 +53,13 @@ class FactorizedLoraLayer(AdapterLayer):
         if rank < 1 or rank > min(d_out, d_in):
             raise LoraclError(f"module `{name}`: F-LoRA rank {rank} must be in [1, min(d_out, d_in)] = [1, {min(d_out, d_in)}]")
         self.rank = rank
+        self.single_core = single_core
         self.scaling = (alpha if alpha is not None else rank) / rank
         down, up = self._initial_bases(weight, rank, shared_basis, generator)
         self.shared_A = nn.Parameter(down.to(weight.device), requires_grad=False)  # [r, d_in]
         self.shared_B = nn.Parameter(up.to(weight.device), requires_grad=False)  # [d_out, r]
         self.register_buffer("accumulated_core", torch.zeros(rank, rank, dtype=weight.dtype, device=weight.device))
-        self.register_parameter("core_M", None)  # live task cores [r, r], present only while a task trains
+        self.register_parameter("core_M", None)  # live task cores [r, r], present only while a task trains (no M when single_core)
         self.register_parameter("core_N", None)
         self.kept_cores = nn.Module()  # buffers M_<task>, N_<task>: trimmed cores of finished tasks
         self.rank_mask: torch.Tensor | None = None  # [r] forward mask for the live cores; None = all ones
@@ -91,15 +95,24 @@ class FactorizedLoraLayer(AdapterLayer):
         if self.merged:
             raise LoraclError(f"module `{self.module_name}`: unmerge before starting task cores")
         eye = torch.eye(self.rank, dtype=self.shared_A.dtype, device=self.shared_A.device)
-        self.core_M = nn.Parameter(eye.clone())
+        self.core_M = None if self.single_core else nn.Parameter(eye.clone())
         self.core_N = nn.Parameter(eye.clone() if identity_both else torch.zeros_like(eye))
 
+    @property
+    def task_live(self) -> bool:
+        """Whether a task's cores are live (started and not yet folded)."""
+        return self.core_N is not None
+
+    def live_cores(self) -> list[nn.Parameter]:
+        """The live task's core parameters: [M, N], or [N] when single_core."""
+        return [core for core in (self.core_M, self.core_N) if core is not None]
+
     def live_core(self, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """N diag(m) M of the live task [r, r] (zero when no task is live)."""
-        if self.core_M is None or self.core_N is None:
+        """N diag(m) M of the live task [r, r] (zero when no task is live; M = I when single_core)."""
+        if not self.task_live:
             return torch.zeros_like(self.accumulated_core)
-        mask = self._mask(mask)
-        return (self.core_N * mask) @ self.core_M
+        masked = self.core_N * self._mask(mask)
+        return masked if self.core_M is None else masked @ self.core_M
 
     def _mask(self, mask: torch.Tensor | None) -> torch.Tensor:
         if mask is None:
@@ -111,12 +124,13 @@ class FactorizedLoraLayer(AdapterLayer):
     @torch.no_grad()
     def fold_task_cores(self, task_key: str, task_rank: int, keep: bool = True) -> None:
         """K += N diag(c_{r_t}) M; keep the trimmed pair (N[:, :r_t], M[:r_t, :]) as buffers if asked; drop the live pair."""
-        if self.core_M is None or self.core_N is None:
+        if not self.task_live:
             raise LoraclError(f"module `{self.module_name}`: no live task cores to fold")
         mask = (torch.arange(self.rank, device=self.shared_A.device) < task_rank).to(self.shared_A.dtype)
         self.accumulated_core.add_(self.live_core(mask))
         if keep:
-            self.kept_cores.register_buffer(f"M_{task_key}", self.core_M[:task_rank].detach().clone())
+            if self.core_M is not None:
+                self.kept_cores.register_buffer(f"M_{task_key}", self.core_M[:task_rank].detach().clone())
             self.kept_cores.register_buffer(f"N_{task_key}", self.core_N[:, :task_rank].detach().clone())
         self.core_M = None
         self.core_N = None
@@ -125,12 +139,16 @@ class FactorizedLoraLayer(AdapterLayer):
     def add_kept_core_placeholders(self, task_key: str) -> None:
         """Empty buffers for a finished task's trimmed cores, filled (and resized) by a state load."""
         empty = torch.zeros(0, dtype=self.shared_A.dtype, device=self.shared_A.device)
-        self.kept_cores.register_buffer(f"M_{task_key}", empty.clone())
+        if not self.single_core:
+            self.kept_cores.register_buffer(f"M_{task_key}", empty.clone())
         self.kept_cores.register_buffer(f"N_{task_key}", empty.clone())
 
     def kept_task_core(self, task_key: str) -> torch.Tensor:
         """A finished task's N_t diag(m_t) M_t [r, r], rebuilt from its trimmed cores."""
-        return getattr(self.kept_cores, f"N_{task_key}") @ getattr(self.kept_cores, f"M_{task_key}")
+        trimmed_N = getattr(self.kept_cores, f"N_{task_key}")  # [r, r_t]
+        if self.single_core:  # M = I: N's r_t kept columns, zero-padded to r
+            return F.pad(trimmed_N, (0, self.rank - trimmed_N.shape[1]))
+        return trimmed_N @ getattr(self.kept_cores, f"M_{task_key}")
 
     def task_increment(self, core: torch.Tensor) -> torch.Tensor:
         """s B core A shaped like the base weight ([d_out, d_in] or [c_out, c_in, k_h, k_w])."""
@@ -165,10 +183,11 @@ class FactorizedLoraLayer(AdapterLayer):
             return result
         z = self._down(x.to(self.shared_A.dtype))
         mixed = self._mix(z, self.accumulated_core)
-        if self.core_M is not None and self.core_N is not None:
+        if self.task_live:
             mask = self._mask(None)
             mask = mask.view(1, -1, 1, 1) if self.is_conv else mask
-            mixed = mixed + self._mix(self._mix(z, self.core_M) * mask, self.core_N)
+            coded = z if self.core_M is None else self._mix(z, self.core_M)
+            mixed = mixed + self._mix(coded * mask, self.core_N)
         return result + (self.scaling * self._up(mixed)).to(result.dtype)
 
     # ----- merge -------------------------------------------------------------------------------------
@@ -193,5 +212,5 @@ class FactorizedLoraLayer(AdapterLayer):
         return self._weight_before_merge is not None
 
     def task_parameter_count(self) -> int:
-        """New trainable values a task adds to this layer: 2 r^2."""
-        return 2 * self.rank * self.rank
+        """New trainable values a task adds to this layer: 2 r^2 (r^2 when single_core)."""
+        return (1 if self.single_core else 2) * self.rank * self.rank

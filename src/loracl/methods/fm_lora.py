@@ -22,10 +22,10 @@ from torch import nn
 
 from loracl.adapters.factorized import FactorizedLoraLayer
 from loracl.adapters.inject import inject_adapters
+from loracl.adapters.prompts import MetaPrompt, PrefixPrompt
 from loracl.backbones.classifier import ContinualClassifier
 from loracl.config import Float
 from loracl.data.stream import Task
-from loracl.errors import LoraclError
 from loracl.methods.base import Method, MethodOptions, resolve_target_modules
 from loracl.methods.routing import RoutedInferenceOptions
 from loracl.seeding import derived_generator
@@ -40,6 +40,7 @@ class FmLoraOptions(MethodOptions, RoutedInferenceOptions):
     shared_basis: Literal["svd", "svd_minor", "random_orthogonal", "learn_first_task", "learn_every_task"] = "svd"
     # DRS
     drs: Literal["gumbel", "deterministic", "off"] = "gumbel"
+    drs_granularity: Literal["global", "per_layer"] = "global"  # per_layer: own logits b and rank r_t per adapted module
     candidate_ranks: list[int] | None = None  # None: {r/4, r/2, 3r/4, r}
     drs_beta: Float = Field(default=10.0, ge=0.0)
     tau_start: Float = Field(default=1.0, gt=0.0)
@@ -54,12 +55,15 @@ class FmLoraOptions(MethodOptions, RoutedInferenceOptions):
     similarity_weight: Float = Field(default=0.5, ge=0.0)
     # DMP
     prompt_len: int = Field(default=8, ge=0)  # 0 turns DMP off
+    prompt_depth: Literal["shallow", "deep"] = "shallow"  # deep: prefix keys/values in the first prompt_layers blocks
+    prompt_layers: int = Field(default=5, ge=1)  # blocks 0..prompt_layers-1 get a prefix (deep only)
     prompt_components: int = Field(default=1, ge=1)  # J > 1: input-conditioned mixture of J prompts
     prompt_key_temperature: Float = Field(default=10.0, gt=0.0)  # kappa in softmax(kappa * cos(q, k_j))
     prompt_init_std: Float = Field(default=0.02, gt=0.0)
     prompt_anchor_weight: Float = Field(default=0.1, ge=0.0)  # lambda_P (0 on the first trained task)
     meta_step: Float = Field(default=1.0, ge=0.0, le=1.0)  # epsilon of the Reptile-style prompt update (0: P fixed after task 1)
     # cores, head, regularisers
+    core_form: Literal["double", "single"] = "double"  # single: one r x r core N_t per task (M = I), r^2 parameters
     keep_task_cores: bool = True
     core_orth_weight: Float = Field(default=0.0, ge=0.0)  # lambda_orth; needs keep_task_cores
     head_init: Literal["zero", "uniform"] = "zero"
@@ -80,6 +84,10 @@ class FmLoraOptions(MethodOptions, RoutedInferenceOptions):
             )
         if self.core_orth_weight > 0 and not self.keep_task_cores:
             raise ValueError("core_orth_weight > 0 needs keep_task_cores: true (it compares with earlier tasks' cores)")
+        if self.core_orth_weight > 0 and self.core_form == "single":
+            raise ValueError("core_orth_weight > 0 compares the M_t cores, which core_form: single does not have")
+        if self.prompt_depth == "deep" and self.prompt_components > 1:
+            raise ValueError("prompt_components > 1 mixes input-level prompts: it needs prompt_depth: shallow")
         if self.spectral_weight + self.similarity_weight == 0 and self.drs != "off":
             raise ValueError("spectral_weight and similarity_weight are both 0: H(T_t) would be constant")
         return self
@@ -121,85 +129,15 @@ def query_value_targets(model: nn.Module, target_modules: str | list[str]) -> st
     return resolve_target_modules(model, target_modules)
 
 
-class MetaPrompt(nn.Module):
-    """L_p prompt tokens (J components with keys when J > 1) inserted after [CLS] by hooks on a HF encoder.
-
-    Hooks, not a modified backbone: a pre-hook extends the attention mask by L_p ones, a hook on the
-    embedding module inserts the tokens, and a hook on the model output removes them again, so pooling
-    (CLS or mean) never sees a prompt token.
-    """
-
-    def __init__(self, length: int, hidden: int, components: int, temperature: float, init_std: float, generator: torch.Generator) -> None:
-        super().__init__()
-        self.length = length
-        self.temperature = temperature
-        self.prompts = nn.Parameter(torch.randn(components, length, hidden, generator=generator) * init_std)  # [J, L_p, d]
-        if components > 1:
-            self.keys = nn.Parameter(torch.randn(components, hidden, generator=generator) * init_std)  # [J, d]
-        else:
-            self.register_parameter("keys", None)
-        self.active = True
-        self._token_mask: torch.Tensor | None = None
-        self._handles: list[Any] = []
-
-    def install(self, encoder: nn.Module) -> None:
-        """Hook into a HF encoder that has an `embeddings` module (BERT, ViT and their relatives)."""
-        embeddings = getattr(encoder, "embeddings", None)
-        if not isinstance(embeddings, nn.Module):
-            raise LoraclError(
-                f"fm_lora's meta-prompt needs a backbone with an `embeddings` module (BERT/ViT-style); "
-                f"{type(encoder).__name__} has none: set prompt_len: 0"
-            )
-        self._handles = [
-            encoder.register_forward_pre_hook(self._extend_attention_mask, with_kwargs=True),
-            embeddings.register_forward_hook(self._insert),
-            encoder.register_forward_hook(self._strip),
-        ]
-
-    def current(self, embedded: torch.Tensor) -> torch.Tensor:
-        """The prompt for each example [B, L_p, d]: the static prompt, or a key-weighted mixture (J > 1)."""
-        batch = embedded.shape[0]
-        if self.keys is None:
-            return self.prompts[0].unsqueeze(0).expand(batch, -1, -1)
-        mask = self._token_mask
-        if mask is None or mask.shape[:2] != embedded.shape[:2]:
-            mask = torch.ones(embedded.shape[:2], device=embedded.device)
-        mask = mask.unsqueeze(-1).to(embedded.dtype)
-        query = (embedded * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # [B, d] mean of the embedded input
-        weights = torch.softmax(self.temperature * F.cosine_similarity(query[:, None], self.keys[None], dim=-1), dim=-1)
-        return torch.einsum("bj,jld->bld", weights, self.prompts.to(embedded.dtype))
-
-    def _extend_attention_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        self._token_mask = kwargs.get("attention_mask")
-        if not self.active or kwargs.get("attention_mask") is None:
-            return None
-        mask = kwargs["attention_mask"]  # [B, L] -> [B, 1 + L_p + L - 1]
-        ones = torch.ones(mask.shape[0], self.length, dtype=mask.dtype, device=mask.device)
-        kwargs = {**kwargs, "attention_mask": torch.cat([mask[:, :1], ones, mask[:, 1:]], dim=1)}
-        return args, kwargs
-
-    def _insert(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        if not self.active:
-            return output
-        prompt = self.current(output).to(output.dtype)  # [B, L_p, d]
-        return torch.cat([output[:, :1], prompt, output[:, 1:]], dim=1)
-
-    def _strip(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        if not self.active:
-            return output
-        hidden = output.last_hidden_state  # [B, 1 + L_p + L', d] -> [B, 1 + L', d]
-        output.last_hidden_state = torch.cat([hidden[:, :1], hidden[:, 1 + self.length :]], dim=1)
-        return output
-
-
 class FmLoraState(nn.Module):
     """Method tensors that live beside the layers: the prompt, the DRS bias b, each task's feature basis U_t."""
 
-    def __init__(self, num_candidates: int) -> None:
+    def __init__(self, num_candidates: int, selector_groups: int = 1) -> None:
         super().__init__()
-        self.drs_bias = nn.Parameter(torch.zeros(num_candidates))
+        shape = (num_candidates,) if selector_groups == 1 else (selector_groups, num_candidates)
+        self.drs_bias = nn.Parameter(torch.zeros(shape))  # [n_R] global, or [layers, n_R] per layer
         self.similarity_bases = nn.Module()  # buffers U_<task> [d, k_sim]
-        self.prompt: MetaPrompt | None = None
+        self.prompt: MetaPrompt | PrefixPrompt | None = None
 
 
 class FmLora(Method):
@@ -223,25 +161,32 @@ class FmLora(Method):
         self.layers: dict[str, FactorizedLoraLayer] = inject_adapters(
             model.backbone.model,
             targets,
-            lambda module, name: FactorizedLoraLayer(module, name, options.rank, alpha, init, generator),
+            lambda module, name: FactorizedLoraLayer(
+                module, name, options.rank, alpha, init, generator, single_core=options.core_form == "single"
+            ),
         )
-        self.state = FmLoraState(len(self.candidate_ranks))
+        groups = len(self.layers) if options.drs_granularity == "per_layer" else 1
+        self.state = FmLoraState(len(self.candidate_ranks), groups)
         model.fm_lora = self.state  # registered on the classifier so state_dict() saves it
         if options.prompt_len > 0:
             prompt_generator = derived_generator(self.context.seed, 11)
-            prompt = MetaPrompt(
-                options.prompt_len,
-                model.backbone.hidden_size,
-                options.prompt_components,
-                options.prompt_key_temperature,
-                options.prompt_init_std,
-                prompt_generator,
-            )
+            hidden = model.backbone.hidden_size
+            if options.prompt_depth == "deep":
+                prompt = PrefixPrompt(options.prompt_len, hidden, options.prompt_layers, options.prompt_init_std, prompt_generator)
+            else:
+                prompt = MetaPrompt(
+                    options.prompt_len,
+                    hidden,
+                    options.prompt_components,
+                    options.prompt_key_temperature,
+                    options.prompt_init_std,
+                    prompt_generator,
+                )
             prompt.install(model.backbone.model)
             self.state.prompt = prompt
         device = next(iter(self.layers.values())).shared_A.device
         self.state.to(device)
-        self.chosen_ranks: list[int] = []  # r_t of each trained task, in order
+        self.chosen_ranks: list[int | list[int]] = []  # r_t of each trained task (one per layer under per_layer)
         self.complexity: list[dict[str, Any]] = []  # H(T_t) and its parts, per trained task
         self.trained_task_names: list[str] = []
         self.prompt_anchor: torch.Tensor | None = None
@@ -249,7 +194,6 @@ class FmLora(Method):
         self.step = 0
         self._soft_probs: torch.Tensor | None = None
         self._noise: torch.Generator | None = None
-        self._live_mask: torch.Tensor | None = None
 
     # ----- helpers -----------------------------------------------------------------------------------
     def _first_trained_task(self) -> bool:
@@ -273,10 +217,10 @@ class FmLora(Method):
         return (torch.arange(self.options.rank, device=device) < rank).float()
 
     def selector_logits(self) -> torch.Tensor:
-        """z_k = -beta (rho_k - H)^2 + b_k over the candidate ranks [n_R]."""
+        """z_k = -beta (rho_k - H)^2 + b_k over the candidate ranks [G, n_R] (G = 1 global, one row per layer)."""
         rho = torch.tensor(self.candidate_ranks, dtype=torch.float32, device=self.state.drs_bias.device) / self.options.rank
         target = self.complexity[-1]["H"] if len(self.complexity) > len(self.chosen_ranks) else 1.0
-        return -self.options.drs_beta * (rho - target) ** 2 + self.state.drs_bias
+        return -self.options.drs_beta * (rho - target) ** 2 + self.state.drs_bias.view(-1, len(self.candidate_ranks))
 
     def temperature(self, step: int | None = None) -> float:
         """tau(step) = tau0 (tau_min / tau0)^min(1, step / (f_anneal S))."""
@@ -288,30 +232,42 @@ class FmLora(Method):
     def in_commit_phase(self) -> bool:
         return self.step >= (1.0 - self.options.commit_fraction) * self.total_steps
 
-    def committed_rank_index(self) -> int:
-        """k*: noise-free argmax of the logits (gumbel), argmin |rho_k - H| (deterministic), or r (off)."""
+    def committed_rank_indices(self) -> list[int]:
+        """k* per selector group: noise-free argmax of the logits (gumbel), argmin |rho_k - H| (deterministic), or r (off)."""
+        groups = self.state.drs_bias.view(-1, len(self.candidate_ranks)).shape[0]
         mode = self._drs_mode()
         if mode == "off":
-            return len(self.candidate_ranks) - 1
+            return [len(self.candidate_ranks) - 1] * groups
         if mode == "deterministic":
             rho = torch.tensor(self.candidate_ranks, dtype=torch.float64) / self.options.rank
-            return int((rho - self.complexity[-1]["H"]).abs().argmin())
-        return int(self.selector_logits().detach().argmax())
+            return [int((rho - self.complexity[-1]["H"]).abs().argmin())] * groups
+        return self.selector_logits().detach().argmax(dim=1).tolist()
+
+    def committed_ranks(self) -> list[int]:
+        """r_t per selector group (one entry, or one per adapted layer under per_layer granularity); r when DRS is off."""
+        if self._drs_mode() == "off":
+            return [self.options.rank] * len(self.committed_rank_indices())
+        return [self.candidate_ranks[index] for index in self.committed_rank_indices()]
 
     def sample_mask(self) -> torch.Tensor:
-        """This step's mask [r]: a straight-through Gumbel sample (values in {0,1}, gradients to b), or the committed one."""
+        """This step's masks [G, r]: straight-through Gumbel samples (values in {0,1}, gradients to b), or the committed ones."""
         self._soft_probs = None
         if self._drs_mode() != "gumbel" or self.in_commit_phase() or not self.model.training:
-            return self.prefix_mask(self.candidate_ranks[self.committed_rank_index()])
-        logits = self.selector_logits()
+            return torch.stack([self.prefix_mask(rank) for rank in self.committed_ranks()])
+        logits = self.selector_logits()  # [G, n_R]
         uniform = torch.rand(logits.shape, generator=self._noise).clamp(1e-10, 1.0 - 1e-10).to(logits.device)
         gumbel = -torch.log(-torch.log(uniform))
-        soft = torch.softmax((logits + gumbel) / self.temperature(), dim=0)  # pi [n_R]
-        hard = F.one_hot(soft.argmax(), len(self.candidate_ranks)).to(soft.dtype)
+        soft = torch.softmax((logits + gumbel) / self.temperature(), dim=-1)  # pi [G, n_R]
+        hard = F.one_hot(soft.argmax(dim=-1), len(self.candidate_ranks)).to(soft.dtype)
         straight_through = hard - soft.detach() + soft
         nested = torch.stack([self.prefix_mask(rank) for rank in self.candidate_ranks])  # [n_R, r]: rows c_k
         self._soft_probs = soft
-        return straight_through @ nested
+        return straight_through @ nested  # [G, r]
+
+    def _set_layer_masks(self, masks: torch.Tensor) -> None:
+        """Give layer i the mask row i (per_layer) or the one shared row (global) [G, r]."""
+        for index, layer in enumerate(self.layers.values()):
+            layer.rank_mask = masks[index if masks.shape[0] > 1 else 0]
 
     @torch.no_grad()
     def base_features(self, task: Task) -> torch.Tensor:
@@ -382,8 +338,8 @@ class FmLora(Method):
         identity_cores = self._learning_bases_from_zero()
         for layer in self.layers.values():
             layer.start_task_cores(identity_both=identity_cores)
-            layer.core_M.requires_grad_(not identity_cores)
-            layer.core_N.requires_grad_(not identity_cores)
+            for core in layer.live_cores():
+                core.requires_grad_(not identity_cores)
             layer.shared_A.requires_grad_(learn_bases)
             layer.shared_B.requires_grad_(learn_bases)
         self.state.drs_bias.requires_grad_(False)
@@ -417,12 +373,10 @@ class FmLora(Method):
         return groups + [{"params": [bias], "lr": lr * self.options.drs_lr_multiplier}]
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Sample this step's rank mask, broadcast it to every layer (global granularity), run the model."""
+        """Sample this step's rank masks, hand them to the layers (one shared, or one per layer), run the model."""
         assert self.model is not None
-        mask = self.sample_mask()
-        self._live_mask = mask
-        for layer in self.layers.values():
-            layer.rank_mask = mask
+        masks = self.sample_mask()
+        self._set_layer_masks(masks)
         return self.model(batch["inputs"])
 
     def extra_loss(self, batch: dict[str, Any], logits: torch.Tensor) -> torch.Tensor | None:
@@ -431,7 +385,7 @@ class FmLora(Method):
         terms = []
         if self._soft_probs is not None and options.rank_loss_weight > 0:
             rho = torch.tensor(self.candidate_ranks, dtype=self._soft_probs.dtype, device=self._soft_probs.device) / options.rank
-            terms.append(options.rank_loss_weight * (self._soft_probs * rho).sum())
+            terms.append(options.rank_loss_weight * (self._soft_probs * rho).sum(dim=-1).mean())  # mean over groups
         prompt = self.state.prompt
         if prompt is not None and options.prompt_anchor_weight > 0 and not self._first_trained_task():
             terms.append(options.prompt_anchor_weight * (prompt.prompts - self.prompt_anchor).pow(2).sum())
@@ -443,7 +397,7 @@ class FmLora(Method):
         """L_orth = sum over layers and earlier tasks of ||(D(m) M_t)(D(m_tau) M_tau)^T||_F^2."""
         total = torch.zeros((), device=self.state.drs_bias.device)
         for layer in self.layers.values():
-            live = layer.core_M * self._live_mask[:, None]
+            live = layer.core_M * layer.rank_mask[:, None]
             for key in self.trained_task_names:
                 total = total + (live @ getattr(layer.kept_cores, f"M_{key}").T).pow(2).sum()
         return total
@@ -453,10 +407,10 @@ class FmLora(Method):
 
     def end_task(self, task: Task, train_loader: Iterable[dict[str, Any]]) -> None:
         """Commit r_t, fold the cores into K, update the meta-prompt (Reptile step), freeze what is done."""
-        rank = self.options.rank if self._drs_mode() == "off" else self.candidate_ranks[self.committed_rank_index()]
+        ranks = self.committed_ranks()
         key = str(task.index)
-        for layer in self.layers.values():
-            layer.fold_task_cores(key, rank, keep=self.options.keep_task_cores)
+        for index, layer in enumerate(self.layers.values()):
+            layer.fold_task_cores(key, ranks[index if len(ranks) > 1 else 0], keep=self.options.keep_task_cores)
             layer.shared_A.requires_grad_(False)
             layer.shared_B.requires_grad_(False)
         self.state.drs_bias.requires_grad_(False)
@@ -465,7 +419,7 @@ class FmLora(Method):
             with torch.no_grad():
                 prompt.prompts.copy_(self.prompt_anchor + self.options.meta_step * (prompt.prompts - self.prompt_anchor))
             prompt.requires_grad_(False)
-        self.chosen_ranks.append(rank)
+        self.chosen_ranks.append(ranks[0] if self.options.drs_granularity == "global" else ranks)
         if self.options.keep_task_cores:
             self.trained_task_names.append(key)
         self._soft_probs = None
@@ -501,10 +455,8 @@ class FmLora(Method):
     @torch.no_grad()
     def score(self, batch: dict[str, Any]) -> torch.Tensor:
         """No task id: every layer applies W0 + s B K A (plus the live task under its committed mask, if any)."""
-        if any(layer.core_M is not None for layer in self.layers.values()):
-            mask = self.prefix_mask(self.candidate_ranks[self.committed_rank_index()])
-            for layer in self.layers.values():
-                layer.rank_mask = mask
+        if any(layer.task_live for layer in self.layers.values()):
+            self._set_layer_masks(torch.stack([self.prefix_mask(rank) for rank in self.committed_ranks()]))
         return super().score({"inputs": batch["inputs"]})
 
     # ----- reporting ---------------------------------------------------------------------------------
@@ -514,7 +466,7 @@ class FmLora(Method):
             "complexity": [dict(entry) for entry in self.complexity],
             "trained_task_names": list(self.trained_task_names),
             "candidate_ranks": list(self.candidate_ranks),
-            "drs_bias": [float(value) for value in self.state.drs_bias.detach().cpu()],
+            "drs_bias": self.state.drs_bias.detach().cpu().tolist(),
         }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
@@ -526,7 +478,10 @@ class FmLora(Method):
         """The chosen rank r_t and H(T_t) per trained task, and the per-task parameter formula's numbers."""
         return {
             **super().task_metrics(),
-            "chosen_ranks": {entry["task"]: rank for entry, rank in zip(self.complexity, self.chosen_ranks)},
+            "chosen_ranks": {
+                entry["task"]: rank if isinstance(rank, int) else dict(zip(self.layers, rank))
+                for entry, rank in zip(self.complexity, self.chosen_ranks)
+            },
             "complexity": {
                 entry["task"]: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in entry.items() if k != "task"}
                 for entry in self.complexity
