@@ -9,7 +9,7 @@ from loracl.backbones.registry import load_backbone
 from loracl.engine import run_experiment
 from loracl.errors import LoraclError
 from loracl.fusion import LoraHost, TaskAdapter, TaskSupport, fuse
-from loracl.fusion.flat import FlatLayout, flatten, tensor_stats, unflatten
+from loracl.fusion.flat import FlatLayout, flatten, full_rank_view, tensor_stats, truncated_lora, unflatten
 from loracl.fusion.icm_fusion import FusionTask, IcmFusion, IcmFusionOptions
 from loracl.fusion.vae import FusionVAE, cvae_loss, kl_divergence
 
@@ -206,3 +206,96 @@ def test_centre_enters_the_run_fingerprint_only_when_on():
     assert "centre" not in plain["fusion"] and plain["fusion"]["kl_weight"] == 0.005
     centred = IcmFusionMethodOptions(fusion={"centre": True}).fingerprint_dump()
     assert centred["fusion"]["centre"] is True and centred != plain
+
+
+def test_delta_target_views_round_trip_and_cut_to_rank_r():
+    adapter = random_adapter(0)
+    view = full_rank_view(adapter)
+    layout = FlatLayout.of(view, identity_down=True)
+    assert [part for _, part in layout.keys] == ["B"] * len(MODULES)
+    assert layout.numel == sum(32 * 32 for _ in MODULES)
+    flat, stats = flatten(layout, view)
+    restored = unflatten(layout, flat, stats)
+    for module, pair in adapter.items():
+        delta = pair.scaling * pair.lora_B @ pair.lora_A
+        assert torch.equal(restored[module].lora_A, torch.eye(32))
+        assert torch.allclose(restored[module].lora_B, delta, atol=1e-5)
+    cut = truncated_lora(restored, 4, {m: 2.0 for m in MODULES})
+    for module, pair in adapter.items():
+        assert cut[module].lora_A.shape == (4, 32) and cut[module].lora_B.shape == (32, 4) and cut[module].scaling == 2.0
+        assert torch.allclose(cut[module].scaling * cut[module].lora_B @ cut[module].lora_A, pair.scaling * pair.lora_B @ pair.lora_A, atol=1e-4)
+    sum_of_two = {m: LoraPair(torch.eye(32), view[m].lora_B + full_rank_view(random_adapter(1))[m].lora_B, 1.0) for m in MODULES}
+    best = truncated_lora(sum_of_two, 4, {m: 2.0 for m in MODULES})[MODULES[0]]
+    singular = torch.linalg.svdvals(sum_of_two[MODULES[0]].lora_B.double())
+    error = (2.0 * best.lora_B.double() @ best.lora_A.double() - sum_of_two[MODULES[0]].lora_B.double()).norm()
+    assert error == pytest.approx(float(singular[4:].norm()), rel=1e-4)  # Eckart-Young: the best rank-4 cut
+    conv = {"conv": LoraPair(torch.randn(2, 3, 3, 3), torch.randn(4, 2, 1, 1), 1.0)}
+    with pytest.raises(LoraclError, match="Linear LoRAs only"):
+        full_rank_view(conv)
+
+
+def test_a_full_rank_view_runs_like_its_lora_and_its_gradient_is_the_delta_gradient():
+    backbone = load_backbone("tiny-bert", seed=0)
+    host = LoraHost(backbone, MODULES)
+    adapter = random_adapter(3)
+    inputs = backbone.collate(["abc de", "fgh"])
+    support = TaskSupport(inputs, torch.tensor([0, 1]), torch.nn.Linear(32, 2))
+    host.set_adapter(adapter)
+    expected = host.features(inputs)
+    host.set_adapter(full_rank_view(adapter))
+    assert torch.allclose(host.features(inputs), expected, atol=1e-5)
+    _, factor_grads = host.loss_and_grads(adapter, support)
+    _, view_grads = host.loss_and_grads(full_rank_view(adapter), support)
+    for module, pair in adapter.items():  # dL/dA = s B^T G with G = dL/d(dW), the view's B gradient
+        assert torch.allclose(factor_grads[module].lora_A, pair.scaling * pair.lora_B.T @ view_grads[module].lora_B, atol=1e-6)
+
+
+@pytest.mark.parametrize("delta_rank", [None, 2])
+def test_icm_fusion_with_the_delta_target_returns_rank_r_loras(delta_rank):
+    backbone = load_backbone("tiny-bert", seed=0)
+    host = LoraHost(backbone, MODULES)
+    adapters = [TaskAdapter(f"t{seed}", random_adapter(seed)) for seed in range(2)]
+    supports = [TaskSupport(backbone.collate(["abc de", "fgh"]), torch.tensor([0, 1]), torch.nn.Linear(32, 2)) for _ in adapters]
+    icm = {**QUICK, "target": "delta", "delta_rank": delta_rank}
+    outcome = fuse(adapters, "icm", {"icm": icm}, host=host, supports=supports)
+    rank = delta_rank or 4
+    assert outcome.report["target"] == "delta" and outcome.report["fused_rank"] == rank
+    assert outcome.report["lora_params"] == len(MODULES) * 32 * 32
+    decoded = outcome.icm.decoded_task_adapters()
+    for adapter in [outcome.adapter, *decoded]:
+        assert all(adapter[m].lora_A.shape == (rank, 32) and adapter[m].scaling == 2.0 for m in MODULES)
+        assert all(adapter[m].lora_A.device.type == "cpu" for m in MODULES)
+
+
+def test_alignment_term_adds_exactly_its_latent_distance():
+    backbone = load_backbone("tiny-bert", seed=0)
+    host = LoraHost(backbone, MODULES)
+    adapter = random_adapter(0)
+    layout = FlatLayout.of(adapter)
+    flat, stats = flatten(layout, adapter)
+    support = TaskSupport(backbone.collate(["abc de", "fgh"]), torch.tensor([0, 1]), torch.nn.Linear(32, 2))
+    vae = FusionVAE(layout.padded, 3, 8, channel_divisor=8)
+    targets, conditions = torch.stack([flat, flat]), torch.randn(2, 3)
+    losses = {}
+    for weight in (0.0, 0.5):
+        icm = IcmFusion(IcmFusionOptions(task_vector="parameters", inner_steps=1, inner_lr=0.5, align_weight=weight), host)
+        torch.manual_seed(4)
+        losses[weight] = icm.meta_loss(vae, targets, conditions, [support, support], layout, stats)
+    torch.manual_seed(4)
+    with torch.no_grad():
+        initial = vae.decode(vae.sample(*vae.encode(targets, conditions)), conditions)
+    adapted = torch.stack([icm.in_context_adapt(row, support, layout, stats, 1) for row in initial])
+    adapted[:, layout.numel :] = 0.0
+    with torch.no_grad():
+        distance = (vae.encode(targets, conditions)[0] - vae.encode(adapted, conditions)[0]).pow(2).sum(1).mean()
+    assert float(distance) > 0
+    assert float(losses[0.5] - losses[0.0]) == pytest.approx(0.5 * float(distance), rel=1e-3, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "options, culprit",
+    [({"delta_rank": 2}, "delta_rank"), ({"align_weight": 0.1, "inner_steps": 0}, "align_weight"), ({"target": "weights"}, "target")],
+)
+def test_delta_and_alignment_options_are_checked(options, culprit):
+    with pytest.raises(ValueError, match=culprit):
+        IcmFusionOptions(**options)

@@ -3,6 +3,10 @@
 Tensor order is fixed: modules sorted by name, for each module lora_A then lora_B. Each tensor is z-scored with
 its own (mean, std); the statistics either come from the sample itself (`per_sample`, ICM-LoRA's round trip) or
 are shared across a pooled weight dataset (`shared`, spec G5: the only well-defined choice for a fused vector).
+
+The delta target (spec G6) encodes each module's whole update dW = s B A instead of its factors: an adapter is
+first turned into its full-rank view (A = I, B = dW, s = 1, `full_rank_view`), whose layout flattens B only,
+and a decoded view is cut back to a rank-r LoRA by truncated SVD (`truncated_lora`).
 """
 
 from __future__ import annotations
@@ -29,15 +33,19 @@ class FlatLayout:
     keys: list[tuple[str, str]]  # (module, "A" | "B") in vector order
     shapes: list[tuple[int, ...]]
     scalings: dict[str, float]
+    identity_down: bool = False  # full-rank views: only B (= dW) is stored, A is the identity
 
     @classmethod
-    def of(cls, adapter: dict[str, LoraPair]) -> "FlatLayout":
+    def of(cls, adapter: dict[str, LoraPair], identity_down: bool = False) -> "FlatLayout":
         keys, shapes = [], []
         for module in sorted(adapter):
             pair = adapter[module]
-            keys += [(module, "A"), (module, "B")]
-            shapes += [tuple(pair.lora_A.shape), tuple(pair.lora_B.shape)]
-        return cls(keys, shapes, {module: adapter[module].scaling for module in adapter})
+            if not identity_down:
+                keys.append((module, "A"))
+                shapes.append(tuple(pair.lora_A.shape))
+            keys.append((module, "B"))
+            shapes.append(tuple(pair.lora_B.shape))
+        return cls(keys, shapes, {module: adapter[module].scaling for module in adapter}, identity_down)
 
     @property
     def numel(self) -> int:
@@ -104,7 +112,35 @@ def unflatten(layout: FlatLayout, flat: torch.Tensor, stats: TensorStats) -> dic
         piece = flat[offset : offset + size] * stats.std[i] + stats.mean[i]
         parts.setdefault(module, {})[part] = piece.reshape(shape)
         offset += size
+    if layout.identity_down:
+        for p in parts.values():
+            p["A"] = torch.eye(p["B"].shape[1], dtype=p["B"].dtype, device=p["B"].device)
     return {module: LoraPair(p["A"], p["B"], layout.scalings[module]) for module, p in parts.items()}
+
+
+def full_rank_view(adapter: dict[str, LoraPair]) -> dict[str, LoraPair]:
+    """Each module's update dW = s B A as a LoRA pair (A = I [d_in, d_in], B = dW [d_out, d_in], s = 1)."""
+    view = {}
+    for module, pair in adapter.items():
+        if pair.lora_A.dim() != 2:
+            raise LoraclError(f"module `{module}`: the delta target handles Linear LoRAs only (lora_A has shape {tuple(pair.lora_A.shape)})")
+        delta = pair.scaling * (pair.lora_B.float() @ pair.lora_A.float())  # [d_out, d_in]
+        view[module] = LoraPair(torch.eye(delta.shape[1], device=delta.device), delta, 1.0)
+    return view
+
+
+def truncated_lora(view: dict[str, LoraPair], rank: int, scalings: dict[str, float]) -> dict[str, LoraPair]:
+    """The best rank-`rank` LoRA of each module's dW (Eckart-Young), split evenly: B = U sqrt(S/s), A = sqrt(S/s) V^T."""
+    adapter = {}
+    for module, pair in view.items():
+        delta = pair.scaling * (pair.lora_B.double() @ pair.lora_A.double())  # float64 SVD: stable factors
+        left, singular, right_t = torch.linalg.svd(delta, full_matrices=False)
+        scaling = scalings[module]
+        root = (singular[:rank] / abs(scaling)).sqrt()
+        down = (root[:, None] * right_t[:rank]).to(pair.lora_B.dtype)  # [r, d_in]
+        up = (left[:, :rank] * root[None] * (1.0 if scaling > 0 else -1.0)).to(pair.lora_B.dtype)  # [d_out, r]
+        adapter[module] = LoraPair(down.contiguous(), up.contiguous(), scalings[module])
+    return adapter
 
 
 def flat_gradient(layout: FlatLayout, grads: dict[str, LoraPair], stats: TensorStats) -> torch.Tensor:

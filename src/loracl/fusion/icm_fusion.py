@@ -18,7 +18,16 @@ from pydantic import Field, model_validator
 from loracl.adapters.peft_io import LoraPair
 from loracl.config import Float, StrictModel
 from loracl.errors import LoraclError
-from loracl.fusion.flat import FlatLayout, TensorStats, flat_gradient, flatten, tensor_stats, unflatten
+from loracl.fusion.flat import (
+    FlatLayout,
+    TensorStats,
+    flat_gradient,
+    flatten,
+    full_rank_view,
+    tensor_stats,
+    truncated_lora,
+    unflatten,
+)
 from loracl.fusion.host import LoraHost, TaskSupport
 from loracl.fusion.vae import FusionVAE, cvae_loss, kl_divergence
 from loracl.seeding import seeded_rng
@@ -30,6 +39,10 @@ class IcmFusionOptions(StrictModel):
     """ICM-Fusion knobs; [C] ICM-LoRA code, [A] the paper's Algorithm 1 as transcribed, [D] ours (spec 6, 8)."""
 
     task_vector: Literal["features", "parameters"] = "features"  # [D] G2: (a) hidden-state vector, (b) parameter delta
+    # [D] G6: what the F-VAE encodes: the LoRA factors (A, B), ICM-LoRA's encoding, or each module's whole update
+    # dW = s B A (no factor ambiguity between tasks), cut back to rank `delta_rank` (None: the adapters' r) by SVD
+    target: Literal["factors", "delta"] = "factors"
+    delta_rank: int | None = Field(default=None, ge=1)
     latent_dim: int = Field(default=256, ge=1)  # [C]
     channel_divisor: int = Field(default=1, ge=1)  # [D] 1 = ICM-LoRA's conv widths; k thins every conv layer k-fold
     kl_weight: Float = Field(default=0.005, ge=0.0)  # [C]
@@ -46,6 +59,7 @@ class IcmFusionOptions(StrictModel):
     inner_lr: Float = Field(default=1e-3, gt=0.0)  # beta on the normalised scale [D] G3
     outer_lr: Float = Field(default=1e-3, gt=0.0)  # gamma, AdamW [D] G3
     meta_gradient: Literal["first_order"] = "first_order"  # [D] G3: stop-gradient on l_adapt
+    align_weight: Float = Field(default=0.0, ge=0.0)  # [D] G8, ablation only: lambda ||mu(l, v) - mu(l_adapt, v)||^2
     fusion_weights: Literal["uniform", "learned"] = "uniform"  # [D] G1
     learned_weight_steps: int = Field(default=50, ge=1, le=50)  # [D] G1: <= 50 Adam steps
     learned_weight_lr: Float = Field(default=0.05, gt=0.0)  # [D] G1
@@ -54,12 +68,16 @@ class IcmFusionOptions(StrictModel):
     noise_std: Float = Field(default=0.01, ge=0.0)  # [D] G7: jitter added to tasks with fewer than 5 samples
     min_samples: int = Field(default=5, ge=1)  # [D] G7
     seed: int = 0
-    inert_defaults: ClassVar[dict[str, Any]] = {"centre": False}
+    inert_defaults: ClassVar[dict[str, Any]] = {"centre": False, "target": "factors", "delta_rank": None, "align_weight": 0.0}
 
     @model_validator(mode="after")
-    def _centre_needs_shared_statistics(self) -> IcmFusionOptions:
+    def _check_combinations(self) -> IcmFusionOptions:
         if self.centre and self.normalisation != "shared":
             raise ValueError("`centre` needs normalisation `shared` (one offset for every weight sample)")
+        if self.delta_rank is not None and self.target != "delta":
+            raise ValueError("`delta_rank` is the rank of the SVD cut of target `delta`: set target: delta")
+        if self.align_weight > 0 and self.inner_steps == 0:
+            raise ValueError("`align_weight` compares latents before and after in-context steps: needs inner_steps > 0")
         return self
 
 
@@ -83,6 +101,17 @@ class IcmFusionResult:
     stats: TensorStats
     layout: FlatLayout
     task_stats: list[TensorStats]  # each task's final LoRA was encoded with these (shared: all equal to stats)
+    output_ranks: dict[str, int] | None = None  # target delta: each module's rank after the SVD cut
+    output_scalings: dict[str, float] | None = None  # target delta: each module's scaling, as in the input LoRAs
+
+    def as_lora(self, decoded: Adapter) -> Adapter:
+        """A decoded adapter as a LoRA of the inputs' form, on the CPU (delta target: cut to rank r by SVD)."""
+        if self.output_ranks is not None and self.output_scalings is not None:
+            decoded = {
+                module: truncated_lora({module: pair}, self.output_ranks[module], self.output_scalings)[module]
+                for module, pair in decoded.items()
+            }
+        return {module: LoraPair(p.lora_A.cpu().contiguous(), p.lora_B.cpu().contiguous(), p.scaling) for module, p in decoded.items()}
 
     def decoded_task_adapters(self) -> list[Adapter]:
         """Each task's own posterior mean decoded under its own condition and de-normalised with the statistics it
@@ -90,8 +119,7 @@ class IcmFusionResult:
         with torch.no_grad():
             flats = self.vae.decode(self.latents, self.task_vectors)  # [T, N_pad]
         flats[:, self.layout.numel :] = 0.0
-        decoded = [unflatten(self.layout, flat, stats) for flat, stats in zip(flats, self.task_stats)]
-        return [adapter_on(adapter, torch.device("cpu")) for adapter in decoded]  # on the CPU, like `adapter`
+        return [self.as_lora(unflatten(self.layout, flat, stats)) for flat, stats in zip(flats, self.task_stats)]
 
 
 def adapter_on(adapter: Adapter, device: torch.device) -> Adapter:
@@ -185,7 +213,11 @@ class IcmFusion:
         adapted[:, layout.numel :] = 0.0
         mean, logvar = vae.encode(adapted, conditions)  # (9)
         reconstruction = vae.decode(vae.sample(mean, logvar), conditions)  # (10)
-        return torch.nn.functional.mse_loss(reconstruction, targets) + self.options.kl_weight * kl_divergence(mean, logvar)
+        loss = torch.nn.functional.mse_loss(reconstruction, targets) + self.options.kl_weight * kl_divergence(mean, logvar)
+        if self.options.align_weight > 0:  # G8 [D]: the adapted LoRA's code stays near the real one's
+            real_mean, _ = vae.encode(targets, conditions)
+            loss = loss + self.options.align_weight * (real_mean - mean).pow(2).sum(dim=1).mean()
+        return loss
 
     def train(self, vae: FusionVAE, per_task: list[torch.Tensor], vectors: torch.Tensor, tasks: list[FusionTask], layout: FlatLayout, stats: TensorStats) -> dict[str, float]:
         """Warm start (plain CVAE) then the meta phase; returns the last losses."""
@@ -255,9 +287,16 @@ class IcmFusion:
             FusionTask(task.name, adapter_on(task.final, self.device), task.support, [adapter_on(s, self.device) for s in task.samples])
             for task in tasks
         ]
-        layout = FlatLayout.of(tasks[0].final)
+        vectors = self.task_vectors(tasks)  # from the LoRAs as given, whatever the F-VAE encodes
+        output_ranks = output_scalings = None
+        delta = self.options.target == "delta"
+        if delta:
+            first = tasks[0].final
+            output_ranks = {module: self.options.delta_rank or pair.lora_A.shape[0] for module, pair in first.items()}
+            output_scalings = {module: pair.scaling for module, pair in first.items()}
+            tasks = [FusionTask(t.name, full_rank_view(t.final), t.support, [full_rank_view(s) for s in t.samples]) for t in tasks]
+        layout = FlatLayout.of(tasks[0].final, identity_down=delta)
         per_task, finals, stats = self.weight_data(tasks, layout)
-        vectors = self.task_vectors(tasks)
         with seeded_rng(self.options.seed):
             vae = FusionVAE(layout.padded, vectors.shape[1], self.options.latent_dim, self.options.channel_divisor)
         vae.to(self.device)
@@ -278,16 +317,19 @@ class IcmFusion:
                 _, grads = self.host.loss_and_grads(adapter, task.support)
                 gradient += flat_gradient(layout, grads, stats) / len(tasks)
             flat = flat - self.options.inner_lr * gradient
-        adapter = {  # stored and exported from the CPU, wherever it was fused
-            module: LoraPair(p.lora_A.cpu().contiguous(), p.lora_B.cpu().contiguous(), p.scaling)
-            for module, p in unflatten(layout, flat.detach(), stats).items()
-        }
+        if self.options.normalisation == "per_sample":
+            task_stats = [tensor_stats(layout, [task.final]) for task in tasks]
+        else:
+            task_stats = [stats] * len(tasks)
+        result = IcmFusionResult({}, {}, vae, vectors, latents, stats, layout, task_stats, output_ranks, output_scalings)
+        result.adapter = result.as_lora(unflatten(layout, flat.detach(), stats))  # stored and exported from the CPU
         with torch.no_grad():
             reconstruction = vae.decode(latents, vectors)
             reconstruction_mse = float(torch.nn.functional.mse_loss(reconstruction[:, : layout.numel], torch.stack(finals)[:, : layout.numel]))
         vae_params = sum(p.numel() for p in vae.parameters())
         report = {
             "method": "icm",
+            "target": self.options.target,
             "fusion_weights": [round(float(w), 4) for w in weights],
             "weight_samples_per_task": [len(p) for p in per_task],
             "lora_params": layout.numel,
@@ -301,8 +343,5 @@ class IcmFusion:
             "fusion_s": time.perf_counter() - started,
             **losses,
         }
-        if self.options.normalisation == "per_sample":
-            task_stats = [tensor_stats(layout, [task.final]) for task in tasks]
-        else:
-            task_stats = [stats] * len(tasks)
-        return IcmFusionResult(adapter, report, vae, vectors, latents, stats, layout, task_stats)
+        result.report = report
+        return result

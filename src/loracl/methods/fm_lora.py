@@ -67,6 +67,12 @@ class FmLoraOptions(MethodOptions, RoutedInferenceOptions):
     keep_task_cores: bool = True
     core_orth_weight: Float = Field(default=0.0, ge=0.0)  # lambda_orth; needs keep_task_cores
     head_init: Literal["zero", "uniform"] = "zero"
+    inert_defaults: ClassVar[dict[str, Any]] = {
+        "drs_granularity": "global",
+        "prompt_depth": "shallow",
+        "prompt_layers": 5,
+        "core_form": "double",
+    }
 
     @model_validator(mode="after")
     def _check(self) -> "FmLoraOptions":
