@@ -131,7 +131,8 @@ def run_setting(host, tasks, sizes, args, methods, support_sizes) -> dict:
         "warm_start_steps": args.warm_start_steps, "meta_steps": args.meta_steps, "batch_size": args.vae_batch,
         "meta_batch_size": args.meta_batch, "inner_steps": args.inner_steps, "channel_divisor": args.channel_divisor,
         "normalisation": args.normalisation, "centre": args.centre, "fusion_weights": args.fusion_weights,
-        "refine_steps": args.refine_steps}})
+        "refine_steps": args.refine_steps, "target": args.target, "delta_rank": args.delta_rank,
+        "align_weight": args.align_weight}})
     for method in methods:
         for count in support_sizes if method in WITH_EXAMPLES else [None]:
             label = method if count is None else f"{method} ({count} examples/task)"
@@ -211,6 +212,9 @@ def main() -> None:
     parser.add_argument("--centre", action="store_true", help="ICM: subtract the pooled mean weight vector (fusion.icm.centre)")
     parser.add_argument("--fusion-weights", choices=["uniform", "learned"], default="uniform", help="ICM's G1 switch")
     parser.add_argument("--refine-steps", type=int, default=0, help="ICM: in-context steps on the fused LoRA (eq. 18)")
+    parser.add_argument("--target", choices=["factors", "delta"], default="factors", help="ICM's G6 switch: encode (A, B) or dW")
+    parser.add_argument("--delta-rank", type=int, default=None, help="ICM target delta: rank of the SVD cut (default r)")
+    parser.add_argument("--align-weight", type=float, default=0.0, help="ICM's G8 latent-alignment term (ablation)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--lorahub-budget", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
@@ -249,7 +253,10 @@ def main() -> None:
         f"ICM-Fusion: ICM-LoRA's conv F-VAE (d_z 256, conv widths / {args.channel_divisor}), {args.warm_start_steps} "
         f"warm-start CVAE steps (batch {args.vae_batch}), {args.meta_steps} meta steps (K={args.inner_steps}, first order, "
         f"{args.meta_batch} tasks per step), {args.normalisation} normalisation{', centred' if args.centre else ''}, {args.fusion_weights} fusion weights, "
-        f"{args.refine_steps} refine steps; LoRAHub budget "
+        f"{args.refine_steps} refine steps, target {args.target}"
+        + (f" (dW per module, cut to rank {args.delta_rank or RANK} by SVD)" if args.target == "delta" else "")
+        + (f", alignment weight {args.align_weight:g}" if args.align_weight else "")
+        + f"; LoRAHub budget "
         f"{args.lorahub_budget}. Accuracy with each task's own head (task id given); normalised = fused / own LoRA. "
         "Data-free baselines use PEFT's `add_weighted_adapter` defaults (density 0.5, weights 1/T, TIES 1 each); "
         "task arithmetic lambda 0.3. "
