@@ -102,9 +102,13 @@ def test_drs_masks_temperature_commit_and_bias_gradient(granularity):
             assert set(mask.tolist()) <= {0.0, 1.0}
             ones = int(mask.sum())
             assert ones in method.candidate_ranks and torch.equal(mask, method.prefix_mask(ones))
+    sampled = method.sample_mask  # forward hands row i of this step's masks to layer i (the one row to all, global)
+    known = torch.stack([method.prefix_mask(method.candidate_ranks[i % len(method.candidate_ranks)]) for i in range(groups)])
+    method.sample_mask = lambda: known
     method.forward(_batch(model, task))
-    layer_masks = [layer.rank_mask for layer in method.layers.values()]
-    assert all(torch.equal(mask, layer_masks[0]) for mask in layer_masks) or groups > 1
+    method.sample_mask = sampled
+    for index, layer in enumerate(method.layers.values()):
+        assert torch.equal(layer.rank_mask, known[index if groups > 1 else 0])
     loss = method.extra_loss(_batch(model, task), None)
     loss.backward()
     assert method.state.drs_bias.grad is not None and method.state.drs_bias.grad.abs().sum() > 0
@@ -236,6 +240,9 @@ def test_dynamic_prompt_components_are_input_conditioned():
         ({"prompt_depth": "deep", "prompt_components": 3}, "prompt_components"),
         ({"prompt_layers": 0}, "prompt_layers"),
         ({"drs_granularity": "per_head"}, "drs_granularity"),
+        ({"drs_granularity": "per_layer", "drs": "deterministic"}, "drs_granularity"),
+        ({"prompt_depth": "deep", "prompt_len": 0}, "prompt_depth"),
+        ({"prompt_layers": 2}, "prompt_layers"),
     ],
 )
 def test_bad_options_name_the_key(options, key):
@@ -338,3 +345,15 @@ def test_deep_prompt_changes_only_the_prefixed_blocks_and_respects_padding(backb
         assert torch.allclose(model.features(inputs), plain.features(inputs), atol=1e-5)
     with pytest.raises(LoraclError, match="prompt_layers 9"):
         _method(backbone, prompt_depth="deep", prompt_layers=9)
+    default, _ = _method(backbone, prompt_depth="deep")  # blocks 0-4, cut to the 2 blocks a tiny model has
+    assert default.state.prompt.prompts.shape[0] == 2
+
+
+def test_deep_prompt_refuses_a_causal_model():
+    from transformers import BertConfig, BertModel
+
+    from loracl.adapters.prompts import PrefixPrompt
+
+    decoder = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, is_decoder=True))
+    with pytest.raises(LoraclError, match="causal"):
+        PrefixPrompt(2, 32, 2, 0.02, torch.Generator().manual_seed(0)).install(decoder)

@@ -7,7 +7,8 @@ from helpers import tiny_config, tiny_text_stream
 from loracl.adapters.peft_io import LoraPair
 from loracl.backbones.registry import load_backbone
 from loracl.engine import run_experiment
-from loracl.errors import LoraclError
+from loracl.config import validate_config
+from loracl.errors import ConfigError, LoraclError
 from loracl.fusion import LoraHost, TaskAdapter, TaskSupport, fuse
 from loracl.fusion.flat import FlatLayout, flatten, full_rank_view, tensor_stats, truncated_lora, unflatten
 from loracl.fusion.icm_fusion import FusionTask, IcmFusion, IcmFusionOptions
@@ -289,7 +290,7 @@ def test_alignment_term_adds_exactly_its_latent_distance():
     with torch.no_grad():
         distance = (vae.encode(targets, conditions)[0] - vae.encode(adapted, conditions)[0]).pow(2).sum(1).mean()
     assert float(distance) > 0
-    assert float(losses[0.5] - losses[0.0]) == pytest.approx(0.5 * float(distance), rel=1e-3, abs=1e-6)
+    assert float((losses[0.5] - losses[0.0]).detach()) == pytest.approx(0.5 * float(distance), rel=1e-3, abs=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -299,3 +300,16 @@ def test_alignment_term_adds_exactly_its_latent_distance():
 def test_delta_and_alignment_options_are_checked(options, culprit):
     with pytest.raises(ValueError, match=culprit):
         IcmFusionOptions(**options)
+
+
+def test_delta_rank_limits_are_named():
+    view = full_rank_view(random_adapter(0))
+    with pytest.raises(LoraclError, match="delta_rank 40 exceeds"):
+        truncated_lora(view, 40, {m: 2.0 for m in MODULES})
+    with pytest.raises(LoraclError, match="scaling of 0"):
+        truncated_lora(view, 4, {m: 0.0 for m in MODULES})
+    with pytest.raises(ConfigError, match="delta_rank"):  # the stream writes fused LoRAs into rank-r branches
+        validate_config({"backbone": {"name": "tiny-bert"}, "method": [{"name": "icm_fusion", "rank": 4, "fusion": {"target": "delta", "delta_rank": 2}}]})
+    identities = {}
+    first, second = full_rank_view(random_adapter(0), identities), full_rank_view(random_adapter(1), identities)
+    assert first[MODULES[0]].lora_A is second[MODULES[1]].lora_A  # one identity shared by every view

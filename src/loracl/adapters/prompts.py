@@ -133,7 +133,7 @@ def prefix_attention(
             pad = torch.full((*attention_mask.shape[:-1], prefix[0].shape[0]), visible, dtype=attention_mask.dtype, device=attention_mask.device)
             attention_mask = torch.cat([pad, attention_mask], dim=-1)
     output = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
-    return output.transpose(1, 2).contiguous(), None  # [B, L, H, h], as HF's attention functions return
+    return output.transpose(1, 2).contiguous(), None  # [B, L, H, h]; no attention weights (output_attentions gives None)
 
 
 class PrefixPrompt(nn.Module):
@@ -162,6 +162,9 @@ class PrefixPrompt(nn.Module):
                 f"prompt_layers {self.layers} exceeds the {len(blocks)} self-attention blocks found in "
                 f"{type(encoder).__name__}: set prompt_layers <= {len(blocks)} or prompt_depth: shallow"
             )
+        causal = [type(block).__name__ for block in blocks[: self.layers] if getattr(block, "is_causal", False)]
+        if causal:  # prefix_attention attends both ways; a causal mask would be lost on SDPA's mask-free path
+            raise LoraclError(f"the deep prompt is for bidirectional encoders; {causal[0]} is causal: use prompt_depth: shallow")
         AttentionInterface.register(PREFIX_ATTENTION, prefix_attention)  # idempotent: same name, same function
         for index, block in enumerate(blocks[: self.layers]):
             block.config = copy.copy(block.config)

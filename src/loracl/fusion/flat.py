@@ -118,14 +118,20 @@ def unflatten(layout: FlatLayout, flat: torch.Tensor, stats: TensorStats) -> dic
     return {module: LoraPair(p["A"], p["B"], layout.scalings[module]) for module, p in parts.items()}
 
 
-def full_rank_view(adapter: dict[str, LoraPair]) -> dict[str, LoraPair]:
-    """Each module's update dW = s B A as a LoRA pair (A = I [d_in, d_in], B = dW [d_out, d_in], s = 1)."""
+def full_rank_view(adapter: dict[str, LoraPair], identities: dict[tuple, torch.Tensor] | None = None) -> dict[str, LoraPair]:
+    """Each module's update dW = s B A as a LoRA pair (A = I [d_in, d_in], B = dW [d_out, d_in], s = 1).
+
+    `identities` caches one I per (d_in, device), shared by every view built with it (they are never written)."""
+    identities = {} if identities is None else identities
     view = {}
     for module, pair in adapter.items():
         if pair.lora_A.dim() != 2:
             raise LoraclError(f"module `{module}`: the delta target handles Linear LoRAs only (lora_A has shape {tuple(pair.lora_A.shape)})")
         delta = pair.scaling * (pair.lora_B.float() @ pair.lora_A.float())  # [d_out, d_in]
-        view[module] = LoraPair(torch.eye(delta.shape[1], device=delta.device), delta, 1.0)
+        key = (delta.shape[1], delta.device)
+        if key not in identities:
+            identities[key] = torch.eye(delta.shape[1], device=delta.device)
+        view[module] = LoraPair(identities[key], delta, 1.0)
     return view
 
 
@@ -133,6 +139,10 @@ def truncated_lora(view: dict[str, LoraPair], rank: int, scalings: dict[str, flo
     """The best rank-`rank` LoRA of each module's dW (Eckart-Young), split evenly: B = U sqrt(S/s), A = sqrt(S/s) V^T."""
     adapter = {}
     for module, pair in view.items():
+        if scalings[module] == 0:
+            raise LoraclError(f"module `{module}`: a LoRA scaling of 0 cannot carry a rank-{rank} update")
+        if rank > min(pair.lora_B.shape):
+            raise LoraclError(f"module `{module}`: delta_rank {rank} exceeds min(d_out, d_in) = {min(pair.lora_B.shape)}")
         delta = pair.scaling * (pair.lora_B.double() @ pair.lora_A.double())  # float64 SVD: stable factors
         left, singular, right_t = torch.linalg.svd(delta, full_matrices=False)
         scaling = scalings[module]

@@ -214,7 +214,7 @@ class IcmFusion:
         mean, logvar = vae.encode(adapted, conditions)  # (9)
         reconstruction = vae.decode(vae.sample(mean, logvar), conditions)  # (10)
         loss = torch.nn.functional.mse_loss(reconstruction, targets) + self.options.kl_weight * kl_divergence(mean, logvar)
-        if self.options.align_weight > 0:  # G8 [D]: the adapted LoRA's code stays near the real one's
+        if self.options.align_weight > 0:  # G8 [D], as the spec writes it: both codes get the gradient
             real_mean, _ = vae.encode(targets, conditions)
             loss = loss + self.options.align_weight * (real_mean - mean).pow(2).sum(dim=1).mean()
         return loss
@@ -294,7 +294,11 @@ class IcmFusion:
             first = tasks[0].final
             output_ranks = {module: self.options.delta_rank or pair.lora_A.shape[0] for module, pair in first.items()}
             output_scalings = {module: pair.scaling for module, pair in first.items()}
-            tasks = [FusionTask(t.name, full_rank_view(t.final), t.support, [full_rank_view(s) for s in t.samples]) for t in tasks]
+            identities: dict[tuple, torch.Tensor] = {}  # one I per width, shared by every view
+            tasks = [
+                FusionTask(t.name, full_rank_view(t.final, identities), t.support, [full_rank_view(s, identities) for s in t.samples])
+                for t in tasks
+            ]
         layout = FlatLayout.of(tasks[0].final, identity_down=delta)
         per_task, finals, stats = self.weight_data(tasks, layout)
         with seeded_rng(self.options.seed):

@@ -22,13 +22,16 @@ from torch import nn
 
 from loracl.adapters.factorized import FactorizedLoraLayer
 from loracl.adapters.inject import inject_adapters
-from loracl.adapters.prompts import MetaPrompt, PrefixPrompt
+from loracl.adapters.prompts import MetaPrompt, PrefixPrompt, attention_blocks
 from loracl.backbones.classifier import ContinualClassifier
 from loracl.config import Float
 from loracl.data.stream import Task
 from loracl.methods.base import Method, MethodOptions, resolve_target_modules
 from loracl.methods.routing import RoutedInferenceOptions
 from loracl.seeding import derived_generator
+
+
+DEFAULT_PROMPT_LAYERS = 5  # the deep prompt's blocks 0-4 (spec 2.5, DualPrompt's placement)
 
 
 class FmLoraOptions(MethodOptions, RoutedInferenceOptions):
@@ -56,7 +59,7 @@ class FmLoraOptions(MethodOptions, RoutedInferenceOptions):
     # DMP
     prompt_len: int = Field(default=8, ge=0)  # 0 turns DMP off
     prompt_depth: Literal["shallow", "deep"] = "shallow"  # deep: prefix keys/values in the first prompt_layers blocks
-    prompt_layers: int = Field(default=5, ge=1)  # blocks 0..prompt_layers-1 get a prefix (deep only)
+    prompt_layers: int | None = Field(default=None, ge=1)  # deep only: blocks 0..n-1 get a prefix; None: 0-4 (fewer if the model has fewer)
     prompt_components: int = Field(default=1, ge=1)  # J > 1: input-conditioned mixture of J prompts
     prompt_key_temperature: Float = Field(default=10.0, gt=0.0)  # kappa in softmax(kappa * cos(q, k_j))
     prompt_init_std: Float = Field(default=0.02, gt=0.0)
@@ -70,7 +73,7 @@ class FmLoraOptions(MethodOptions, RoutedInferenceOptions):
     inert_defaults: ClassVar[dict[str, Any]] = {
         "drs_granularity": "global",
         "prompt_depth": "shallow",
-        "prompt_layers": 5,
+        "prompt_layers": None,
         "core_form": "double",
     }
 
@@ -94,6 +97,12 @@ class FmLoraOptions(MethodOptions, RoutedInferenceOptions):
             raise ValueError("core_orth_weight > 0 compares the M_t cores, which core_form: single does not have")
         if self.prompt_depth == "deep" and self.prompt_components > 1:
             raise ValueError("prompt_components > 1 mixes input-level prompts: it needs prompt_depth: shallow")
+        if self.prompt_depth == "deep" and self.prompt_len == 0:
+            raise ValueError("prompt_depth: deep with prompt_len 0 has no prompt: set prompt_len > 0 or leave prompt_depth")
+        if self.prompt_layers is not None and self.prompt_depth != "deep":
+            raise ValueError("prompt_layers places the deep prompt: it needs prompt_depth: deep")
+        if self.drs_granularity == "per_layer" and self.drs != "gumbel":
+            raise ValueError(f"drs_granularity: per_layer needs drs: gumbel (with drs: {self.drs} every layer gets the same rank)")
         if self.spectral_weight + self.similarity_weight == 0 and self.drs != "off":
             raise ValueError("spectral_weight and similarity_weight are both 0: H(T_t) would be constant")
         return self
@@ -178,7 +187,8 @@ class FmLora(Method):
             prompt_generator = derived_generator(self.context.seed, 11)
             hidden = model.backbone.hidden_size
             if options.prompt_depth == "deep":
-                prompt = PrefixPrompt(options.prompt_len, hidden, options.prompt_layers, options.prompt_init_std, prompt_generator)
+                layers = options.prompt_layers or min(DEFAULT_PROMPT_LAYERS, len(attention_blocks(model.backbone.model)))
+                prompt = PrefixPrompt(options.prompt_len, hidden, layers, options.prompt_init_std, prompt_generator)
             else:
                 prompt = MetaPrompt(
                     options.prompt_len,

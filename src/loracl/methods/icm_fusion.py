@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from loracl.adapters.peft_io import LoraPair
 from loracl.config import Float
@@ -37,6 +37,15 @@ class IcmFusionMethodOptions(LoraOptions):
     harvest_checkpoints: int = Field(default=8, ge=0)  # weight samples per task over the second half [D] G7
     support_per_task: int = Field(default=16, ge=1)  # [D] G10: kept per task, counted as exemplar memory
     fusion: IcmFusionOptions = Field(default_factory=IcmFusionOptions)
+
+    @model_validator(mode="after")
+    def _fused_rank_is_the_branch_rank(self) -> "IcmFusionMethodOptions":
+        if self.fusion.delta_rank is not None and self.fusion.delta_rank != self.rank:
+            raise ValueError(
+                f"fusion.delta_rank {self.fusion.delta_rank} != rank {self.rank}: in the stream the fused and regenerated "
+                "LoRAs replace rank-r task branches (leave delta_rank unset)"
+            )
+        return self
 
 
 class _TaskHead(torch.nn.Module):
