@@ -243,6 +243,8 @@ def test_dynamic_prompt_components_are_input_conditioned():
         ({"drs_granularity": "per_layer", "drs": "deterministic"}, "drs_granularity"),
         ({"prompt_depth": "deep", "prompt_len": 0}, "prompt_depth"),
         ({"prompt_layers": 2}, "prompt_layers"),
+        ({"routed_cores": True}, "routed_cores"),
+        ({"routed_cores": True, "routed_inference": True, "keep_task_cores": False}, "routed_cores"),
     ],
 )
 def test_bad_options_name_the_key(options, key):
@@ -357,3 +359,25 @@ def test_deep_prompt_refuses_a_causal_model():
     decoder = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, is_decoder=True))
     with pytest.raises(LoraclError, match="causal"):
         PrefixPrompt(2, 32, 2, 0.02, torch.Generator().manual_seed(0)).install(decoder)
+
+
+def test_routed_cores_serve_the_model_as_of_each_task_and_restore_the_final_one():
+    method, model = _method(prompt_len=0, routed_inference=True, routed_cores=True)
+    first, second = STREAM.tasks
+    inputs = _batch(model, first)["inputs"]
+    model.eval()
+    as_of = []
+    for seed, task in enumerate(STREAM.tasks):
+        method.begin_task(task)
+        method.prepare_task(task, [])
+        with torch.no_grad():
+            for layer in method.layers.values():
+                layer.core_N.copy_(torch.randn(layer.core_N.shape, generator=torch.Generator().manual_seed(seed)))
+        method.end_task(task, [])
+        as_of.append(model.features(inputs))
+    assert not torch.allclose(as_of[0], as_of[1], atol=1e-4)
+    with method.serving_as_of(0):
+        assert torch.allclose(model.features(inputs), as_of[0], atol=1e-5)
+    with method.serving_as_of(1):
+        assert torch.allclose(model.features(inputs), as_of[1], atol=1e-5)
+    assert torch.equal(model.features(inputs), as_of[1])  # the final K is back bit for bit

@@ -70,7 +70,11 @@ class FmLoraOptions(MethodOptions, RoutedInferenceOptions):
     keep_task_cores: bool = True
     core_orth_weight: Float = Field(default=0.0, ge=0.0)  # lambda_orth; needs keep_task_cores
     head_init: Literal["zero", "uniform"] = "zero"
+    # [D] with routed_inference: serve a routed example with the cores of its task and the tasks before it (K as of
+    # that task, rebuilt from the kept cores), like routed_branches for per-task-branch methods; off: the final K
+    routed_cores: bool = False
     inert_defaults: ClassVar[dict[str, Any]] = {
+        "routed_cores": False,
         "drs_granularity": "global",
         "prompt_depth": "shallow",
         "prompt_layers": None,
@@ -101,6 +105,8 @@ class FmLoraOptions(MethodOptions, RoutedInferenceOptions):
             raise ValueError("prompt_depth: deep with prompt_len 0 has no prompt: set prompt_len > 0 or leave prompt_depth")
         if self.prompt_layers is not None and self.prompt_depth != "deep":
             raise ValueError("prompt_layers places the deep prompt: it needs prompt_depth: deep")
+        if self.routed_cores and not (self.routed_inference and self.keep_task_cores):
+            raise ValueError("routed_cores serves routed examples from the kept cores: it needs routed_inference and keep_task_cores")
         if self.drs_granularity == "per_layer" and self.drs != "gumbel":
             raise ValueError(f"drs_granularity: per_layer needs drs: gumbel (with drs: {self.drs} every layer gets the same rank)")
         if self.spectral_weight + self.similarity_weight == 0 and self.drs != "off":
@@ -317,6 +323,27 @@ class FmLora(Method):
             yield
         finally:
             self._set_bypass(False)
+
+    @contextmanager
+    def serving_as_of(self, task_index: int) -> Iterator[None]:
+        """routed_cores: every layer's K replaced by the sum of the kept cores of tasks up to `task_index`, then restored."""
+        if not self.options.routed_cores:
+            yield
+            return
+        keys = [key for key in self.trained_task_names if int(key) <= task_index]
+        saved = [layer.accumulated_core.clone() for layer in self.layers.values()]
+        with torch.no_grad():
+            for layer in self.layers.values():
+                as_of = torch.zeros_like(layer.accumulated_core)
+                for key in keys:
+                    as_of += layer.kept_task_core(key)
+                layer.accumulated_core.copy_(as_of)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for layer, core in zip(self.layers.values(), saved):
+                    layer.accumulated_core.copy_(core)
 
     def _set_bypass(self, bypass: bool) -> None:
         for layer in self.layers.values():
