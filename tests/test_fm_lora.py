@@ -243,8 +243,9 @@ def test_dynamic_prompt_components_are_input_conditioned():
         ({"drs_granularity": "per_layer", "drs": "deterministic"}, "drs_granularity"),
         ({"prompt_depth": "deep", "prompt_len": 0}, "prompt_depth"),
         ({"prompt_layers": 2}, "prompt_layers"),
-        ({"routed_cores": True}, "routed_cores"),
-        ({"routed_cores": True, "routed_inference": True, "keep_task_cores": False}, "routed_cores"),
+        ({"routed_cores": "as_of_task"}, "routed_cores"),
+        ({"routed_cores": "own_task", "routed_inference": True, "keep_task_cores": False}, "routed_cores"),
+        ({"routed_cores": True, "routed_inference": True}, "routed_cores"),
     ],
 )
 def test_bad_options_name_the_key(options, key):
@@ -361,8 +362,9 @@ def test_deep_prompt_refuses_a_causal_model():
         PrefixPrompt(2, 32, 2, 0.02, torch.Generator().manual_seed(0)).install(decoder)
 
 
-def test_routed_cores_serve_the_model_as_of_each_task_and_restore_the_final_one():
-    method, model = _method(prompt_len=0, routed_inference=True, routed_cores=True)
+@pytest.mark.parametrize("mode", ["as_of_task", "own_task"])
+def test_routed_cores_serve_the_model_as_of_each_task_and_restore_the_final_one(mode):
+    method, model = _method(prompt_len=0, routed_inference=True, routed_cores=mode)
     first, second = STREAM.tasks
     inputs = _batch(model, first)["inputs"]
     model.eval()
@@ -376,8 +378,15 @@ def test_routed_cores_serve_the_model_as_of_each_task_and_restore_the_final_one(
         method.end_task(task, [])
         as_of.append(model.features(inputs))
     assert not torch.allclose(as_of[0], as_of[1], atol=1e-4)
-    with method.serving_as_of(0):
+    with method.serving_as_of(0):  # task 0 is first: its own cores are also everything up to it
         assert torch.allclose(model.features(inputs), as_of[0], atol=1e-5)
     with method.serving_as_of(1):
-        assert torch.allclose(model.features(inputs), as_of[1], atol=1e-5)
+        served = model.features(inputs)
+        only_second = {name: layer.accumulated_core.clone() for name, layer in method.layers.items()}
+    if mode == "as_of_task":
+        assert torch.allclose(served, as_of[1], atol=1e-5)
+    else:  # task 1's increment alone: K = N_1 D(m_1) M_1, not K_0 + that
+        for name, layer in method.layers.items():
+            assert torch.allclose(only_second[name], layer.kept_task_core("1"), atol=1e-6)
+        assert not torch.allclose(served, as_of[1], atol=1e-4)
     assert torch.equal(model.features(inputs), as_of[1])  # the final K is back bit for bit

@@ -70,11 +70,12 @@ class FmLoraOptions(MethodOptions, RoutedInferenceOptions):
     keep_task_cores: bool = True
     core_orth_weight: Float = Field(default=0.0, ge=0.0)  # lambda_orth; needs keep_task_cores
     head_init: Literal["zero", "uniform"] = "zero"
-    # [D] with routed_inference: serve a routed example with the cores of its task and the tasks before it (K as of
-    # that task, rebuilt from the kept cores), like routed_branches for per-task-branch methods; off: the final K
-    routed_cores: bool = False
+    # [D] with routed_inference, which cores serve an example routed to task t: `off` the final K; `as_of_task` the
+    # kept cores of tasks <= t (its model as of task t, like routed_branches); `own_task` task t's cores alone (the
+    # spec's task-incremental diagnostic of a single increment, 8.3)
+    routed_cores: Literal["off", "as_of_task", "own_task"] = "off"
     inert_defaults: ClassVar[dict[str, Any]] = {
-        "routed_cores": False,
+        "routed_cores": "off",
         "drs_granularity": "global",
         "prompt_depth": "shallow",
         "prompt_layers": None,
@@ -105,7 +106,7 @@ class FmLoraOptions(MethodOptions, RoutedInferenceOptions):
             raise ValueError("prompt_depth: deep with prompt_len 0 has no prompt: set prompt_len > 0 or leave prompt_depth")
         if self.prompt_layers is not None and self.prompt_depth != "deep":
             raise ValueError("prompt_layers places the deep prompt: it needs prompt_depth: deep")
-        if self.routed_cores and not (self.routed_inference and self.keep_task_cores):
+        if self.routed_cores != "off" and not (self.routed_inference and self.keep_task_cores):
             raise ValueError("routed_cores serves routed examples from the kept cores: it needs routed_inference and keep_task_cores")
         if self.drs_granularity == "per_layer" and self.drs != "gumbel":
             raise ValueError(f"drs_granularity: per_layer needs drs: gumbel (with drs: {self.drs} every layer gets the same rank)")
@@ -326,11 +327,14 @@ class FmLora(Method):
 
     @contextmanager
     def serving_as_of(self, task_index: int) -> Iterator[None]:
-        """routed_cores: every layer's K replaced by the sum of the kept cores of tasks up to `task_index`, then restored."""
-        if not self.options.routed_cores:
+        """routed_cores: every layer's K replaced by the sum of the kept cores of tasks up to `task_index` (as_of_task)
+        or by that task's alone (own_task), then restored."""
+        mode = self.options.routed_cores
+        if mode == "off":
             yield
             return
-        keys = [key for key in self.trained_task_names if int(key) <= task_index]
+        keep = (lambda index: index <= task_index) if mode == "as_of_task" else (lambda index: index == task_index)
+        keys = [key for key in self.trained_task_names if keep(int(key))]
         saved = [layer.accumulated_core.clone() for layer in self.layers.values()]
         with torch.no_grad():
             for layer in self.layers.values():
