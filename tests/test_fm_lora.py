@@ -162,16 +162,21 @@ def test_complexity_measure_properties():
     assert subspace_overlap(basis, basis) == pytest.approx(1.0)
 
 
-def test_trainable_parameter_count_matches_the_formula():
-    method, model = _method(prompt_len=3)
+@pytest.mark.parametrize(
+    "options", [{}, {"core_form": "single", "drs_granularity": "per_layer", "prompt_depth": "deep", "prompt_layers": 2}]
+)
+def test_trainable_parameter_count_matches_the_formula(options):
+    method, model = _method(prompt_len=3, **options)
     task = STREAM.tasks[0]
     method.begin_task(task)
     method.prepare_task(task, [])
     groups = method.parameter_groups(1e-3, 1e-2)
     counted = sum(parameter.numel() for group in groups for parameter in group["params"])
     layers, rank, hidden = len(method.layers), 4, model.backbone.hidden_size
-    expected = layers * 2 * rank * rank + 3 * hidden + len(method.candidate_ranks) + (hidden + 1) * len(task.class_ids)
-    assert counted == expected
+    cores = layers * (1 if options.get("core_form") == "single" else 2) * rank * rank
+    prompt = 2 * 2 * 3 * hidden if options.get("prompt_depth") == "deep" else 3 * hidden  # deep: blocks x (K, V) x L_p x d
+    selectors = (layers if options.get("drs_granularity") == "per_layer" else 1) * len(method.candidate_ranks)
+    assert counted == cores + prompt + selectors + (hidden + 1) * len(task.class_ids)
     assert any(group["lr"] == pytest.approx(1e-2) and group["params"] == [method.state.drs_bias] for group in groups)
     trainable = {id(parameter) for parameter in model.parameters() if parameter.requires_grad}
     assert trainable == {id(parameter) for group in groups for parameter in group["params"]}
@@ -271,19 +276,6 @@ def test_which_tasks_train_the_shared_bases(mode, trains_later):
     assert layer.shared_A.requires_grad == trains_later and layer.core_N.requires_grad
     assert torch.equal(layer.core_N, torch.zeros_like(layer.core_N))
     assert method._drs_mode() == "gumbel"
-
-
-def test_single_core_per_layer_deep_prompt_trainable_count_matches_the_formula():
-    method, model = _method(core_form="single", drs_granularity="per_layer", prompt_depth="deep", prompt_layers=2, prompt_len=3)
-    task = STREAM.tasks[0]
-    method.begin_task(task)
-    method.prepare_task(task, [])
-    groups = method.parameter_groups(1e-3, 1e-2)
-    counted = sum(parameter.numel() for group in groups for parameter in group["params"])
-    layers, rank, hidden = len(method.layers), 4, model.backbone.hidden_size
-    prefix = 2 * 2 * 3 * hidden  # prompt_layers x (keys, values) x L_p x d
-    expected = layers * rank * rank + prefix + layers * len(method.candidate_ranks) + (hidden + 1) * len(task.class_ids)
-    assert counted == expected
 
 
 def _reference_prefix_attention(query, key, value, prefix_key, prefix_value, keep, scaling):
