@@ -175,10 +175,10 @@ def test_seeded_blocks_leave_the_callers_random_stream_untouched():
         assert torch.equal(torch.rand(3), inside)
 
 
-@pytest.mark.parametrize("mode", ["online", "end"])
-def test_icm_fusion_method_runs_a_tiny_stream(tmp_path, mode):
+@pytest.mark.parametrize("mode, target", [("online", "factors"), ("end", "factors"), ("online", "delta"), ("continue", "delta")])
+def test_icm_fusion_method_runs_a_tiny_stream(tmp_path, mode, target):
     method = {"name": "icm_fusion", "rank": 2, "mode": mode, "harvest_checkpoints": 2, "support_per_task": 4,
-              "fusion": {**QUICK, "latent_dim": 4}}
+              "fusion": {**QUICK, "latent_dim": 4, "target": target}}
     config = tiny_config(method, train={"batch_size": 4})
     results = run_experiment(config, tmp_path / mode, stream=tiny_text_stream(3, train=12, test=6))[0].results
     matrix = results["accuracy_matrix"]
