@@ -382,3 +382,38 @@ def test_routed_cores_serve_the_model_as_of_each_task_and_restore_the_final_one(
             assert torch.allclose(only_second[name], layer.kept_task_core("1"), atol=1e-6)
         assert not torch.allclose(served, as_of[1], atol=1e-4)
     assert torch.equal(model.features(inputs), as_of[1])  # the final K is back bit for bit
+
+
+def test_routed_cores_hide_a_later_live_task_refuse_merged_layers_and_restore_on_errors():
+    method, model = _method(prompt_len=0, routed_inference=True, routed_cores="as_of_task")
+    first, second = STREAM.tasks
+    inputs = _batch(model, first)["inputs"]
+    model.eval()
+    method.begin_task(first)
+    method.prepare_task(first, [])
+    with torch.no_grad():
+        for layer in method.layers.values():
+            layer.core_N.normal_(generator=torch.Generator().manual_seed(0))
+    method.end_task(first, [])
+    after_first = model.features(inputs)
+    method.begin_task(second)  # live and trained a little: a mid-task prediction of a task-0 example
+    method.prepare_task(second, [])
+    with torch.no_grad():
+        for layer in method.layers.values():
+            layer.core_N.normal_(generator=torch.Generator().manual_seed(1))
+    live = model.features(inputs)
+    with method.serving_as_of(0):
+        assert torch.allclose(model.features(inputs), after_first, atol=1e-5)
+    assert torch.equal(model.features(inputs), live) and all(layer.task_live for layer in method.layers.values())
+    broken = list(method.layers.values())[-1]  # the earlier layers' K are already rebuilt when it fails
+    broken.kept_task_core = lambda key: (_ for _ in ()).throw(RuntimeError("bad buffer"))
+    with pytest.raises(RuntimeError, match="bad buffer"):
+        with method.serving_as_of(1):
+            pass
+    del broken.kept_task_core
+    assert torch.equal(model.features(inputs), live)  # every K and the live cores are back
+    for layer in method.layers.values():
+        layer.merge()
+    with pytest.raises(RuntimeError, match="unmerge"):
+        with method.serving_as_of(0):
+            pass

@@ -328,26 +328,32 @@ class FmLora(Method):
     @contextmanager
     def serving_as_of(self, task_index: int) -> Iterator[None]:
         """routed_cores: every layer's K replaced by the sum of the kept cores of tasks up to `task_index` (as_of_task)
-        or by that task's alone (own_task), then restored."""
+        or by that task's alone (own_task), a live later task's cores hidden, then all restored."""
         mode = self.options.routed_cores
         if mode == "off":
             yield
             return
+        if any(layer.merged for layer in self.layers.values()):
+            raise RuntimeError("routed_cores rebuilds K per routed task: unmerge the adapters first")
         keep = (lambda index: index <= task_index) if mode == "as_of_task" else (lambda index: index == task_index)
         keys = [key for key in self.trained_task_names if keep(int(key))]
-        saved = [layer.accumulated_core.clone() for layer in self.layers.values()]
-        with torch.no_grad():
-            for layer in self.layers.values():
-                as_of = torch.zeros_like(layer.accumulated_core)
-                for key in keys:
-                    as_of += layer.kept_task_core(key)
-                layer.accumulated_core.copy_(as_of)
+        live_is_later = self.current_task is not None and self.current_task.index > task_index
+        saved = [(layer.accumulated_core.clone(), layer.core_M, layer.core_N) for layer in self.layers.values()]
         try:
+            with torch.no_grad():
+                for layer in self.layers.values():
+                    as_of = torch.zeros_like(layer.accumulated_core)
+                    for key in keys:
+                        as_of += layer.kept_task_core(key)
+                    layer.accumulated_core.copy_(as_of)
+                    if live_is_later and layer.task_live:  # a task trained after the routed one: not its model
+                        layer.core_M, layer.core_N = None, None
             yield
         finally:
             with torch.no_grad():
-                for layer, core in zip(self.layers.values(), saved):
+                for layer, (core, live_M, live_N) in zip(self.layers.values(), saved):
                     layer.accumulated_core.copy_(core)
+                    layer.core_M, layer.core_N = live_M, live_N
 
     def _set_bypass(self, bypass: bool) -> None:
         for layer in self.layers.values():
