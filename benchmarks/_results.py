@@ -38,7 +38,8 @@ HEADER = (
     'stored bytes 1,536 B lower per class; routing scores change in the 7th digit).\n'
     "From 11:30 UTC: fm_lora's further spec options (`core_form`, `drs_granularity`, `prompt_depth`) as rows of\n"
     '`fm_lora_ablations_text_full`, fm_lora served by the cores as of each routed task in\n'
-    "`fm_lora_routed_cores_text_full`, and the F-VAE's cost per step for ICM-Fusion's two targets in `fvae_cost`.\n"
+    "`fm_lora_routed_cores_text_full` (task-incremental, each task's own increment: `fm_lora_til_cores_text_full`),\n"
+    "and the F-VAE's cost per step for ICM-Fusion's two targets in `fvae_cost`.\n"
     '\n'
     'Where to look first: the full text stream in `text_stream_baselines_full` (baselines, linear and prototype\n'
     'heads), `text_stream_aligned_full` (every method with and without `head.align`), one `*_text_full` section per\n'
