@@ -69,8 +69,10 @@ def main() -> None:
     adapter = minilm_shaped_lora(0)
     warm_start = IcmFusionOptions().warm_start_steps
     rows = []
+    lengths = {}
     for target, divisor in [("factors", 1), ("factors", 4), ("delta", 8), ("delta", 16)]:
         layout = FlatLayout.of(full_rank_view(adapter), identity_down=True) if target == "delta" else FlatLayout.of(adapter)
+        lengths[target] = layout.numel
         vae = FusionVAE(layout.padded, HIDDEN, 256, divisor)
         params = sum(p.numel() for p in vae.parameters())
         seconds = step_seconds(vae, layout.padded, args.batch, args.steps)
@@ -83,7 +85,7 @@ def main() -> None:
             f"One CVAE training step of the F-VAE (batch {args.batch}, forward + backward + AdamW, mean of {args.steps} after one "
             f"untimed step, {torch.get_num_threads()} torch threads) at the shapes of MiniLM-L6's query/value LoRAs (12 modules, "
             f"r={RANK}); random weights (the cost does not depend on them). `factors` encodes (A, B) as ICM-LoRA does; `delta` "
-            "encodes each module's whole update dW (spec G6), 24x longer. The last column projects the default warm start "
+            f"encodes each module's whole update dW (spec G6), {lengths['delta'] / lengths['factors']:.0f}x longer. The last column projects the default warm start "
             "only; meta steps add in-context gradient steps on the backbone.",
             "",
             *lines,

@@ -221,12 +221,12 @@ def test_delta_target_views_round_trip_and_cut_to_rank_r():
         delta = pair.scaling * pair.lora_B @ pair.lora_A
         assert torch.equal(restored[module].lora_A, torch.eye(32))
         assert torch.allclose(restored[module].lora_B, delta, atol=1e-5)
-    cut = truncated_lora(restored, 4, {m: 2.0 for m in MODULES})
+    cut = truncated_lora({m: p.lora_B for m, p in restored.items()}, {m: 4 for m in MODULES}, {m: 2.0 for m in MODULES})
     for module, pair in adapter.items():
         assert cut[module].lora_A.shape == (4, 32) and cut[module].lora_B.shape == (32, 4) and cut[module].scaling == 2.0
         assert torch.allclose(cut[module].scaling * cut[module].lora_B @ cut[module].lora_A, pair.scaling * pair.lora_B @ pair.lora_A, atol=1e-4)
     sum_of_two = {m: LoraPair(torch.eye(32), view[m].lora_B + full_rank_view(random_adapter(1))[m].lora_B, 1.0) for m in MODULES}
-    best = truncated_lora(sum_of_two, 4, {m: 2.0 for m in MODULES})[MODULES[0]]
+    best = truncated_lora({m: p.lora_B for m, p in sum_of_two.items()}, {m: 4 for m in MODULES}, {m: 2.0 for m in MODULES})[MODULES[0]]
     singular = torch.linalg.svdvals(sum_of_two[MODULES[0]].lora_B.double())
     error = (2.0 * best.lora_B.double() @ best.lora_A.double() - sum_of_two[MODULES[0]].lora_B.double()).norm()
     assert error == pytest.approx(float(singular[4:].norm()), rel=1e-4)  # Eckart-Young: the best rank-4 cut
@@ -305,9 +305,9 @@ def test_delta_and_alignment_options_are_checked(options, culprit):
 def test_delta_rank_limits_are_named():
     view = full_rank_view(random_adapter(0))
     with pytest.raises(LoraclError, match="delta_rank 40 exceeds"):
-        truncated_lora(view, 40, {m: 2.0 for m in MODULES})
+        truncated_lora({m: p.lora_B for m, p in view.items()}, {m: 40 for m in MODULES}, {m: 2.0 for m in MODULES})
     with pytest.raises(LoraclError, match="scaling of 0"):
-        truncated_lora(view, 4, {m: 0.0 for m in MODULES})
+        truncated_lora({m: p.lora_B for m, p in view.items()}, {m: 4 for m in MODULES}, {m: 0.0 for m in MODULES})
     with pytest.raises(ConfigError, match="delta_rank"):  # the stream writes fused LoRAs into rank-r branches
         validate_config({"backbone": {"name": "tiny-bert"}, "method": [{"name": "icm_fusion", "rank": 4, "fusion": {"target": "delta", "delta_rank": 2}}]})
     identities = {}

@@ -112,44 +112,48 @@ def unflatten(layout: FlatLayout, flat: torch.Tensor, stats: TensorStats) -> dic
         piece = flat[offset : offset + size] * stats.std[i] + stats.mean[i]
         parts.setdefault(module, {})[part] = piece.reshape(shape)
         offset += size
-    if layout.identity_down:
+    if layout.identity_down:  # a full-rank view: A = I
+        identities: dict[tuple, torch.Tensor] = {}
         for p in parts.values():
-            p["A"] = torch.eye(p["B"].shape[1], dtype=p["B"].dtype, device=p["B"].device)
+            p["A"] = shared_identity(identities, p["B"])
     return {module: LoraPair(p["A"], p["B"], layout.scalings[module]) for module, p in parts.items()}
 
 
 def full_rank_view(adapter: dict[str, LoraPair], identities: dict[tuple, torch.Tensor] | None = None) -> dict[str, LoraPair]:
-    """Each module's update dW = s B A as a LoRA pair (A = I [d_in, d_in], B = dW [d_out, d_in], s = 1).
-
-    `identities` caches one I per (d_in, device), shared by every view built with it (they are never written)."""
+    """Each module's update dW = s B A as a LoRA pair (A = I [d_in, d_in], B = dW [d_out, d_in], s = 1); views built
+    with the same `identities` share their I's."""
     identities = {} if identities is None else identities
     view = {}
     for module, pair in adapter.items():
         if pair.lora_A.dim() != 2:
             raise LoraclError(f"module `{module}`: the delta target handles Linear LoRAs only (lora_A has shape {tuple(pair.lora_A.shape)})")
         delta = pair.scaling * (pair.lora_B.float() @ pair.lora_A.float())  # [d_out, d_in]
-        key = (delta.shape[1], delta.device)
-        if key not in identities:
-            identities[key] = torch.eye(delta.shape[1], device=delta.device)
-        view[module] = LoraPair(identities[key], delta, 1.0)
+        view[module] = LoraPair(shared_identity(identities, delta), delta, 1.0)
     return view
 
 
-def truncated_lora(view: dict[str, LoraPair], rank: int, scalings: dict[str, float]) -> dict[str, LoraPair]:
-    """The best rank-`rank` LoRA of each module's dW (Eckart-Young), split evenly: B = U sqrt(S/s), A = sqrt(S/s) V^T."""
+def shared_identity(cache: dict[tuple, torch.Tensor], delta: torch.Tensor) -> torch.Tensor:
+    """I [d_in, d_in] for a dW [d_out, d_in]: one per width, device and dtype in `cache` (views never write A)."""
+    key = (delta.shape[1], delta.device, delta.dtype)
+    if key not in cache:
+        cache[key] = torch.eye(delta.shape[1], dtype=delta.dtype, device=delta.device)
+    return cache[key]
+
+
+def truncated_lora(deltas: dict[str, torch.Tensor], ranks: dict[str, int], scalings: dict[str, float]) -> dict[str, LoraPair]:
+    """The best rank-r LoRA of each module's dW [d_out, d_in] (Eckart-Young), split evenly: B = U sqrt(S/s), A = sqrt(S/s) V^T."""
     adapter = {}
-    for module, pair in view.items():
-        if scalings[module] == 0:
+    for module, delta in deltas.items():
+        rank, scaling = ranks[module], scalings[module]
+        if scaling == 0:
             raise LoraclError(f"module `{module}`: a LoRA scaling of 0 cannot carry a rank-{rank} update")
-        if rank > min(pair.lora_B.shape):
-            raise LoraclError(f"module `{module}`: delta_rank {rank} exceeds min(d_out, d_in) = {min(pair.lora_B.shape)}")
-        delta = pair.scaling * (pair.lora_B.double() @ pair.lora_A.double())  # float64 SVD: stable factors
-        left, singular, right_t = torch.linalg.svd(delta, full_matrices=False)
-        scaling = scalings[module]
+        if rank > min(delta.shape):
+            raise LoraclError(f"module `{module}`: delta_rank {rank} exceeds min(d_out, d_in) = {min(delta.shape)}")
+        left, singular, right_t = torch.linalg.svd(delta.double(), full_matrices=False)  # float64: stable factors
         root = (singular[:rank] / abs(scaling)).sqrt()
-        down = (root[:, None] * right_t[:rank]).to(pair.lora_B.dtype)  # [r, d_in]
-        up = (left[:, :rank] * root[None] * (1.0 if scaling > 0 else -1.0)).to(pair.lora_B.dtype)  # [d_out, r]
-        adapter[module] = LoraPair(down.contiguous(), up.contiguous(), scalings[module])
+        down = (root[:, None] * right_t[:rank]).to(delta.dtype)  # [r, d_in]
+        up = (left[:, :rank] * root[None] * (1.0 if scaling > 0 else -1.0)).to(delta.dtype)  # [d_out, r]
+        adapter[module] = LoraPair(down.contiguous(), up.contiguous(), scaling)
     return adapter
 
 

@@ -104,22 +104,24 @@ class IcmFusionResult:
     output_ranks: dict[str, int] | None = None  # target delta: each module's rank after the SVD cut
     output_scalings: dict[str, float] | None = None  # target delta: each module's scaling, as in the input LoRAs
 
-    def as_lora(self, decoded: Adapter) -> Adapter:
-        """A decoded adapter as a LoRA of the inputs' form, on the CPU (delta target: cut to rank r by SVD)."""
-        if self.output_ranks is not None and self.output_scalings is not None:
-            decoded = {
-                module: truncated_lora({module: pair}, self.output_ranks[module], self.output_scalings)[module]
-                for module, pair in decoded.items()
-            }
-        return {module: LoraPair(p.lora_A.cpu().contiguous(), p.lora_B.cpu().contiguous(), p.scaling) for module, p in decoded.items()}
-
     def decoded_task_adapters(self) -> list[Adapter]:
         """Each task's own posterior mean decoded under its own condition and de-normalised with the statistics it
         was encoded with: how well the F-VAE reproduces the LoRAs it fuses."""
         with torch.no_grad():
             flats = self.vae.decode(self.latents, self.task_vectors)  # [T, N_pad]
         flats[:, self.layout.numel :] = 0.0
-        return [self.as_lora(unflatten(self.layout, flat, stats)) for flat, stats in zip(flats, self.task_stats)]
+        return [
+            lora_of_decoded(unflatten(self.layout, flat, stats), self.output_ranks, self.output_scalings)
+            for flat, stats in zip(flats, self.task_stats)
+        ]
+
+
+def lora_of_decoded(decoded: Adapter, ranks: dict[str, int] | None, scalings: dict[str, float] | None) -> Adapter:
+    """A decoded adapter as a LoRA of the inputs' form, on the CPU; a decoded full-rank view (target delta, `ranks`
+    given) is cut to each module's rank by SVD of its dW = B (A is the identity, s = 1)."""
+    if ranks is not None and scalings is not None:
+        decoded = truncated_lora({module: pair.lora_B for module, pair in decoded.items()}, ranks, scalings)
+    return {module: LoraPair(p.lora_A.cpu().contiguous(), p.lora_B.cpu().contiguous(), p.scaling) for module, p in decoded.items()}
 
 
 def adapter_on(adapter: Adapter, device: torch.device) -> Adapter:
@@ -321,12 +323,8 @@ class IcmFusion:
                 _, grads = self.host.loss_and_grads(adapter, task.support)
                 gradient += flat_gradient(layout, grads, stats) / len(tasks)
             flat = flat - self.options.inner_lr * gradient
-        if self.options.normalisation == "per_sample":
-            task_stats = [tensor_stats(layout, [task.final]) for task in tasks]
-        else:
-            task_stats = [stats] * len(tasks)
-        result = IcmFusionResult({}, {}, vae, vectors, latents, stats, layout, task_stats, output_ranks, output_scalings)
-        result.adapter = result.as_lora(unflatten(layout, flat.detach(), stats))  # stored and exported from the CPU
+        # stored and exported from the CPU, wherever it was fused
+        adapter = lora_of_decoded(unflatten(layout, flat.detach(), stats), output_ranks, output_scalings)
         with torch.no_grad():
             reconstruction = vae.decode(latents, vectors)
             reconstruction_mse = float(torch.nn.functional.mse_loss(reconstruction[:, : layout.numel], torch.stack(finals)[:, : layout.numel]))
@@ -347,5 +345,8 @@ class IcmFusion:
             "fusion_s": time.perf_counter() - started,
             **losses,
         }
-        result.report = report
-        return result
+        if self.options.normalisation == "per_sample":
+            task_stats = [tensor_stats(layout, [task.final]) for task in tasks]
+        else:
+            task_stats = [stats] * len(tasks)
+        return IcmFusionResult(adapter, report, vae, vectors, latents, stats, layout, task_stats, output_ranks, output_scalings)

@@ -255,28 +255,27 @@ class FmLora(Method):
     def in_commit_phase(self) -> bool:
         return self.step >= (1.0 - self.options.commit_fraction) * self.total_steps
 
-    def committed_rank_indices(self) -> list[int]:
-        """k* per selector group: noise-free argmax of the logits (gumbel), argmin |rho_k - H| (deterministic), or r (off)."""
+    def committed_ranks(self) -> list[int]:
+        """r_t per selector group G (one, or one per adapted layer under per_layer): the noise-free argmax of the
+        logits (gumbel), the candidate nearest H (deterministic), or r (off)."""
         groups = self.state.drs_bias.view(-1, len(self.candidate_ranks)).shape[0]
         mode = self._drs_mode()
         if mode == "off":
-            return [len(self.candidate_ranks) - 1] * groups
+            return [self.options.rank] * groups
         if mode == "deterministic":
             rho = torch.tensor(self.candidate_ranks, dtype=torch.float64) / self.options.rank
-            return [int((rho - self.complexity[-1]["H"]).abs().argmin())] * groups
-        return self.selector_logits().detach().argmax(dim=1).tolist()
+            return [self.candidate_ranks[int((rho - self.complexity[-1]["H"]).abs().argmin())]] * groups
+        return [self.candidate_ranks[index] for index in self.selector_logits().detach().argmax(dim=1).tolist()]
 
-    def committed_ranks(self) -> list[int]:
-        """r_t per selector group (one entry, or one per adapted layer under per_layer granularity); r when DRS is off."""
-        if self._drs_mode() == "off":
-            return [self.options.rank] * len(self.committed_rank_indices())
-        return [self.candidate_ranks[index] for index in self.committed_rank_indices()]
+    def committed_masks(self) -> torch.Tensor:
+        """The committed prefix masks [G, r]."""
+        return torch.stack([self.prefix_mask(rank) for rank in self.committed_ranks()])
 
     def sample_mask(self) -> torch.Tensor:
         """This step's masks [G, r]: straight-through Gumbel samples (values in {0,1}, gradients to b), or the committed ones."""
         self._soft_probs = None
         if self._drs_mode() != "gumbel" or self.in_commit_phase() or not self.model.training:
-            return torch.stack([self.prefix_mask(rank) for rank in self.committed_ranks()])
+            return self.committed_masks()
         logits = self.selector_logits()  # [G, n_R]
         uniform = torch.rand(logits.shape, generator=self._noise).clamp(1e-10, 1.0 - 1e-10).to(logits.device)
         gumbel = -torch.log(-torch.log(uniform))
@@ -287,10 +286,14 @@ class FmLora(Method):
         self._soft_probs = soft
         return straight_through @ nested  # [G, r]
 
+    def rows_for_layers(self, rows: Any) -> list[Any]:
+        """One entry per adapted layer from G selector rows: row i for layer i, or the one row for all (global)."""
+        return list(rows) if len(rows) > 1 else [rows[0]] * len(self.layers)
+
     def _set_layer_masks(self, masks: torch.Tensor) -> None:
-        """Give layer i the mask row i (per_layer) or the one shared row (global) [G, r]."""
-        for index, layer in enumerate(self.layers.values()):
-            layer.rank_mask = masks[index if masks.shape[0] > 1 else 0]
+        """Give each layer its mask row [G, r]."""
+        for layer, mask in zip(self.layers.values(), self.rows_for_layers(masks)):
+            layer.rank_mask = mask
 
     @torch.no_grad()
     def base_features(self, task: Task) -> torch.Tensor:
@@ -462,8 +465,8 @@ class FmLora(Method):
         """Commit r_t, fold the cores into K, update the meta-prompt (Reptile step), freeze what is done."""
         ranks = self.committed_ranks()
         key = str(task.index)
-        for index, layer in enumerate(self.layers.values()):
-            layer.fold_task_cores(key, ranks[index if len(ranks) > 1 else 0], keep=self.options.keep_task_cores)
+        for layer, rank in zip(self.layers.values(), self.rows_for_layers(ranks)):
+            layer.fold_task_cores(key, rank, keep=self.options.keep_task_cores)
             layer.shared_A.requires_grad_(False)
             layer.shared_B.requires_grad_(False)
         self.state.drs_bias.requires_grad_(False)
@@ -509,7 +512,7 @@ class FmLora(Method):
     def score(self, batch: dict[str, Any]) -> torch.Tensor:
         """No task id: every layer applies W0 + s B K A (plus the live task under its committed mask, if any)."""
         if any(layer.task_live for layer in self.layers.values()):
-            self._set_layer_masks(torch.stack([self.prefix_mask(rank) for rank in self.committed_ranks()]))
+            self._set_layer_masks(self.committed_masks())
         return super().score({"inputs": batch["inputs"]})
 
     # ----- reporting ---------------------------------------------------------------------------------
