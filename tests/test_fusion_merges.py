@@ -140,3 +140,17 @@ def test_cli_fuse_writes_a_peft_folder_and_bad_input_exits_2(tmp_path, capsys):
     empty.write_text("[]")
     code = main(["fuse", *folders, "--method", "icm", "--base", "tiny-bert", "--examples", str(empty), "--examples", str(empty), "--out", str(tmp_path / "e")])
     assert code == 2 and "no examples" in capsys.readouterr().err
+
+
+def test_cli_fuse_delta_target_bad_values_exit_2_and_write_nothing(tmp_path, capsys):
+    folders = [str(write_peft_adapter(random_adapter(seed), tmp_path / f"a{seed}")) for seed in range(2)]
+    data_free = ["--set", "icm.task_vector=parameters", "--set", "icm.inner_steps=0", "--set", "icm.warm_start_steps=1",
+                 "--set", "icm.meta_steps=0", "--set", "icm.channel_divisor=8", "--set", "icm.latent_dim=4"]
+    assert main(["fuse", *folders, "--method", "icm", *data_free, "--set", "icm.target=weights", "--out", str(tmp_path / "t")]) == 2
+    assert "icm.target" in capsys.readouterr().err and not (tmp_path / "t").exists()
+    too_high = ["--set", "icm.target=delta", "--set", "icm.delta_rank=999"]
+    assert main(["fuse", *folders, "--method", "icm", *data_free, *too_high, "--out", str(tmp_path / "d")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "delta_rank 999 exceeds" in error[0] and not (tmp_path / "d").exists()
+    assert main(["fuse", *folders, "--method", "icm", *data_free, "--set", "icm.target=delta", "--out", str(tmp_path / "ok")]) == 0
+    assert json.loads((tmp_path / "ok" / "fusion_report.json").read_text())["target"] == "delta"
