@@ -231,7 +231,9 @@ def main() -> None:
     torch.manual_seed(args.seed)
     config = load_config(args.config, [*args.set, f"stream.max_train_per_task={args.train}", f"stream.max_test_per_task={args.test}"])
     stream = load_stream(config.stream, config.seed)
-    backbone = load_backbone(config.backbone.name, config.backbone.pooling, config.train.max_length, seed=args.seed)
+    backbone = load_backbone(
+        config.backbone.name, config.backbone.pooling, config.train.max_length, seed=args.seed, split_fused=config.backbone.split_fused
+    )
     backbone.to(torch.device(args.device))
     modules = [name for name, _ in backbone.model.named_modules() if name.endswith((".query", ".value"))]
     host = LoraHost(backbone, modules)

@@ -55,6 +55,12 @@ class BackboneConfig(StrictModel):
     name: str = "minilm-l6"  # registry name, Hugging Face id, or local directory
     pooling: Literal["auto", "mean", "cls"] = "auto"
     local_files_only: bool = True  # never reach a hub unless the user asks for it
+    # fused projections split into named parts that methods target (adapters/fused.py): "auto" (qkv / Wqkv /
+    # qkv_proj with out = 3 x in -> q, k, v), "off", or {module: [parts]} / {module: {part: rows}}
+    split_fused: Literal["auto", "off"] | dict[str, list[str] | dict[str, int]] = "auto"
+
+    # a model without fused projections is the same under "auto": runs made before the key existed still resume
+    inert_defaults: ClassVar[dict[str, Any]] = {"split_fused": "auto"}
 
 
 class StreamConfig(StrictModel):

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from torch import nn
 
 from loracl.adapters.base import SUPPORTED_BASE_TYPES, AdapterLayer
+from loracl.adapters.fused import FusedProjection
 from loracl.errors import LoraclError
 
 # Module names never adapted by "all-linear": classifier outputs and the unused BERT pooler.
@@ -36,6 +37,13 @@ def find_target_modules(model: nn.Module, target_modules: str | Sequence[str]) -
         names = [name for name, module in model.named_modules() if name and _matches(name, target_modules)]
         names = [name for name in names if not isinstance(model.get_submodule(name), AdapterLayer)]
     wrong_type = [name for name in names if not isinstance(model.get_submodule(name), SUPPORTED_BASE_TYPES)]
+    fused = [name for name in wrong_type if isinstance(model.get_submodule(name), FusedProjection)]
+    if fused:
+        parts = [part for part, _ in model.get_submodule(fused[0]).part_sizes]
+        raise LoraclError(
+            f"target_modules matched `{fused[0]}`, a fused projection split into parts {parts}: target the parts "
+            f"(e.g. '{fused[0].rsplit('.', 1)[-1]}.{parts[0]}' or '{parts[0]}'), or set backbone.split_fused: off"
+        )
     if wrong_type:
         kind = type(model.get_submodule(wrong_type[0])).__name__
         raise LoraclError(

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from loracl.adapters.fused import fold_part_pairs, fused_layouts, join_fused_projections
 from loracl.adapters.inject import inject_adapters
 from loracl.adapters.lora import LoraLayer
 from loracl.errors import LoraclError, read_json_file
@@ -131,8 +132,10 @@ def read_peft_adapter(folder: str | Path) -> tuple[dict, dict[str, LoraPair]]:
 
 
 def load_peft_adapter(model: nn.Module, folder: str | Path, branch_name: str = "imported") -> dict[str, LoraLayer]:
-    """Inject LoraLayer wrappers into `model` and load a PEFT folder's weights as one branch each."""
+    """Inject LoraLayer wrappers into `model` and load a PEFT folder's weights as one branch each (a LoRA on
+    a fused projection the model holds split, e.g. `attn.qkv`, joins that projection back into one layer)."""
     _, pairs = read_peft_adapter(folder)
+    join_fused_projections(model, [name for name in fused_layouts(model) if name in pairs])
     layers = inject_adapters(model, list(pairs), lambda module, name: LoraLayer(module, name))
     missing = sorted(set(pairs) - set(layers))
     if missing:
@@ -184,4 +187,5 @@ def export_run_task(run_dir: Path, task: int, out: Path) -> Path:
             scaling = alpha / rank**0.5 if use_rslora else alpha / rank
             module_pairs.append(LoraPair(parts["A"], parts["B"], scaling))
         pairs[module] = combine_pairs(module_pairs)
+    pairs = fold_part_pairs(pairs, record.get("fused_layouts", {}))
     return write_peft_adapter(pairs, out, record.get("backbone_path"))

@@ -11,6 +11,7 @@ average or bypass them without knowing the placement.
 from __future__ import annotations
 
 import copy
+import inspect
 from functools import partial
 from typing import Any
 
@@ -43,6 +44,7 @@ class MetaPrompt(nn.Module):
         self.active = True
         self._token_mask: torch.Tensor | None = None
         self._handles: list[Any] = []
+        self._extend_positions = False
 
     def install(self, encoder: nn.Module) -> None:
         """Hook into a HF encoder that has an `embeddings` module (BERT, ViT and their relatives)."""
@@ -52,6 +54,11 @@ class MetaPrompt(nn.Module):
                 f"fm_lora's meta-prompt needs a backbone with an `embeddings` module (BERT/ViT-style); "
                 f"{type(encoder).__name__} has none: set prompt_len: 0"
             )
+        # Rotary encoders (ModernBERT) take position ids after the embedding layer, from the input length: give
+        # them ids for the longer prompted sequence. BERT-style embeddings add positions before the prompt exists.
+        self._extend_positions = "position_ids" in inspect.signature(encoder.forward).parameters and (
+            "position_ids" not in inspect.signature(embeddings.forward).parameters
+        )
         self._handles = [
             encoder.register_forward_pre_hook(self._extend_attention_mask, with_kwargs=True),
             embeddings.register_forward_hook(self._insert),
@@ -73,11 +80,17 @@ class MetaPrompt(nn.Module):
 
     def _extend_attention_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         self._token_mask = kwargs.get("attention_mask")
-        if not self.active or kwargs.get("attention_mask") is None:
+        if not self.active:
             return None
-        mask = kwargs["attention_mask"]  # [B, L] -> [B, 1 + L_p + L - 1]
-        ones = torch.ones(mask.shape[0], self.length, dtype=mask.dtype, device=mask.device)
-        kwargs = {**kwargs, "attention_mask": torch.cat([mask[:, :1], ones, mask[:, 1:]], dim=1)}
+        kwargs = dict(kwargs)
+        mask = kwargs.get("attention_mask")
+        if mask is not None:  # [B, L] -> [B, 1 + L_p + L - 1]
+            ones = torch.ones(mask.shape[0], self.length, dtype=mask.dtype, device=mask.device)
+            kwargs["attention_mask"] = torch.cat([mask[:, :1], ones, mask[:, 1:]], dim=1)
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if self._extend_positions and kwargs.get("position_ids") is None and isinstance(input_ids, torch.Tensor):
+            # rotary attention is relative: shifting the text tokens by L_p leaves their mutual scores unchanged
+            kwargs["position_ids"] = torch.arange(input_ids.shape[1] + self.length, device=input_ids.device).unsqueeze(0)
         return args, kwargs
 
     def _insert(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -94,12 +107,18 @@ class MetaPrompt(nn.Module):
         return output
 
 
+# The key projection of a HF self-attention module, by model family: BERT/ViT `key`, Llama-style `k_proj`,
+# fused ModernBERT `Wqkv`, Phi-3 `qkv_proj`.
+_KEY_PROJECTIONS = ("key", "k_proj", "Wqkv", "qkv_proj")
+
+
 def attention_blocks(encoder: nn.Module) -> list[nn.Module]:
-    """The self-attention modules of a HF encoder in block order (BERT's `key`, ViT's and Llama's `k_proj`)."""
+    """The self-attention modules of a HF encoder in block order: those holding a key projection and the
+    config through which they pick their attention function."""
     return [
         module
         for module in encoder.modules()
-        if hasattr(module, "config") and hasattr(module, "scaling") and any(hasattr(module, name) for name in ("key", "k_proj"))
+        if hasattr(module, "config") and any(isinstance(getattr(module, name, None), nn.Module) for name in _KEY_PROJECTIONS)
     ]
 
 
@@ -157,6 +176,8 @@ class PrefixPrompt(nn.Module):
         from transformers.modeling_utils import AttentionInterface
 
         blocks = attention_blocks(encoder)
+        if not blocks:
+            raise LoraclError(f"no self-attention blocks found in {type(encoder).__name__} for the deep prompt: use prompt_depth: shallow")
         if len(blocks) < self.layers:
             raise LoraclError(
                 f"prompt_layers {self.layers} exceeds the {len(blocks)} self-attention blocks found in "

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from loracl.adapters.fused import SplitRule, split_fused_projections
 from loracl.backbones.base import Backbone
 from loracl.backbones.text import TextBackbone, char_tokenizer
 from loracl.backbones.vision import VisionBackbone
@@ -56,6 +57,31 @@ def _tiny_bert(pooling: str, max_length: int, seed: int, local_files_only: bool)
     return TextBackbone(model, tokenizer, "mean" if pooling == "auto" else pooling, "tiny-bert", max_length)
 
 
+def _tiny_modernbert(pooling: str, max_length: int, seed: int, local_files_only: bool) -> Backbone:
+    """ModernBERT (fused `Wqkv` attention projection), 2 layers, hidden 32, character vocabulary, random weights."""
+    from transformers import ModernBertConfig, ModernBertModel
+
+    tokenizer = char_tokenizer()
+    config = ModernBertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=max(max_length, 64),
+        pad_token_id=tokenizer.pad_token_id,
+        cls_token_id=tokenizer.cls_token_id,
+        sep_token_id=tokenizer.sep_token_id,
+        bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        attention_dropout=0.0,
+        embedding_dropout=0.0,
+        mlp_dropout=0.0,
+    )
+    model = _seeded(seed, lambda: ModernBertModel(config))
+    return TextBackbone(model, tokenizer, "mean" if pooling == "auto" else pooling, "tiny-modernbert", max_length)
+
+
 def _vit_for_digits(hidden: int, layers: int, name: str) -> Callable[..., Backbone]:
     def build(pooling: str, max_length: int, seed: int, local_files_only: bool) -> Backbone:
         from transformers import ViTConfig, ViTModel
@@ -93,6 +119,7 @@ BACKBONES: dict[str, tuple[Callable[..., Backbone], str]] = {
     "digits-vit": (_vit_for_digits(64, 4, "digits-vit"), "ViT for 8x8 digits, hidden 64, 4 layers, random init"),
     "digits-resnet": (_resnet_for_digits, "ResNet for 8x8 digits, random init"),
     "tiny-bert": (_tiny_bert, "BERT, hidden 32, 2 layers, character tokenizer, random init (tests)"),
+    "tiny-modernbert": (_tiny_modernbert, "ModernBERT with a fused Wqkv, hidden 32, 2 layers, character tokenizer, random init (tests)"),
     "tiny-vit": (_vit_for_digits(32, 2, "tiny-vit"), "ViT for 8x8 digits, hidden 32, 2 layers, random init (tests)"),
 }
 
@@ -133,13 +160,20 @@ def _load_pretrained(name: str, pooling: str, max_length: int, local_files_only:
 
 
 def load_backbone(
-    name: str, pooling: str = "auto", max_length: int = 128, seed: int = 0, local_files_only: bool = True
+    name: str,
+    pooling: str = "auto",
+    max_length: int = 128,
+    seed: int = 0,
+    local_files_only: bool = True,
+    split_fused: str | SplitRule = "auto",
 ) -> Backbone:
-    """A registry name, a Hugging Face id, or a local directory -> a frozen Backbone in eval mode."""
+    """A registry name, a Hugging Face id, or a local directory -> a frozen Backbone in eval mode, its fused
+    projections split into parts by `split_fused` (adapters/fused.py)."""
     if name in BACKBONES:
         backbone = BACKBONES[name][0](pooling, max_length, seed, local_files_only)
     else:
         backbone = _load_pretrained(name, pooling, max_length, local_files_only)
+    split_fused_projections(backbone.model, split_fused)
     backbone.freeze()
     backbone.eval()
     return backbone

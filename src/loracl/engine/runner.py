@@ -14,6 +14,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from loracl import metrics
+from loracl.adapters.fused import fused_layouts, join_part_states, split_part_states
 from loracl.backbones.classifier import ContinualClassifier
 from loracl.backbones.heads import LinearHead, head_rows_generator, mask_to_classes
 from loracl.backbones.registry import load_backbone
@@ -119,6 +120,7 @@ class MethodRun:
         # the resolved knobs, defaults included: a run must not resume under changed defaults
         resolved = {"name": entry.name, "head": self.head.model_dump(mode="json"), **entry.options.fingerprint_dump()}
         run_config["method"] = [resolved]
+        run_config["backbone"] = config.backbone.fingerprint_dump()
         self.fingerprint = config_fingerprint(run_config)
         self.records: list[dict[str, Any]] = []
 
@@ -130,6 +132,7 @@ class MethodRun:
             self.train.max_length,
             seed=self.config.seed,
             local_files_only=self.config.backbone.local_files_only,
+            split_fused=self.config.backbone.split_fused,
         )
         check_stream_fits_backbone(self.stream, backbone)
         self.model = ContinualClassifier(
@@ -300,8 +303,11 @@ class MethodRun:
             "extra_state": method.extra_state(),
             "method_entry": {"name": self.entry.name, **self.entry.options.model_dump(mode="json")},
             "backbone_path": self.model.backbone.name_or_path,
+            "fused_layouts": fused_layouts(self.model.backbone.model),  # PEFT export folds part LoRAs with these
         }
-        backbone_state = self.base_backbone_state if with_backbone else None
+        backbone_state = None
+        if with_backbone:  # under the unsplit model's keys, so the file also loads into the original model
+            backbone_state = join_part_states(self.base_backbone_state, record["fused_layouts"], prefix="model.")
         save_checkpoint(self.run_dir, task_index, method.state_dict(), record, backbone_state)
 
     def task_record(
@@ -391,7 +397,8 @@ class MethodRun:
             return 0
         record, state, backbone_state = read_checkpoint(folder, self.fingerprint)
         if backbone_state is not None:
-            self.model.backbone.load_state_dict(backbone_state)
+            layouts = fused_layouts(self.model.backbone.model)
+            self.model.backbone.load_state_dict(split_part_states(backbone_state, layouts, prefix="model."))
         method.attach(self.model)
         if method.trains_jointly:
             if base_session:

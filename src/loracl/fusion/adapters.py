@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from loracl.adapters.fused import fold_part_pairs
 from loracl.adapters.peft_io import _BRANCH_KEY, LoraPair, read_peft_adapter
 from loracl.errors import LoraclError, read_json_file
 
@@ -54,6 +55,7 @@ def read_run_branch(run_dir: str | Path, task: int) -> TaskAdapter:
     for module, p in parts.items():
         rank = p["A"].shape[0]
         pairs[module] = LoraPair(p["A"], p["B"], alpha / rank**0.5 if use_rslora else alpha / rank)
+    pairs = fold_part_pairs(pairs, record.get("fused_layouts", {}))  # module names as the unsplit base model has them
     return TaskAdapter(f"{run_dir.name}/task_{task}", pairs, record.get("backbone_path"))
 
 

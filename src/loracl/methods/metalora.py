@@ -36,7 +36,7 @@ from loracl.backbones.heads import mask_to_classes
 from loracl.config import Float
 from loracl.data.stream import Task
 from loracl.errors import ConfigError, LoraclError
-from loracl.methods.base import Method, MethodContext, MethodOptions
+from loracl.methods.base import QUERY_VALUE_NAMES, Method, MethodContext, MethodOptions
 from loracl.methods.routing import RouterMetric, TaskRouter, select_rows
 from loracl.seeding import private_rng
 
@@ -114,12 +114,14 @@ class MetaLoraState(nn.Module):
 
 
 def resolve_metalora_targets(model: nn.Module, target_modules: str | list[str]) -> str | list[str]:
-    """`auto`: query/value where they exist (transformers), else every Conv2d inside residual blocks (ResNet)."""
+    """`auto`: query/value where they exist under any of their usual names (transformers, fused-qkv parts),
+    else every Conv2d inside residual blocks (ResNet)."""
     if target_modules != "auto":
         return target_modules
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    if {"query", "value"} <= names:
-        return ["query", "value"]
+    for pair in QUERY_VALUE_NAMES:
+        if set(pair) <= names:
+            return list(pair)
     convs = [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d) and not _NON_BLOCK_CONV.search(name)]
     return convs if convs else "all-linear"
 
