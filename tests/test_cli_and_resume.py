@@ -102,6 +102,29 @@ def test_errors_found_by_the_engine_leave_no_output_folder_behind(tmp_path, caps
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # a user's folder is kept, our log is not
 
 
+@pytest.mark.parametrize(
+    "bad_entry, culprit",
+    [
+        ({"name": "inc_lora", "target_modules": ["qeury"]}, "target_modules ['qeury'] matched no module"),
+        ({"name": "fm_lora", "prompt_depth": "deep", "prompt_len": 2, "prompt_layers": 9}, "prompt_layers 9 exceeds the 2"),
+    ],
+)
+def test_errors_only_the_model_reveals_come_before_any_training(tmp_path, capsys, monkeypatch, bad_entry, culprit):
+    """A later entry whose targets or prompt do not fit the backbone is refused before the first entry's base
+    session trains: exit 2, one line, no output folder."""
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before the entries were checked against the model")
+
+    monkeypatch.setattr(runner_module.MethodRun, "base_session", no_training)
+    data = {**TINY, "method": [{"name": "seq_lora"}, bad_entry]}
+    out = tmp_path / "out"
+    assert main(["run", str(write_config(tmp_path, data)), "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert culprit in error and error.count("\n") == 1
+    assert not out.exists()
+
+
 def test_output_directory_not_writable(tmp_path, capsys):
     if os.geteuid() == 0:
         blocked = tmp_path / "file"

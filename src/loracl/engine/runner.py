@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import resource
 import time
@@ -492,12 +493,29 @@ def check_next_task_evaluation(method: Method, name: str, stream: Stream, base_s
 
 
 def check_entries(config: RunConfig, stream: Stream) -> None:
-    """Every entry's method built (options, head and flags checked) before anything trains, so a bad later entry
-    cannot leave an earlier entry's outputs half a run behind."""
+    """Every entry's method built (options, head and flags checked) and attached to a copy of the backbone
+    before anything trains, so a bad later entry cannot leave an earlier entry's outputs half a run behind, and
+    what only the model can reveal (targets matching nothing, a prompt deeper than the model) is not found
+    after a base session has trained for minutes."""
+    methods = []
     for entry in config.method:
         method = build_method(config, entry, stream)
         if config.train.eval_next_task:
             check_next_task_evaluation(method, entry.name, stream, config.train.base_session_epochs > 0)
+        methods.append((entry, method))
+    backbone = load_backbone(
+        config.backbone.name,
+        config.backbone.pooling,
+        config.train.max_length,
+        seed=config.seed,
+        local_files_only=config.backbone.local_files_only,
+        split_fused=config.backbone.split_fused,
+    )
+    check_stream_fits_backbone(stream, backbone)
+    for entry, method in methods:
+        head = config.head_for(entry)
+        trial = ContinualClassifier(copy.deepcopy(backbone), head.metric, head.cosine_scale if head.type == "cosine" else None)
+        method.attach(trial)  # the method object is thrown away with its trial model; runs build their own
 
 
 def run_method(config: RunConfig, entry: MethodConfig, stream: Stream, run_dir: Path | None = None) -> RunResult:
