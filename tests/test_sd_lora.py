@@ -144,3 +144,95 @@ def test_rank_schedule_gives_each_task_its_rank_and_resumes(tmp_path):
     [again] = run_experiment(config, tmp_path, stream=text_stream)
     assert again.accuracy_matrix == run.accuracy_matrix
 
+
+
+def _two_tasks_with_directions(kd_update="direction", threshold=1e-6, related=True):
+    """Task 1's branch = 2 x task 0's B with the same A in every layer (the same direction) when `related`,
+    else random; returns the method after task 1's begin, the layers' task-0 directions and the batch."""
+    method, model, stream, batch = build(kd_threshold=threshold, kd_update=kd_update)
+    method.begin_task(stream.tasks[0])
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in method.layers.values():
+            layer.branches["task_0"].lora_B.copy_(torch.randn(layer.branches["task_0"].lora_B.shape, generator=generator))
+    method.end_task(stream.tasks[0], [])
+    method.begin_task(stream.tasks[1])
+    with torch.no_grad():
+        method.magnitudes["task_1"].fill_(1.5)
+        for layer in method.layers.values():
+            new, old = layer.branches["task_1"], layer.branches["task_0"]
+            if related:
+                new.lora_A.copy_(old.lora_A)
+                new.lora_B.copy_(2.0 * old.lora_B)
+            else:
+                new.lora_B.copy_(torch.randn(new.lora_B.shape, generator=generator))
+    return method, model, stream, batch
+
+
+@pytest.mark.parametrize("kd_update", ["direction", "function"])
+def test_kd_absorbs_a_direction_the_earlier_ones_explain(kd_update):
+    method, model, stream, batch = _two_tasks_with_directions(kd_update)
+    layer = next(iter(method.layers.values()))
+    x = torch.randn(4, layer.in_features)
+    layer.unnormalized_branch = None  # the function the next task starts from: every direction normalised
+    before = layer(x)
+    layer.unnormalized_branch = "task_1"
+    method.end_task(stream.tasks[1], [])
+    assert method.absorbed["task_1"] == list(method.layers)
+    assert torch.equal(layer.branches["task_1"].lora_B, torch.zeros_like(layer.branches["task_1"].lora_B))
+    expected = 1.5 if kd_update == "function" else 1.0  # D_1 = 1 x D_0 (same factor-normalised direction)
+    assert layer.assimilated["task_0"] == pytest.approx(expected, abs=1e-6)
+    method.begin_task(stream.tasks[2])
+    after = layer(x)
+    assert torch.isfinite(after).all()
+    if kd_update == "function":  # magnitudes reset at this start (code mode): compare at the old magnitudes
+        with torch.no_grad():
+            method.magnitudes["task_0"].fill_(0.8)
+        assert torch.allclose(layer(x), before, atol=1e-5)
+    merged_input = layer(x)
+    layer.merge()
+    assert torch.allclose(layer(x), merged_input, atol=1e-5)
+    layer.unmerge()
+
+
+def test_kd_keeps_unrelated_directions_and_off_by_default():
+    method, model, stream, batch = _two_tasks_with_directions(related=False)
+    snapshot = {name: layer.branches["task_1"].lora_B.clone() for name, layer in method.layers.items()}
+    method.end_task(stream.tasks[1], [])
+    assert method.absorbed["task_1"] == []
+    assert all(torch.equal(layer.branches["task_1"].lora_B, snapshot[name]) for name, layer in method.layers.items())
+    assert all(not layer.assimilated for layer in method.layers.values())
+    plain, _, stream, _ = build()
+    plain.begin_task(stream.tasks[0])
+    plain.end_task(stream.tasks[0], [])
+    plain.begin_task(stream.tasks[1])
+    with torch.no_grad():
+        for layer in plain.layers.values():
+            layer.branches["task_1"].lora_A.copy_(layer.branches["task_0"].lora_A)
+            layer.branches["task_1"].lora_B.copy_(torch.ones_like(layer.branches["task_1"].lora_B))
+            layer.branches["task_0"].lora_B.copy_(torch.ones_like(layer.branches["task_0"].lora_B))
+    plain.end_task(stream.tasks[1], [])
+    assert all(layer.branches["task_1"].lora_B.abs().sum() > 0 for layer in plain.layers.values())
+
+
+def test_kd_end_to_end_reports_absorptions_and_resumes(tmp_path):
+    """A threshold no residual can reach absorbs every later task into the first one's directions."""
+    config = tiny_config({"name": "sd_lora", "rank": 2, "kd_threshold": 10.0})
+    stream = tiny_text_stream(3, train=12, test=6)
+    [run] = run_experiment(config, tmp_path, stream=stream)
+    metrics = run.results["method_metrics"]
+    sites = len(run.method.layers)
+    assert metrics["kd_absorbed_layers"] == {"task_1": sites, "task_2": sites}
+    assert set(metrics["kd_assimilated"]) == set(run.method.layers)
+    assert all(0.0 <= low <= high <= 1.0 + 1e-9 for low, high in metrics["kd_residual_range"].values())  # ||D|| <= 1
+    [again] = run_experiment(config, tmp_path, stream=stream)
+    assert again.results["method_metrics"]["kd_residual_range"] == metrics["kd_residual_range"]
+    assert again.accuracy_matrix == run.accuracy_matrix
+    assert again.method.assimilated_values() == run.method.assimilated_values()
+
+
+def test_kd_update_without_threshold_is_refused():
+    with pytest.raises(ConfigError, match="kd_update"):
+        validate_config({"backbone": {"name": "tiny-bert"}, "method": {"name": "sd_lora", "kd_update": "function"}})
+    with pytest.raises(ConfigError, match="kd_threshold"):
+        validate_config({"backbone": {"name": "tiny-bert"}, "method": {"name": "sd_lora", "kd_threshold": 0}})

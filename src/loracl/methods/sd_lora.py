@@ -2,14 +2,19 @@
 on every new task (SD-LoRA, Wu et al., ICLR 2025; baselines.md Part 4).
 
     Delta W = sum_{i<t} alpha_i B_i A_i / n_i + alpha_t B_t A_t
+
+SD-LoRA-KD (`kd_threshold`): after each task t > 0, in each adapted layer, the new direction D_t is fitted by
+least squares on the earlier ones, D_t ~ sum_i c_i D_i; when the squared residual is below the threshold the new
+branch is zeroed and its part goes to the earlier directions' per-layer assimilated magnitudes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Annotated, Any, ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from loracl.adapters.baseline_lora import MagnitudeLoraLayer
@@ -35,6 +40,20 @@ class SdLoraOptions(MethodOptions, RoutedBranchOptions):
     magnitude_init: Float = 0.8
     norm: Literal["factor", "product"] = "factor"  # code: ||B|| ||A||; paper: ||B A||
     reset_magnitudes: bool = True  # code: old magnitudes back to magnitude_init at every task start
+    # SD-LoRA-KD [X]: absorb a new direction whose least-squares fit by the earlier ones leaves a squared residual
+    # below this (LibContinual's SD-LoRA-KD configs: 9e-4); None: off
+    kd_threshold: Float | None = Field(default=None, gt=0.0)
+    # [X] "direction": the earlier magnitudes gain the fit's coefficients c_i (LibContinual); [D] "function":
+    # c_i times the new task's magnitude, so the layer's update is kept up to the residual
+    kd_update: Literal["direction", "function"] = "direction"
+
+    inert_defaults: ClassVar[dict[str, Any]] = {"kd_threshold": None, "kd_update": "direction"}
+
+    @model_validator(mode="after")
+    def _kd_update_needs_kd(self) -> SdLoraOptions:
+        if self.kd_update != "direction" and self.kd_threshold is None:
+            raise ValueError("kd_update acts on SD-LoRA-KD's absorption: it needs kd_threshold")
+        return self
 
 
 class SdLora(LoraMethod):
@@ -48,6 +67,8 @@ class SdLora(LoraMethod):
     def attach(self, model: ContinualClassifier) -> None:
         # Registered on the model so state_dict, checkpoints and trainable_parameters see them.
         self.magnitudes = nn.ParameterDict()
+        self.absorbed: dict[str, list[str]] = {}  # SD-LoRA-KD: branch -> layers that absorbed it
+        self.kd_residuals: dict[str, list[float]] = {}  # SD-LoRA-KD: branch -> [min, max] squared residual
         model.add_module(MAGNITUDES_MODULE, self.magnitudes)
         super().attach(model)
 
@@ -75,6 +96,42 @@ class SdLora(LoraMethod):
                 layer.add_branch(branch_name, rank, float(rank), init=self.options.init)
                 layer.unnormalized_branch = branch_name  # the branch in training is not normalised (code)
 
+    def end_task(self, task: Task, train_loader: Iterable[dict[str, Any]]) -> None:
+        if self.options.kd_threshold is not None and task.index > 0:
+            self.absorb_directions(f"task_{task.index}")
+        super().end_task(task, train_loader)  # class statistics under the absorbed model, which serves from now
+
+    @torch.no_grad()
+    def absorb_directions(self, branch_name: str) -> list[str]:
+        """SD-LoRA-KD: in every layer whose new direction the earlier (non-zero) ones explain by least squares
+        with a squared residual below kd_threshold, zero the new branch and add the fit to the earlier branches'
+        assimilated magnitudes; returns the absorbing layers' names."""
+        absorbed, residuals = [], []
+        new_magnitude = float(self.magnitudes[branch_name])
+        for name, layer in self.layers.items():
+            earlier = [other for other in layer.branches if other != branch_name and layer.frozen_norm(other) > 0]
+            if not earlier or layer.frozen_norm(branch_name) == 0:  # nothing to fit with, or nothing learned
+                continue
+            # float64 least squares over flattened directions: [d_out * d_in, k] c = [d_out * d_in]
+            basis = torch.stack([layer.direction(other).flatten().double() for other in earlier], dim=1)
+            target = layer.direction(branch_name).flatten().double()
+            fit = torch.linalg.lstsq(basis.cpu(), target.cpu().unsqueeze(1), driver="gelsd").solution.squeeze(1)
+            residual = float(((basis.cpu() @ fit) - target.cpu()).square().sum())
+            residuals.append(residual)
+            if residual >= self.options.kd_threshold:
+                continue
+            scale = new_magnitude if self.options.kd_update == "function" else 1.0
+            for other, coefficient in zip(earlier, fit.tolist()):
+                layer.assimilated[other] = layer.assimilated.get(other, 0.0) + scale * coefficient
+            branch = layer.branches[branch_name]
+            branch.lora_A.zero_()
+            branch.lora_B.zero_()
+            absorbed.append(name)
+        self.absorbed[branch_name] = absorbed
+        if residuals:  # how far the threshold was: the smallest and largest squared residual over the layers
+            self.kd_residuals[branch_name] = [min(residuals), max(residuals)]
+        return absorbed
+
     def rank_for_task(self, task_index: int) -> int:
         """The branch rank of a task: `rank`, or the RR schedule's entry (its last entry for later tasks)."""
         schedule = self.options.rank_schedule
@@ -83,8 +140,28 @@ class SdLora(LoraMethod):
     def magnitude_values(self) -> dict[str, float]:
         return {name: float(value.detach()) for name, value in self.magnitudes.items()}
 
+    def assimilated_values(self) -> dict[str, dict[str, float]]:
+        """SD-LoRA-KD's per-layer magnitude offsets {module: {branch: beta}} (only non-empty layers)."""
+        return {name: dict(layer.assimilated) for name, layer in self.layers.items() if layer.assimilated}
+
     def extra_state(self) -> dict[str, Any]:
-        return {"magnitudes": self.magnitude_values()}
+        return {
+            "magnitudes": self.magnitude_values(),
+            "assimilated": self.assimilated_values(),
+            "absorbed": self.absorbed,
+            "kd_residuals": self.kd_residuals,
+        }
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        for name, values in state.get("assimilated", {}).items():
+            self.layers[name].assimilated = {branch: float(value) for branch, value in values.items()}
+        self.absorbed = {branch: list(names) for branch, names in state.get("absorbed", {}).items()}
+        self.kd_residuals = {branch: list(pair) for branch, pair in state.get("kd_residuals", {}).items()}
 
     def task_metrics(self) -> dict[str, Any]:
-        return {**super().task_metrics(), "magnitudes": self.magnitude_values()}
+        metrics = {**super().task_metrics(), "magnitudes": self.magnitude_values()}
+        if self.options.kd_threshold is not None:  # per task: the layers whose new direction was absorbed
+            metrics["kd_absorbed_layers"] = {branch: len(names) for branch, names in self.absorbed.items()}
+            metrics["kd_assimilated"] = self.assimilated_values()
+            metrics["kd_residual_range"] = self.kd_residuals
+        return metrics
