@@ -127,14 +127,7 @@ class MethodRun:
 
     # ----- building ----------------------------------------------------------------------------------
     def build(self) -> Method:
-        backbone = load_backbone(
-            self.config.backbone.name,
-            self.config.backbone.pooling,
-            self.train.max_length,
-            seed=self.config.seed,
-            local_files_only=self.config.backbone.local_files_only,
-            split_fused=self.config.backbone.split_fused,
-        )
+        backbone = configured_backbone(self.config)
         check_stream_fits_backbone(self.stream, backbone)
         self.model = ContinualClassifier(
             backbone, self.head.metric, self.head.cosine_scale if self.head.type == "cosine" else None
@@ -462,6 +455,19 @@ class MethodRun:
         }
 
 
+def configured_backbone(config: RunConfig) -> Any:
+    """The config's backbone, frozen, its fused projections split as `backbone.split_fused` says."""
+    section = config.backbone
+    return load_backbone(
+        section.name,
+        section.pooling,
+        config.train.max_length,
+        seed=config.seed,
+        local_files_only=section.local_files_only,
+        split_fused=section.split_fused,
+    )
+
+
 def build_method(config: RunConfig, entry: MethodConfig, stream: Stream) -> Method:
     """The entry's method object with what it may know of the run (not attached to a model yet)."""
     context = MethodContext(config.head_for(entry), config.train, config.seed, stream.scenario, len(stream))
@@ -503,14 +509,7 @@ def check_entries(config: RunConfig, stream: Stream) -> None:
         if config.train.eval_next_task:
             check_next_task_evaluation(method, entry.name, stream, config.train.base_session_epochs > 0)
         methods.append((entry, method))
-    backbone = load_backbone(
-        config.backbone.name,
-        config.backbone.pooling,
-        config.train.max_length,
-        seed=config.seed,
-        local_files_only=config.backbone.local_files_only,
-        split_fused=config.backbone.split_fused,
-    )
+    backbone = configured_backbone(config)
     check_stream_fits_backbone(stream, backbone)
     for entry, method in methods:
         head = config.head_for(entry)
