@@ -98,6 +98,11 @@ def test_targeting_a_split_projection_names_its_parts():
     split_fused_projections(model, "auto")
     with pytest.raises(LoraclError, match=r"split into parts \['q', 'k', 'v'\]: target the parts"):
         inject_adapters(model, ["qkv"], lambda module, name: LoraLayer(module, name))
+    with pytest.raises(LoraclError, match="fused projection"):
+        inject_adapters(model, r".*attn\.qkv", lambda module, name: LoraLayer(module, name))
+    from loracl.adapters import find_target_modules
+
+    assert find_target_modules(model, r".*qkv.*") == [f"blocks.{i}.attn.qkv.{p}" for i in range(2) for p in "qkv"]
 
 
 def test_lora_on_parts_merges_exactly_and_folds_into_one_peft_lora_on_the_fused_layer():

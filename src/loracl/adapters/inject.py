@@ -36,6 +36,13 @@ def find_target_modules(model: nn.Module, target_modules: str | Sequence[str]) -
             raise LoraclError("target_modules is empty: name at least one module (or use 'all-linear')")
         names = [name for name, module in model.named_modules() if name and _matches(name, target_modules)]
         names = [name for name in names if not isinstance(model.get_submodule(name), AdapterLayer)]
+    # a pattern matching a split projection and its parts (`.*qkv.*`) means the parts
+    names = [
+        name
+        for name in names
+        if not isinstance(model.get_submodule(name), FusedProjection)
+        or not all(f"{name}.{part}" in names for part, _ in model.get_submodule(name).part_sizes)
+    ]
     wrong_type = [name for name in names if not isinstance(model.get_submodule(name), SUPPORTED_BASE_TYPES)]
     fused = [name for name in wrong_type if isinstance(model.get_submodule(name), FusedProjection)]
     if fused:
