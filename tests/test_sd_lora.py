@@ -195,6 +195,24 @@ def test_kd_absorbs_a_direction_the_earlier_ones_explain(kd_update):
     layer.unmerge()
 
 
+@pytest.mark.parametrize("kd_residual", ["absolute", "relative"])
+def test_kd_residuals_match_a_brute_force_projection(kd_residual):
+    """The recorded residual range equals ||D_t||^2 - ||Q^T D_t||^2 (Q: orthonormal basis of the earlier
+    directions), divided by ||D_t||^2 in relative mode; nothing is absorbed below a threshold of 1e-9."""
+    method, model, stream, batch = _two_tasks_with_directions(threshold=1e-9, related=False)
+    method.options = method.options.model_copy(update={"kd_residual": kd_residual})
+    expected = []
+    for layer in method.layers.values():
+        basis, _ = torch.linalg.qr(layer.direction("task_0").flatten().double().unsqueeze(1))
+        target = layer.direction("task_1").flatten().double()
+        residual = float(target.square().sum() - (basis.T @ target).square().sum())
+        expected.append(residual / float(target.square().sum()) if kd_residual == "relative" else residual)
+    method.absorb_directions("task_1")
+    assert method.kd_residuals["task_1"] == pytest.approx([min(expected), max(expected)], rel=1e-6)
+    assert method.absorbed["task_1"] == []
+    assert all(0.0 < value <= 1.0 for value in expected)
+
+
 def test_kd_keeps_unrelated_directions_and_off_by_default():
     method, model, stream, batch = _two_tasks_with_directions(related=False)
     snapshot = {name: layer.branches["task_1"].lora_B.clone() for name, layer in method.layers.items()}
@@ -236,3 +254,5 @@ def test_kd_update_without_threshold_is_refused():
         validate_config({"backbone": {"name": "tiny-bert"}, "method": {"name": "sd_lora", "kd_update": "function"}})
     with pytest.raises(ConfigError, match="kd_threshold"):
         validate_config({"backbone": {"name": "tiny-bert"}, "method": {"name": "sd_lora", "kd_threshold": 0}})
+    with pytest.raises(ConfigError, match="kd_residual"):
+        validate_config({"backbone": {"name": "tiny-bert"}, "method": {"name": "sd_lora", "kd_residual": "relative"}})

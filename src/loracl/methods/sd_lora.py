@@ -46,13 +46,18 @@ class SdLoraOptions(MethodOptions, RoutedBranchOptions):
     # [X] "direction": the earlier magnitudes gain the fit's coefficients c_i (LibContinual); [D] "function":
     # c_i times the new task's magnitude, so the layer's update is kept up to the residual
     kd_update: Literal["direction", "function"] = "direction"
+    # [X] "absolute": the threshold bounds ||fit - D_t||^2 (LibContinual); [D] "relative": it bounds that divided by
+    # ||D_t||^2, the share of the new direction the earlier ones leave unexplained (scale-free: the code's factor
+    # norm leaves ||D_t|| anywhere in (0, 1], so an absolute residual is small whenever D_t itself is)
+    kd_residual: Literal["absolute", "relative"] = "absolute"
 
-    inert_defaults: ClassVar[dict[str, Any]] = {"kd_threshold": None, "kd_update": "direction"}
+    inert_defaults: ClassVar[dict[str, Any]] = {"kd_threshold": None, "kd_update": "direction", "kd_residual": "absolute"}
 
     @model_validator(mode="after")
-    def _kd_update_needs_kd(self) -> SdLoraOptions:
-        if self.kd_update != "direction" and self.kd_threshold is None:
-            raise ValueError("kd_update acts on SD-LoRA-KD's absorption: it needs kd_threshold")
+    def _kd_options_need_kd(self) -> SdLoraOptions:
+        for key, default in (("kd_update", "direction"), ("kd_residual", "absolute")):
+            if getattr(self, key) != default and self.kd_threshold is None:
+                raise ValueError(f"{key} acts on SD-LoRA-KD's absorption: it needs kd_threshold")
         return self
 
 
@@ -104,7 +109,7 @@ class SdLora(LoraMethod):
     @torch.no_grad()
     def absorb_directions(self, branch_name: str) -> list[str]:
         """SD-LoRA-KD: in every layer whose new direction the earlier (non-zero) ones explain by least squares
-        with a squared residual below kd_threshold, zero the new branch and add the fit to the earlier branches'
+        with a squared residual (absolute, or relative to the direction's own) below kd_threshold, zero the new branch and add the fit to the earlier branches'
         assimilated magnitudes; returns the absorbing layers' names."""
         absorbed, residuals = [], []
         new_magnitude = float(self.magnitudes[branch_name])
@@ -117,6 +122,8 @@ class SdLora(LoraMethod):
             target = layer.direction(branch_name).flatten().double()
             fit = torch.linalg.lstsq(basis.cpu(), target.cpu().unsqueeze(1), driver="gelsd").solution.squeeze(1)
             residual = float(((basis.cpu() @ fit) - target.cpu()).square().sum())
+            if self.options.kd_residual == "relative":
+                residual /= float(target.square().sum())
             residuals.append(residual)
             if residual >= self.options.kd_threshold:
                 continue
