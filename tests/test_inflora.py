@@ -162,6 +162,17 @@ def test_start_of_task_logits_trainable_count_merge_and_state_round_trip():
         assert torch.equal(fresh.bases[leader].basis, memory.basis) and fresh.bases[leader].flag == memory.flag
 
 
+def test_old_branches_bit_identical_after_later_tasks():
+    method, model, stream, loaders = build()
+    run_task(method, stream.tasks[0], loaders[0])
+    kept = {name: {key: value.clone() for key, value in layer.branches["task_0"].state_dict().items()} for name, layer in method.layers.items()}
+    for task, loader in zip(stream.tasks[1:], loaders[1:]):
+        run_task(method, task, loader)
+    for name, layer in method.layers.items():
+        assert all(torch.equal(value, kept[name][key]) for key, value in layer.branches["task_0"].state_dict().items())
+        assert layer.branches["task_2"].lora_B.abs().sum() > 0  # the later tasks did train
+
+
 def test_threshold_schedule():
     assert threshold_for_task(1, 10, 0.95, 1.0) == pytest.approx(0.95)
     assert threshold_for_task(10, 10, 0.95, 1.0) == pytest.approx(0.95 + 0.05 * 9 / 10)
@@ -206,6 +217,9 @@ def test_end_to_end_text_and_digits_vit_base_session(tmp_path):
     [text] = run_experiment(tiny_config("inflora"), tmp_path / "text", stream=tiny_text_stream(3, train=16, test=8))
     assert len(text.accuracy_matrix) == 3
     assert text.results["trainable_params_per_task"][0] == 4 * 32 * 10 + 2 * 33
+    log = text.results["method_metrics"]["design_log"]  # the per-task decomposition cost, outside the steps
+    assert [entry["task"] for entry in log] == ["t0", "t1", "t2"]
+    assert all(entry["design_s"] > 0 and entry["memory_update_s"] > 0 for entry in log)
     config = tiny_config({"name": "inflora", "rank": 4}, backbone="tiny-vit", train={"base_session_epochs": 1})
     [vit] = run_experiment(config, tmp_path / "vit", stream=tiny_digits_stream(3, max_train=24, max_test=12))
     assert set(vit.method.layers) == {f"layers.{i}.attention.{p}" for i in range(2) for p in ("k_proj", "v_proj")}

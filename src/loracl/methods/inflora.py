@@ -8,6 +8,8 @@ lora_B the trained up-projection (the paper's A).
 
 from __future__ import annotations
 
+import time
+
 import math
 from collections.abc import Iterable
 from typing import Any, ClassVar, Literal
@@ -107,6 +109,7 @@ class InfLora(LoraMethod):
     @torch.no_grad()
     def prepare_task(self, task: Task, train_loader: Iterable[dict[str, Any]]) -> None:
         """Design A_t of every layer group from C_t projected away from the stored subspace (baselines.md 3.3)."""
+        started = time.perf_counter()
         covariances = self._covariances(train_loader)
         branch_name = f"task_{task.index}"
         smallest = []
@@ -119,11 +122,20 @@ class InfLora(LoraMethod):
             for name in group:
                 lora_A = self.layers[name].branches[branch_name].lora_A
                 lora_A.copy_(down.to(lora_A.dtype))
-        self.design_log.append({"task": task.name, "min_rth_singular_value": min(smallest) if smallest else None})
+        self.design_log.append(
+            {
+                "task": task.name,
+                "min_rth_singular_value": min(smallest) if smallest else None,
+                "design_s": time.perf_counter() - started,  # covariance pass + SVDs, outside the train steps
+            }
+        )
 
     def end_task(self, task: Task, train_loader: Iterable[dict[str, Any]]) -> None:
         """Second covariance pass with the trained model, then the (Dual)GPM update; freeze the branch."""
+        started = time.perf_counter()
         self.update_memory(task, train_loader)
+        if self.design_log and self.design_log[-1]["task"] == task.name:
+            self.design_log[-1]["memory_update_s"] = time.perf_counter() - started
         self.freeze_branches()
         super().end_task(task, train_loader)
 
