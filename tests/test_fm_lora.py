@@ -417,3 +417,19 @@ def test_routed_cores_hide_a_later_live_task_refuse_merged_layers_and_restore_on
     with pytest.raises(RuntimeError, match="unmerge"):
         with method.serving_as_of(0):
             pass
+
+
+def test_prefix_attention_refuses_a_call_that_asks_for_causal_attention():
+    """CLIP's text encoder passes is_causal per call (its module flag is False): the prefix path would drop it."""
+
+    class Module(torch.nn.Module):
+        is_causal = False
+
+        def loracl_prefix(self):
+            return None
+
+    query = torch.zeros(1, 2, 3, 4)
+    with pytest.raises(LoraclError, match="attends causally"):
+        prefix_attention(Module(), query, query, query, None, is_causal=True)
+    output, _ = prefix_attention(Module(), query, query, query, None)
+    assert output.shape == (1, 3, 2, 4)

@@ -18,8 +18,8 @@ from loracl.config import validate_config
 from loracl.errors import LoraclError
 
 
-class TimmStyleAttention(nn.Module):
-    """timm's ViT attention: one fused qkv Linear whose rows are [q; k; v], reshaped per head."""
+class Attention(nn.Module):
+    """timm's ViT attention (its class name too): one fused qkv Linear, rows [q; k; v], reshaped per head."""
 
     def __init__(self, dim: int = 12, heads: int = 3) -> None:
         super().__init__()
@@ -38,7 +38,7 @@ class TinyTimmVit(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.blocks = nn.ModuleList([nn.ModuleDict({"attn": TimmStyleAttention()}) for _ in range(2)])
+        self.blocks = nn.ModuleList([nn.ModuleDict({"attn": Attention()}) for _ in range(2)])
         self.mlp_in = nn.Linear(12, 36)  # out = 3 x in, but not named like a fused projection
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -65,6 +65,19 @@ def test_auto_split_keeps_the_function_and_the_weights_and_joins_back_bit_for_bi
     assert set(again) == set(model.state_dict()) and all(torch.equal(again[k], v) for k, v in model.state_dict().items())
     assert join_fused_projections(model) == list(layouts)
     assert all(torch.equal(model.state_dict()[key], value) for key, value in original.items())
+
+
+def test_auto_leaves_interleaved_layouts_whole():
+    """CodeGen's qkv_proj (q, v, k interleaved over shards) has out = 3 x in too, but its thirds are not q, k, v."""
+
+    class CodeGenAttention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv_proj = nn.Linear(12, 36)
+
+    model = nn.ModuleDict({"attn": CodeGenAttention()})
+    assert split_fused_projections(model, "auto") == {}
+    assert split_fused_projections(model, {"qkv_proj": ["a", "b", "c"]}) == {"attn.qkv_proj": [("a", 12), ("b", 12), ("c", 12)]}
 
 
 def test_explicit_rules_equal_blocks_and_sizes():
@@ -140,7 +153,7 @@ def test_lora_on_parts_merges_exactly_and_folds_into_one_peft_lora_on_the_fused_
         assert pair.lora_A.shape[0] == q.lora_A.shape[0] + v.lora_A.shape[0]
 
 
-def test_modernbert_auto_split_targets_the_spec_slices_and_the_deep_prompt_finds_its_blocks():
+def test_modernbert_auto_split_keeps_the_function():
     split = load_backbone("tiny-modernbert")
     whole = load_backbone("tiny-modernbert", split_fused="off")
     inputs = split.collate(["hello there", "a b"])
@@ -180,34 +193,79 @@ def test_export_of_a_modernbert_run_loads_in_peft_on_the_unsplit_model(tmp_path)
     ours = result.method.model.backbone.eval()(**inputs)
     theirs = whole.pool_tokens(peft_model(**inputs).last_hidden_state, inputs)
     assert torch.allclose(ours, theirs, atol=1e-5)
-    # a killed run resumes: the joined backbone file is split again on load
+    # a finished run loaded again: the joined backbone file is split again into the same weights
     [resumed] = run_experiment(config, tmp_path / "out", stream=tiny_text_stream(2))
-    assert resumed.accuracy_matrix == result.accuracy_matrix
+    assert torch.allclose(resumed.method.model.backbone.eval()(**inputs), ours, atol=1e-6)
 
 
-def test_fusing_run_branches_writes_fused_names_and_the_host_joins_the_projection(tmp_path):
+
+def test_resume_under_a_reordered_rule_is_refused(tmp_path):
+    """{q, k, v} and {k, q, v} give one fingerprint (keys are sorted) but other rows per part: refused on resume."""
+    from loracl.engine import run_experiment
+
+    def config(rule):
+        backbone = {"name": "tiny-modernbert", "split_fused": {"Wqkv": rule}}
+        return tiny_config("inc_lora", backbone="tiny-modernbert").model_copy(
+            update={"backbone": validate_config({"backbone": backbone}).backbone}
+        )
+
+    run_experiment(config({"q": 32, "k": 32, "v": 32}), tmp_path, stream=tiny_text_stream(2))
+    with pytest.raises(LoraclError, match="split as"):
+        run_experiment(config({"k": 32, "q": 32, "v": 32}), tmp_path, stream=tiny_text_stream(2))
+
+
+def test_fusing_run_branches_writes_fused_names_and_the_host_serves_both_namings(tmp_path):
+    """A run's branches name the parts (the host splits its base model alike); the fused PEFT folder names the
+    fused layer (a host given such an adapter joins the projection back); both serve the task's own features."""
     from peft import PeftModel
 
+    from loracl.adapters.peft_io import read_peft_adapter
     from loracl.engine import run_experiment
     from loracl.fusion import LoraHost, read_run_branch
 
     [result] = run_experiment(tiny_config("inc_lora", backbone="tiny-modernbert"), tmp_path / "out", stream=tiny_text_stream(2))
     adapter = read_run_branch(tmp_path / "out" / "inc_lora", 1)
-    assert sorted(adapter.pairs) == ["layers.0.attn.Wqkv", "layers.1.attn.Wqkv"]
+    assert sorted(adapter.pairs) == [f"layers.{i}.attn.Wqkv.{p}" for i in range(2) for p in "qv"]
     out = tmp_path / "fused"
-    assert main(["fuse", "--run", str(tmp_path / "out" / "inc_lora"), "--method", "linear", "--out", str(out)]) == 0
-    whole = load_backbone("tiny-modernbert", split_fused="off")
-    PeftModel.from_pretrained(whole.model, str(out))  # PEFT finds every module the fused adapter names
-    host = LoraHost(load_backbone("tiny-modernbert"), sorted(adapter.pairs))
-    assert isinstance(host.backbone.model.layers[0].attn.Wqkv, LoraLayer)
-    inputs = host.backbone.collate(["the cat sat"])
+    assert main(["fuse", "--run", str(tmp_path / "out" / "inc_lora"), "--tasks", "1", "--method", "linear", "--out", str(out)]) == 0
+    PeftModel.from_pretrained(load_backbone("tiny-modernbert", split_fused="off").model, str(out))
+    _, folded = read_peft_adapter(out)
+    assert sorted(folded) == ["layers.0.attn.Wqkv", "layers.1.attn.Wqkv"]
+    inputs = load_backbone("tiny-modernbert").collate(["the cat sat"])
     with torch.no_grad():
-        served = host.task_vector(adapter.pairs, inputs)
         result.method.model.eval()
         for layer in result.method.layers.values():
             layer.disabled_branches = {"task_0"}
         own = result.method.model.backbone(**inputs).mean(0)
-    assert torch.allclose(served, own, atol=1e-5)
+        split_host = LoraHost(load_backbone("tiny-modernbert"), sorted(adapter.pairs))
+        assert isinstance(split_host.backbone.model.layers[0].attn.Wqkv, FusedProjection)
+        joined_host = LoraHost(load_backbone("tiny-modernbert"), sorted(folded))
+        assert isinstance(joined_host.backbone.model.layers[0].attn.Wqkv, LoraLayer)
+        assert torch.allclose(split_host.task_vector(adapter.pairs, inputs), own, atol=1e-5)
+        assert torch.allclose(joined_host.task_vector(folded, inputs), own, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["ties", "linear", "cat"])
+def test_fusing_part_loras_of_mixed_ranks_works_per_part_and_loads_in_peft(tmp_path, method):
+    """all-linear on a split model: Wqkv's parts and the other layers; fused per part, folded when written."""
+    from peft import PeftModel
+
+    from loracl.engine import run_experiment
+    from loracl.fusion import fuse, read_run_branch
+
+    config = tiny_config({"name": "inc_lora", "target_modules": "all-linear"}, backbone="tiny-modernbert")
+    run_experiment(config, tmp_path / "out", stream=tiny_text_stream(2))
+    out = tmp_path / "fused"
+    assert main(["fuse", "--run", str(tmp_path / "out" / "inc_lora"), "--method", method, "--out", str(out)]) == 0
+    PeftModel.from_pretrained(load_backbone("tiny-modernbert", split_fused="off").model, str(out))
+    adapters = [read_run_branch(tmp_path / "out" / "inc_lora", task) for task in range(2)]
+    per_part = fold_part_pairs(fuse(adapters, method).adapter, adapters[0].layouts)
+    from loracl.adapters.peft_io import read_peft_adapter
+
+    _, written = read_peft_adapter(out)
+    for name, pair in per_part.items():  # the CLI wrote exactly the per-part fusion, folded
+        delta = pair.scaling * pair.lora_B @ pair.lora_A
+        assert torch.allclose(written[name].scaling * written[name].lora_B @ written[name].lora_A, delta, atol=1e-6)
 
 
 def test_split_rule_errors_from_the_cli_exit_2_and_leave_nothing(tmp_path, capsys):

@@ -19,10 +19,12 @@ from torch import nn
 
 from loracl.errors import LoraclError
 
-# `split_fused: auto`: fused attention projections whose rows are [q; k; v] in three equal contiguous blocks
-# (timm ViT `qkv`, ModernBERT `Wqkv`, Phi-3 `qkv_proj` without grouped KV heads). GPT-NeoX / Bloom
-# `query_key_value` interleave q, k, v per head, so contiguous thirds would not be q, k, v: not in auto.
-AUTO_FUSED_NAMES = ("qkv", "Wqkv", "qkv_proj")
+# `split_fused: auto`: fused attention projections known to hold [q; k; v] in three equal contiguous row blocks,
+# by layer name and the class of the attention module holding it (timm ViT, ModernBERT, MPT, Phi-3 without
+# grouped KV heads). Others are left whole: GPT-NeoX / Bloom `query_key_value` and MiniMax interleave q, k, v
+# per head, CodeGen's `qkv_proj` over shards, so contiguous thirds would carry the wrong names; such layouts
+# can still be split under names of the user's choosing with an explicit rule.
+AUTO_FUSED = {"qkv": ("Attention",), "Wqkv": ("ModernBertAttention", "MptAttention"), "qkv_proj": ("Phi3Attention",)}
 AUTO_PARTS = ("q", "k", "v")
 
 SplitRule = Mapping[str, Sequence[str] | Mapping[str, int]]
@@ -43,7 +45,9 @@ class FusedProjection(nn.Module):
                 part.weight.copy_(linear.weight[start : start + size])
                 if linear.bias is not None:
                     part.bias.copy_(linear.bias[start : start + size])
-            part.requires_grad_(linear.weight.requires_grad)
+            part.weight.requires_grad_(linear.weight.requires_grad)
+            if linear.bias is not None:
+                part.bias.requires_grad_(linear.bias.requires_grad)
             self.add_module(name, part)
             start += size
 
@@ -97,7 +101,8 @@ def _part_layout(name: str, linear: nn.Module, parts: Sequence[str] | Mapping[st
 def split_fused_projections(model: nn.Module, rule: str | SplitRule) -> dict[str, list[tuple[str, int]]]:
     """Replace fused linear layers by FusedProjection in place; returns {module name: [(part, rows)]}.
 
-    `rule`: "off"; "auto" (layers named qkv / Wqkv / qkv_proj with out = 3 x in, split into q, k, v); or
+    `rule`: "off"; "auto" (qkv / Wqkv / qkv_proj of the attention classes in AUTO_FUSED with out = 3 x in,
+    split into q, k, v); or
     {module name or dotted suffix: [part names] (equal blocks) or {part name: rows}}; a key matching nothing
     is an error."""
     if rule == "off":
@@ -105,8 +110,13 @@ def split_fused_projections(model: nn.Module, rule: str | SplitRule) -> dict[str
     layouts: dict[str, list[tuple[str, int]]] = {}
     if rule == "auto":
         for name, module in list(model.named_modules()):
-            short = name.rsplit(".", 1)[-1]
-            if short in AUTO_FUSED_NAMES and isinstance(module, nn.Linear) and module.out_features == 3 * module.in_features:
+            parent_name, _, short = name.rpartition(".")
+            holder = type(model.get_submodule(parent_name) if parent_name else model).__name__
+            if (
+                holder in AUTO_FUSED.get(short, ())
+                and isinstance(module, nn.Linear)
+                and module.out_features == 3 * module.in_features
+            ):
                 layouts[name] = _part_layout(name, module, AUTO_PARTS)
     elif isinstance(rule, Mapping):
         for key, parts in rule.items():

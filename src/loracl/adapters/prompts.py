@@ -133,6 +133,8 @@ def prefix_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """Scaled dot-product attention with the module's prefix keys and values in front (query [B, H, L, h])."""
+    if kwargs.get("is_causal") or getattr(module, "is_causal", False):  # CLIP's text encoder says so per call
+        raise LoraclError(f"the deep prompt is for bidirectional encoders; {type(module).__name__} attends causally: use prompt_depth: shallow")
     prefix = module.loracl_prefix()  # None while the prompt is bypassed, else ([L_p, H h], [L_p, H h])
     if prefix is not None:
         batch, heads, _, head_dim = key.shape

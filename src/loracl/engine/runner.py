@@ -24,7 +24,7 @@ from loracl.data.build import load_stream
 from loracl.data.stream import Split, Stream, Task
 from loracl.engine.checkpoint import config_fingerprint, latest_checkpoint, read_checkpoint, save_checkpoint
 from loracl.engine.loaders import SplitLoader
-from loracl.errors import ConfigError, LoraclError
+from loracl.errors import CheckpointError, ConfigError, LoraclError
 from loracl.methods.base import Method, MethodContext, MethodOptions
 from loracl.methods.registry import create_method
 from loracl.seeding import derived_generator, derived_seed
@@ -390,8 +390,14 @@ class MethodRun:
         if folder is None:
             return 0
         record, state, backbone_state = read_checkpoint(folder, self.fingerprint)
+        layouts = fused_layouts(self.model.backbone.model)
+        saved_layouts = {name: [tuple(part) for part in layout] for name, layout in record.get("fused_layouts", {}).items()}
+        if saved_layouts != layouts:  # e.g. a reordered {part: rows} rule: same fingerprint, other rows per part
+            raise CheckpointError(
+                f"checkpoint {folder} was written with the fused projections split as {saved_layouts or 'none'}, "
+                f"this run splits them as {layouts or 'none'} (backbone.split_fused); use the original rule or a new --out"
+            )
         if backbone_state is not None:
-            layouts = fused_layouts(self.model.backbone.model)
             self.model.backbone.load_state_dict(split_part_states(backbone_state, layouts, prefix="model."))
         method.attach(self.model)
         if method.trains_jointly:

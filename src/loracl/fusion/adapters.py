@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from loracl.adapters.fused import fold_part_pairs
 from loracl.adapters.peft_io import _BRANCH_KEY, LoraPair, read_peft_adapter
 from loracl.errors import LoraclError, read_json_file
 
@@ -25,6 +24,9 @@ class TaskAdapter:
     pairs: dict[str, LoraPair]
     base_model: str | None = None
     head: dict[str, torch.Tensor] = field(default_factory=dict)  # optional classifier rows (loracl runs)
+    # a loracl run on a model with split fused projections: {fused module: [(part, rows)]}; the pairs then name
+    # the parts (fused per part, folded into the fused layer only when written as a PEFT folder)
+    layouts: dict[str, list] = field(default_factory=dict)
 
 
 def read_adapter(folder: str | Path, name: str | None = None) -> TaskAdapter:
@@ -55,8 +57,7 @@ def read_run_branch(run_dir: str | Path, task: int) -> TaskAdapter:
     for module, p in parts.items():
         rank = p["A"].shape[0]
         pairs[module] = LoraPair(p["A"], p["B"], alpha / rank**0.5 if use_rslora else alpha / rank)
-    pairs = fold_part_pairs(pairs, record.get("fused_layouts", {}))  # module names as the unsplit base model has them
-    return TaskAdapter(f"{run_dir.name}/task_{task}", pairs, record.get("backbone_path"))
+    return TaskAdapter(f"{run_dir.name}/task_{task}", pairs, record.get("backbone_path"), layouts=record.get("fused_layouts", {}))
 
 
 def check_compatible(adapters: list[TaskAdapter]) -> None:

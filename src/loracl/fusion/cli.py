@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from loracl.adapters.fused import fold_part_pairs
 from loracl.adapters.peft_io import write_peft_adapter
 from loracl.config import apply_override, parse_override
 from loracl.errors import DataError, LoraclError, read_json_file
@@ -69,7 +70,9 @@ def fuse_from_args(args: argparse.Namespace) -> Path:
         base = args.base or adapters[0].base_model
         if not base:
             raise LoraclError("the adapters do not name their base model: give --base")
-        backbone = load_backbone(base, seed=0)
+        # split the base model as the adapters' run did (their pairs name the parts); PEFT folders: unsplit
+        layouts = adapters[0].layouts
+        backbone = load_backbone(base, seed=0, split_fused={name: dict(layout) for name, layout in layouts.items()} if layouts else "off")
         host = LoraHost(backbone, sorted(adapters[0].pairs))
         supports = []
         for adapter, path in zip(adapters, args.examples):
@@ -79,6 +82,7 @@ def fuse_from_args(args: argparse.Namespace) -> Path:
                 supports.append(TaskSupport(inputs, target_features=host.features(inputs)))
     outcome = fuse(adapters, args.method, options, host=host, supports=supports)
     out = Path(args.out)
-    write_peft_adapter(outcome.adapter, out, args.base or adapters[0].base_model)
+    # fused per part; on disk one exact LoRA per fused layer, as the unsplit base model names it
+    write_peft_adapter(fold_part_pairs(outcome.adapter, adapters[0].layouts), out, args.base or adapters[0].base_model)
     (out / "fusion_report.json").write_text(json.dumps(outcome.report, indent=2, default=str), encoding="utf-8")
     return out

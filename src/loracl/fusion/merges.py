@@ -78,10 +78,17 @@ def peft_merge(
         raise LoraclError(f"{len(weights)} weights for {len(adapters)} adapters")
     modules = sorted(adapters[0])
 
-    def config(adapter: Adapter) -> LoraConfig:
-        rank = adapter[modules[0]].lora_A.shape[0]
-        alphas = {name: adapter[name].scaling * rank for name in modules}
-        return LoraConfig(r=rank, lora_alpha=alphas[modules[0]], target_modules=modules, alpha_pattern=alphas, lora_dropout=0.0)
+    def config(adapter: Adapter) -> LoraConfig:  # per-module ranks and alphas: modules may differ in rank
+        ranks = {name: adapter[name].lora_A.shape[0] for name in modules}
+        alphas = {name: adapter[name].scaling * ranks[name] for name in modules}
+        return LoraConfig(
+            r=ranks[modules[0]],
+            lora_alpha=alphas[modules[0]],
+            target_modules=modules,
+            rank_pattern=ranks,
+            alpha_pattern=alphas,
+            lora_dropout=0.0,
+        )
 
     skeleton = _skeleton(adapters[0])
     model = LoraModel(skeleton.to_empty(device="cpu"), config(adapters[0]), "task_0")
