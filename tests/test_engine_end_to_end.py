@@ -81,3 +81,26 @@ def test_shared_classes_keep_learning_while_other_old_rows_stay_frozen(tmp_path,
 def relabel(pairs):
     """c0 / c1 -> x0 / x1: the same examples under new label names."""
     return [(text, "x" + label[1]) for text, label in pairs]
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_lr_schedule_within_each_task(tmp_path, monkeypatch, schedule):
+    """cosine: step s of a task's S optimizer steps runs at lr (1 + cos(pi s / S)) / 2; constant: lr throughout."""
+    import math
+
+    import torch
+
+    seen = []
+    original = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    config = tiny_config("seq_lora", train={"epochs": 2, "batch_size": 8, "lr": 0.01, "lr_schedule": schedule})
+    run_experiment(config, tmp_path, stream=tiny_text_stream(2, train=24, test=4))
+    steps = 2 * 3  # 2 epochs of 24 examples in batches of 8, per task
+    expected = [0.01 * (0.5 * (1 + math.cos(math.pi * s / steps)) if schedule == "cosine" else 1.0) for s in range(steps)]
+    assert seen == pytest.approx(expected * 2)
+    assert ("lr_schedule" in config.train.fingerprint_dump()) == (schedule == "cosine")

@@ -106,6 +106,9 @@ class TrainConfig(StrictModel):
     batch_size: int = Field(default=16, ge=1)
     eval_batch_size: int = Field(default=64, ge=1)
     lr: Float = Field(default=1.0e-3, gt=0.0)
+    # within each task: "constant", or "cosine" from lr to 0 over the task's optimizer steps, no warm-up (FM-LoRA's
+    # protocol, spec 8); multiplies any per-epoch factor a method applies (InfLoRA's code schedules)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     head_lr: Float | None = Field(default=None, gt=0.0)
     weight_decay: Float = Field(default=0.0, ge=0.0)
     max_length: int = Field(default=128, ge=2)
@@ -120,6 +123,8 @@ class TrainConfig(StrictModel):
     deterministic: bool = False
     progress: bool = True
     cpu: bool = False  # force CPU even when an accelerator is present
+
+    inert_defaults: ClassVar[dict[str, Any]] = {"lr_schedule": "constant"}  # runs made before it existed resume
 
 
 

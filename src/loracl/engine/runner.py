@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import resource
 import time
 from dataclasses import dataclass, field
@@ -122,6 +123,7 @@ class MethodRun:
         resolved = {"name": entry.name, "head": self.head.model_dump(mode="json"), **entry.options.fingerprint_dump()}
         run_config["method"] = [resolved]
         run_config["backbone"] = config.backbone.fingerprint_dump()
+        run_config["train"] = config.train.fingerprint_dump()
         self.fingerprint = config_fingerprint(run_config)
         self.records: list[dict[str, Any]] = []
 
@@ -171,6 +173,7 @@ class MethodRun:
         samples, steps = 0, 0
         started = time.perf_counter()
         base_lrs = [group["lr"] for group in optimizer.param_groups]
+        total_steps = epochs * math.ceil(len(loader) / accumulation)
         for epoch in range(epochs):
             factor = method.epoch_lr_factor(epoch, epochs)
             for group, base_lr in zip(optimizer.param_groups, base_lrs):
@@ -188,6 +191,10 @@ class MethodRun:
                 samples += len(batch["labels"])
                 last_batch = batch_index + 1 == len(loader)
                 if (batch_index + 1) % accumulation == 0 or last_batch:
+                    if self.train.lr_schedule == "cosine":  # step `steps` of total_steps: lr x (1 + cos(pi s / S)) / 2
+                        decay = 0.5 * (1.0 + math.cos(math.pi * steps / total_steps))
+                        for group, base_lr in zip(optimizer.param_groups, base_lrs):
+                            group["lr"] = base_lr * factor * decay
                     self._sync_gradients(parameters)
                     method.after_backward()
                     if self.train.max_grad_norm is not None:
