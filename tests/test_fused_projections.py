@@ -163,7 +163,17 @@ def test_modernbert_auto_split_keeps_the_function():
 
 
 @pytest.mark.parametrize(
-    "method, parts", [("inc_lora", ["q", "v"]), ("inflora", ["k", "v"]), ("fm_lora", ["q", "v"]), ("metalora", ["q", "v"]), ("lorac_ipc", ["Wi", "Wo", "k", "q", "v"])]
+    "method, parts",
+    [
+        ("inc_lora", ["q", "v"]),
+        ("o_lora", ["q", "v"]),
+        ("sd_lora", ["q", "v"]),
+        ("oa_adapter", ["q", "v"]),
+        ("inflora", ["k", "v"]),
+        ("fm_lora", ["q", "v"]),
+        ("metalora", ["q", "v"]),
+        ("lorac_ipc", ["Wi", "Wo", "k", "q", "v"]),
+    ],
 )
 def test_methods_adapt_the_parts_their_spec_names_and_run_to_the_end(tmp_path, method, parts):
     from loracl.adapters.base import AdapterLayer

@@ -145,6 +145,10 @@ def test_end_to_end_penalty_reduces_overlap_and_resumes(tmp_path):
     assert again.results["method_metrics"] == pytest.approx(penalised.results["method_metrics"])
     state, reloaded = penalised.method.state_dict(), again.method.state_dict()
     assert all(torch.equal(state[key], reloaded[key]) for key in state)
+    # storage (spec 1.9): per task r (d_in + d_out) floats per adapted map, plus the task's head rows (d + 1 each)
+    sites, rank, hidden = len(penalised.method.layers), 8, 32
+    per_task = [4 * (sites * rank * (hidden + hidden) + (hidden + 1) * len(task.class_ids)) for task in stream.tasks]
+    assert penalised.results["stored_bytes_per_task"] == per_task
 
 
 @pytest.mark.parametrize(
