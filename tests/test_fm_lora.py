@@ -433,3 +433,37 @@ def test_prefix_attention_refuses_a_call_that_asks_for_causal_attention():
         prefix_attention(Module(), query, query, query, None, is_causal=True)
     output, _ = prefix_attention(Module(), query, query, query, None)
     assert output.shape == (1, 3, 2, 4)
+
+
+def test_gumbel_gate_samples_while_training_and_is_the_committed_mask_at_eval():
+    """Mid-task, before the commit phase: training draws different masks; eval mode (forward and predict) always
+    uses the noise-free committed mask, so two evaluations agree and equal a run forced to that mask."""
+    method, model = _method(rank=8)
+    task = STREAM.tasks[0]
+    method.begin_task(task)
+    method.prepare_task(task, [])
+    method.total_steps, method.step = 100, 0
+    with torch.no_grad():  # non-zero live update so the mask changes the output; flat selector logits
+        for parameter in method.trainable_parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(parameter.numel())))
+        method.state.drs_bias.zero_()
+    model.train()
+    drawn = {tuple(method.sample_mask().detach().flatten().tolist()) for _ in range(40)}
+    assert len(drawn) > 1  # the training gate is stochastic
+    batch = _batch(model, task)
+    committed = method.committed_masks()
+    for seed in range(20):  # leave the layers with a sampled mask that is not the committed one
+        torch.manual_seed(seed)
+        method._noise.manual_seed(seed)
+        with torch.no_grad():
+            method.forward(batch)
+        if any(not torch.equal(layer.rank_mask, committed[0]) for layer in method.layers.values()):
+            break
+    model.eval()
+    with torch.no_grad():
+        predicted = method.predict(batch)  # prediction sets the committed mask itself
+        assert all(torch.equal(method.sample_mask(), committed) for _ in range(5))
+        first, second = method.forward(batch), method.forward(batch)
+        assert torch.equal(first, second) and torch.equal(predicted, method.predict(batch))
+        method._set_layer_masks(committed)
+        assert torch.allclose(method.score(batch), predicted, atol=1e-6)
