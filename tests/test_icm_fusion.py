@@ -313,3 +313,22 @@ def test_delta_rank_limits_are_named():
     identities = {}
     first, second = full_rank_view(random_adapter(0), identities), full_rank_view(random_adapter(1), identities)
     assert first[MODULES[0]].lora_A is second[MODULES[1]].lora_A  # one identity shared by every view
+
+
+def test_icm_fusing_one_adapter_returns_close_to_itself():
+    """Spec invariant: with one task the fused LoRA is the F-VAE's reconstruction of that task's LoRA. A short,
+    fast schedule (60 warm-start steps) already lands within 30 % of dW (1.0 = the zero update)."""
+    from loracl.fusion.adapters import delta_weights
+
+    generator = torch.Generator().manual_seed(0)
+    modules = ["a.q", "a.v", "b.q", "b.v"]
+    adapter = {
+        name: LoraPair(torch.randn(4, 32, generator=generator) * 0.2, torch.randn(32, 4, generator=generator) * 0.2, 2.0)
+        for name in modules
+    }
+    options = {"icm": {"task_vector": "parameters", "inner_steps": 0, "meta_steps": 0, "warm_start_steps": 60, "batch_size": 4, "outer_lr": 1e-2}}
+    fused = fuse([TaskAdapter("t", adapter)], "icm", options).adapter
+    own, out = delta_weights(adapter), delta_weights(fused)
+    error = sum(float((out[name] - own[name]).norm() ** 2) for name in modules) ** 0.5
+    scale = sum(float(own[name].norm() ** 2) for name in modules) ** 0.5
+    assert error / scale < 0.3
