@@ -311,3 +311,25 @@ def test_revivals_count_each_inactive_to_active_flip_per_site_and_task():
     assert method.revivals[task.name][sites[0]] == 2
     assert sum(method.revivals[task.name].values()) == 2
     assert method.task_metrics()["revivals"] == {task.name: 2}
+
+
+def test_classifier_output_unchanged_when_each_task_starts():
+    """Spec 9.1 on the whole classifier: adding a task's gated adapters (W2 = 0) leaves the backbone's features
+    and the existing classes' logits exactly as they were, at the first task and after a trained one."""
+    method, model, stream = make_method()
+    model.eval()
+    inputs = model.backbone.collate(stream.tasks[0].test.inputs[:6])
+    bare = model.features(inputs)
+    method.begin_task(stream.tasks[0])
+    model.eval()
+    assert torch.equal(model.features(inputs), bare)
+    method.end_task(stream.tasks[0], batches(model, stream.tasks[0], train=False))
+    train_task(method, model, stream.tasks[1])
+    model.eval()
+    with torch.no_grad():
+        features, logits = model.features(inputs), model.head(model.features(inputs))
+        method.begin_task(stream.tasks[2])
+        model.eval()
+        after = model.features(inputs)
+        assert torch.equal(after, features)
+        assert torch.equal(model.head(after)[:, : logits.shape[1]], logits)

@@ -8,10 +8,14 @@ from helpers import tiny_config, tiny_digits_stream, tiny_text_stream
 from loracl.engine import run_experiment
 
 
-def test_tiny_text_stream_records_budgets_is_deterministic_and_resumes(tmp_path):
+def test_tiny_text_stream_records_budgets_is_deterministic_and_resumes(tmp_path, caplog):
     stream = tiny_text_stream(3, train=16, test=8)
     config = tiny_config({"name": "oa_adapter", "rank": 4})
-    [first] = run_experiment(config, tmp_path / "a", stream=stream)
+    with caplog.at_level("INFO", logger="loracl"):
+        [first] = run_experiment(config, tmp_path / "a", stream=stream)
+    lines = [record.getMessage() for record in caplog.records if record.getMessage().startswith("oa_adapter t")]
+    assert [line.split(":")[0] for line in lines] == ["oa_adapter t0", "oa_adapter t1", "oa_adapter t2"]
+    assert all(f"of {4 * 4} over 4 sites" in line for line in lines)  # r_max 4 x 4 sites of tiny-bert
     results = first.results
     matrix = results["accuracy_matrix"]
     assert len(matrix) == 3 and all(0.0 <= matrix[i][j] <= 1.0 for i in range(3) for j in range(i + 1))

@@ -9,6 +9,8 @@ id is needed. Spec: specs/oa-adapter.md; docs/methods/oa_adapter.md lists what i
 
 from __future__ import annotations
 
+import logging
+
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +29,8 @@ from loracl.methods.base import Method, MethodOptions, resolve_target_modules
 from loracl.methods.routing import RoutedBranchOptions
 from loracl.seeding import private_rng
 
+
+logger = logging.getLogger("loracl")
 
 class OaAdapterOptions(MethodOptions, RoutedBranchOptions):
     """OA-Adapter knobs; defaults are the spec's (§6 "Our defaults", §8)."""
@@ -218,6 +222,17 @@ class OaAdapter(Method):
             self.orth_losses[task.name] = {
                 site: orthogonality_loss(branch.up, self.history.get(site)).item() for site, branch in branches.items()
             }
+        budget = self.budgets[task.name]
+        logger.info(  # the spec's per-task log line (section 4, step 7)
+            "oa_adapter %s: r_eff %d of %d over %d sites, mean tau %.3g, L_orth %.3g; per site %s",
+            task.name,
+            sum(budget.values()),
+            self.options.rank * len(budget),
+            len(budget),
+            sum(self.thresholds[task.name].values()) / max(len(budget), 1),
+            sum(self.orth_losses[task.name].values()),
+            budget,
+        )
 
     # ----- inference ---------------------------------------------------------------------------------
     @contextmanager
