@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -38,18 +39,25 @@ def _load_minilm(pooling: str, max_length: int, seed: int, local_files_only: boo
     return backbone
 
 
+def _tiny_text_sizes(tokenizer: Any, max_length: int) -> dict[str, int]:
+    """The sizes every tiny test encoder shares: 2 layers, hidden 32, 2 heads, the character vocabulary."""
+    return {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": max(max_length, 64),
+    }
+
+
 def _tiny_bert(pooling: str, max_length: int, seed: int, local_files_only: bool) -> Backbone:
     """2 layers, hidden 32, character vocabulary, random weights: for tests and smoke runs."""
     from transformers import BertConfig, BertModel
 
     tokenizer = char_tokenizer()
     config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=max(max_length, 64),
+        **_tiny_text_sizes(tokenizer, max_length),
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
@@ -63,12 +71,7 @@ def _tiny_modernbert(pooling: str, max_length: int, seed: int, local_files_only:
 
     tokenizer = char_tokenizer()
     config = ModernBertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=max(max_length, 64),
+        **_tiny_text_sizes(tokenizer, max_length),
         pad_token_id=tokenizer.pad_token_id,
         cls_token_id=tokenizer.cls_token_id,
         sep_token_id=tokenizer.sep_token_id,
