@@ -332,3 +332,18 @@ def test_icm_fusing_one_adapter_returns_close_to_itself():
     error = sum(float((out[name] - own[name]).norm() ** 2) for name in modules) ** 0.5
     scale = sum(float(own[name].norm() ** 2) for name in modules) ** 0.5
     assert error / scale < 0.3
+
+
+def test_icm_report_storage_accounting():
+    """Spec invariant 11: storage = |F-VAE| + T d_v + 2 (#LoRA tensors) + N (the fused adapter), N the LoRA size."""
+    generator = torch.Generator().manual_seed(1)
+    modules = ["a.q", "a.v", "b.q"]
+
+    def adapter():
+        return {name: LoraPair(torch.randn(2, 16, generator=generator), torch.randn(24, 2, generator=generator), 1.0) for name in modules}
+
+    options = {"icm": {"task_vector": "parameters", "inner_steps": 0, "meta_steps": 0, "warm_start_steps": 1, "channel_divisor": 8}}
+    report = fuse([TaskAdapter("x", adapter()), TaskAdapter("y", adapter())], "icm", options).report
+    lora_values = len(modules) * (2 * 16 + 24 * 2)
+    expected = report["vae_params"] + 2 * report["task_vector_dim"] + 2 * (2 * len(modules)) + lora_values
+    assert report["storage_floats"] == expected
