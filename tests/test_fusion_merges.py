@@ -79,8 +79,11 @@ def test_fused_adapter_loads_in_peft_with_identical_outputs(tmp_path):
     host.set_adapter(fused)
     with torch.no_grad():
         ours = backbone.model(**inputs).last_hidden_state
-        theirs = PeftModel.from_pretrained(reference, str(tmp_path / "fused")).eval()(**inputs).last_hidden_state
+        loaded = PeftModel.from_pretrained(reference, str(tmp_path / "fused")).eval()
+        theirs = loaded(**inputs).last_hidden_state
+        merged = loaded.merge_and_unload()(**inputs).last_hidden_state  # spec invariant 7: merging changes nothing
     assert torch.allclose(ours, theirs, atol=1e-5)
+    assert torch.allclose(merged, theirs, atol=1e-5)
 
 
 def test_lorahub_searches_weights_within_bounds():
