@@ -10,6 +10,20 @@ from loracl.errors import LoraclError
 SUPPORTED_BASE_TYPES = (nn.Linear, nn.Conv2d)
 
 
+def names_module(name: str, key: str) -> bool:
+    """PEFT's list semantics: `key` is the module's full name or a dotted suffix of it."""
+    return name == key or name.endswith("." + key)
+
+
+def swap_module(model: nn.Module, name: str, replacement: nn.Module) -> nn.Module:
+    """Put `replacement` where the submodule `name` is; returns the module it replaced."""
+    parent_name, _, child_name = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    replaced = getattr(parent, child_name)
+    setattr(parent, child_name, replacement)
+    return replaced
+
+
 def check_base_layer(base_layer: nn.Module, name: str = "") -> None:
     """Refuse layer types an adapter cannot wrap, naming the module."""
     label = f"module `{name}`" if name else "module"

@@ -60,9 +60,10 @@ class MagnitudeLoraLayer(LoraLayer):
 
     def coefficient(self, branch_name: str) -> torch.Tensor:
         norm = self.direction_norm(branch_name)
-        if norm == 0:  # an absorbed (zeroed) frozen direction: nothing to scale, and no 0/0
-            return torch.zeros((), device=norm.device)
-        return (self.magnitude_of(branch_name) + self.assimilated.get(branch_name, 0.0)) / norm
+        # an absorbed (zeroed) frozen direction scales to 0; tensor ops, not `if`, so no device sync per forward
+        nonzero = norm > 0
+        scaled = (self.magnitude_of(branch_name) + self.assimilated.get(branch_name, 0.0)) / torch.where(nonzero, norm, 1.0)
+        return torch.where(nonzero, scaled, 0.0)
 
     def branch_output(self, branch_name: str, branch: nn.Module, dropped: torch.Tensor) -> torch.Tensor:
         return branch(dropped.to(branch.dtype)) * self.coefficient(branch_name).to(branch.dtype)

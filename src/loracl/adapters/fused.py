@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from loracl.adapters.base import names_module, swap_module
 from loracl.errors import LoraclError
 
 # `split_fused: auto`: fused attention projections known to hold [q; k; v] in three equal contiguous row blocks,
@@ -123,7 +124,7 @@ def split_fused_projections(model: nn.Module, rule: str | SplitRule) -> dict[str
             matched = [
                 (name, module)
                 for name, module in model.named_modules()
-                if name and (name == key or name.endswith("." + key)) and not isinstance(module, FusedProjection)
+                if name and names_module(name, key) and not isinstance(module, FusedProjection)
             ]
             if not matched:
                 raise LoraclError(f"split_fused: no module named `{key}` in the model")
@@ -132,9 +133,7 @@ def split_fused_projections(model: nn.Module, rule: str | SplitRule) -> dict[str
     else:
         raise LoraclError(f"split_fused must be 'auto', 'off' or a mapping of module -> parts, got {rule!r}")
     for name, layout in layouts.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, FusedProjection(getattr(parent, child), layout))
+        swap_module(model, name, FusedProjection(model.get_submodule(name), layout))
     return layouts
 
 
@@ -152,9 +151,7 @@ def join_fused_projections(model: nn.Module, names: Sequence[str] | None = None)
         adapted = [part for part, layer in module.parts() if not isinstance(layer, nn.Linear)]
         if adapted:
             raise LoraclError(f"`{name}.{adapted[0]}` carries an adapter: cannot join `{name}` back into one layer")
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, module.to_linear())
+        swap_module(model, name, module.to_linear())
         joined.append(name)
     return joined
 

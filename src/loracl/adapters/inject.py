@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from loracl.adapters.base import SUPPORTED_BASE_TYPES, AdapterLayer
+from loracl.adapters.base import SUPPORTED_BASE_TYPES, AdapterLayer, names_module, swap_module
 from loracl.adapters.fused import FusedProjection
 from loracl.errors import LoraclError
 
@@ -20,7 +20,7 @@ def _matches(name: str, target_modules: str | Sequence[str]) -> bool:
     """PEFT semantics: a string is a full-match regex, a list matches exact names or dotted suffixes."""
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, name) is not None
-    return any(name == target or name.endswith("." + target) for target in target_modules)
+    return any(names_module(name, target) for target in target_modules)
 
 
 def find_target_modules(model: nn.Module, target_modules: str | Sequence[str]) -> list[str]:
@@ -72,11 +72,8 @@ def inject_adapters(
     """Replace each target module with factory(module, name); returns the wrappers by module name."""
     wrappers: dict[str, AdapterLayer] = {}
     for name in find_target_modules(model, target_modules):
-        parent_name, _, child_name = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        wrapper = factory(getattr(parent, child_name), name)
-        setattr(parent, child_name, wrapper)
-        wrappers[name] = wrapper
+        wrappers[name] = factory(model.get_submodule(name), name)
+        swap_module(model, name, wrappers[name])
     return wrappers
 
 

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from loracl.adapters.fused import fold_part_pairs, fused_layouts, join_fused_projections
+from loracl.adapters.fused import fold_part_pairs, join_fused_projections
 from loracl.adapters.inject import inject_adapters
 from loracl.adapters.lora import LoraLayer
 from loracl.errors import LoraclError, read_json_file
@@ -135,7 +135,7 @@ def load_peft_adapter(model: nn.Module, folder: str | Path, branch_name: str = "
     """Inject LoraLayer wrappers into `model` and load a PEFT folder's weights as one branch each (a LoRA on
     a fused projection the model holds split, e.g. `attn.qkv`, joins that projection back into one layer)."""
     _, pairs = read_peft_adapter(folder)
-    join_fused_projections(model, [name for name in fused_layouts(model) if name in pairs])
+    join_fused_projections(model, list(pairs))
     layers = inject_adapters(model, list(pairs), lambda module, name: LoraLayer(module, name))
     missing = sorted(set(pairs) - set(layers))
     if missing:

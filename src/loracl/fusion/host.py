@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loracl.adapters.fused import fused_layouts, join_fused_projections
+from loracl.adapters.fused import join_fused_projections
 from loracl.adapters.inject import inject_adapters
 from loracl.adapters.lora import LoraLayer
 from loracl.adapters.peft_io import LoraPair
@@ -42,7 +42,7 @@ class LoraHost:
     def __init__(self, backbone: nn.Module, modules: list[str]) -> None:
         self.backbone = backbone
         # adapters name fused projections as the unsplit model has them (`attn.qkv`): join those back into one layer
-        join_fused_projections(backbone.model, [name for name in fused_layouts(backbone.model) if name in modules])
+        join_fused_projections(backbone.model, modules)
         existing = {name for name, module in backbone.model.named_modules() if isinstance(module, LoraLayer)}
         self.layers: dict[str, LoraLayer] = {
             name: module for name, module in backbone.model.named_modules() if isinstance(module, LoraLayer) and name in modules

@@ -77,6 +77,12 @@ QUERY_VALUE_NAMES = (["query", "value"], ["q_proj", "v_proj"], ["q", "v"])
 KEY_VALUE_NAMES = (["key", "value"], ["k_proj", "v_proj"], ["k", "v"])
 
 
+def present_pair(model: nn.Module, candidates: tuple[list[str], ...] = QUERY_VALUE_NAMES) -> list[str] | None:
+    """The first candidate pair of projection names the model has (module name suffixes), or None."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    return next((list(pair) for pair in candidates if set(pair) <= names), None)
+
+
 def resolve_target_modules(
     model: nn.Module, target_modules: str | list[str], candidates: tuple[list[str], ...] = QUERY_VALUE_NAMES
 ) -> str | list[str]:
@@ -84,11 +90,7 @@ def resolve_target_modules(
     choice by default), else every linear layer; anything else is passed through."""
     if target_modules != "auto":
         return target_modules
-    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    for pair in candidates:
-        if set(pair) <= names:
-            return list(pair)
-    return "all-linear"
+    return present_pair(model, candidates) or "all-linear"
 
 
 class Method:

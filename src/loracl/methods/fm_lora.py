@@ -143,14 +143,6 @@ def subspace_overlap(first: torch.Tensor, second: torch.Tensor) -> float:
     return float((first.double().T @ second.to(first.device).double()).pow(2).sum() / k)
 
 
-def query_value_targets(model: nn.Module, target_modules: str | list[str]) -> str | list[str]:
-    """`auto`: the query and value projections (spec 2.2), under BERT's or the newer `q_proj`/`v_proj` names."""
-    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    if target_modules == "auto" and {"q_proj", "v_proj"} <= names and not {"query", "value"} <= names:
-        return ["q_proj", "v_proj"]
-    return resolve_target_modules(model, target_modules)
-
-
 class FmLoraState(nn.Module):
     """Method tensors that live beside the layers: the prompt, the DRS bias b, each task's feature basis U_t."""
 
@@ -178,7 +170,7 @@ class FmLora(Method):
         learned = options.shared_basis.startswith("learn")
         alpha = options.alpha if options.alpha is not None else (2.0 * options.rank if learned else float(options.rank))
         init = "lora" if learned else options.shared_basis
-        targets = query_value_targets(model.backbone.model, options.target_modules)
+        targets = resolve_target_modules(model.backbone.model, options.target_modules)  # auto: query and value (spec 2.2)
         generator = derived_generator(self.context.seed, 7)
         self.layers: dict[str, FactorizedLoraLayer] = inject_adapters(
             model.backbone.model,

@@ -8,9 +8,8 @@ lora_B the trained up-projection (the paper's A).
 
 from __future__ import annotations
 
-import time
-
 import math
+import time
 from collections.abc import Iterable
 from typing import Any, ClassVar, Literal
 

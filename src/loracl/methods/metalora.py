@@ -36,7 +36,7 @@ from loracl.backbones.heads import mask_to_classes
 from loracl.config import Float
 from loracl.data.stream import Task
 from loracl.errors import ConfigError, LoraclError
-from loracl.methods.base import QUERY_VALUE_NAMES, Method, MethodContext, MethodOptions
+from loracl.methods.base import Method, MethodContext, MethodOptions, present_pair
 from loracl.methods.routing import RouterMetric, TaskRouter, select_rows
 from loracl.seeding import private_rng
 
@@ -118,10 +118,9 @@ def resolve_metalora_targets(model: nn.Module, target_modules: str | list[str]) 
     else every Conv2d inside residual blocks (ResNet)."""
     if target_modules != "auto":
         return target_modules
-    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    for pair in QUERY_VALUE_NAMES:
-        if set(pair) <= names:
-            return list(pair)
+    pair = present_pair(model)
+    if pair is not None:
+        return pair
     convs = [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d) and not _NON_BLOCK_CONV.search(name)]
     return convs if convs else "all-linear"
 

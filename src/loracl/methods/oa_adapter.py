@@ -10,7 +10,6 @@ id is needed. Spec: specs/oa-adapter.md; docs/methods/oa_adapter.md lists what i
 from __future__ import annotations
 
 import logging
-
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,8 +28,8 @@ from loracl.methods.base import Method, MethodOptions, resolve_target_modules
 from loracl.methods.routing import RoutedBranchOptions
 from loracl.seeding import private_rng
 
-
 logger = logging.getLogger("loracl")
+
 
 class OaAdapterOptions(MethodOptions, RoutedBranchOptions):
     """OA-Adapter knobs; defaults are the spec's (§6 "Our defaults", §8)."""

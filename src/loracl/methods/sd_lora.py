@@ -118,10 +118,10 @@ class SdLora(LoraMethod):
             if not earlier or layer.frozen_norm(branch_name) == 0:  # nothing to fit with, or nothing learned
                 continue
             # float64 least squares over flattened directions: [d_out * d_in, k] c = [d_out * d_in]
-            basis = torch.stack([layer.direction(other).flatten().double() for other in earlier], dim=1)
-            target = layer.direction(branch_name).flatten().double()
-            fit = torch.linalg.lstsq(basis.cpu(), target.cpu().unsqueeze(1), driver="gelsd").solution.squeeze(1)
-            residual = float(((basis.cpu() @ fit) - target.cpu()).square().sum())
+            basis = torch.stack([layer.direction(other).flatten().double().cpu() for other in earlier], dim=1)
+            target = layer.direction(branch_name).flatten().double().cpu()
+            fit = torch.linalg.lstsq(basis, target.unsqueeze(1), driver="gelsd").solution.squeeze(1)  # gelsd: CPU only
+            residual = float((basis @ fit - target).square().sum())
             if self.options.kd_residual == "relative":
                 residual /= float(target.square().sum())
             residuals.append(residual)
