@@ -94,6 +94,7 @@ def test_explicit_rules_equal_blocks_and_sizes():
         ({"nowhere": ["q", "v"]}, "no module named `nowhere`"),
         ({"qkv": ["a", "b", "c", "d", "e"]}, "not divisible into 5 equal parts"),
         ({"qkv": {"q": 12, "k": 12}}, "summing to 24; the layer has 36"),
+        ({"qkv": {"q": 0, "k": 24, "v": 12}}, "at least one row"),
         ({"qkv": ["q", "q", "v"]}, "two distinct part names"),
         ({"qkv": ["all"]}, "two distinct part names"),
         ({"qkv": ["q", "k-proj", "v"]}, "not a valid module name"),

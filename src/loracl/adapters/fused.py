@@ -91,7 +91,9 @@ def _part_layout(name: str, linear: nn.Module, parts: Sequence[str] | Mapping[st
     bad = [part for part in names if not part.isidentifier()]
     if bad:
         raise LoraclError(f"split_fused: part name {bad[0]!r} of `{name}` is not a valid module name")
-    if any(size < 1 for _, size in layout) or sum(size for _, size in layout) != linear.out_features:
+    if any(size < 1 for _, size in layout):
+        raise LoraclError(f"split_fused: every part of `{name}` needs at least one row, got sizes {dict(layout)}")
+    if sum(size for _, size in layout) != linear.out_features:
         raise LoraclError(
             f"split_fused: parts of `{name}` have sizes {[size for _, size in layout]} summing to "
             f"{sum(size for _, size in layout)}; the layer has {linear.out_features} output rows"
