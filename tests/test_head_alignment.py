@@ -82,7 +82,7 @@ def test_stream_with_alignment_retrains_old_rows_and_resumes(tmp_path, monkeypat
     [aligned] = run_experiment(aligned_config, tmp_path / "aligned", stream=stream)
     [plain] = run_experiment(plain_config, tmp_path / "plain", stream=stream)
     assert aligned.results["label"] == "inc_lora" and aligned.results["head"]["align"] is True
-    gaussians = aligned.method.class_gaussians
+    gaussians = aligned.method.model.class_gaussians
     assert gaussians is not None and gaussians.valid.shape[0] == aligned.method.model.head.num_classes == 6
     # without alignment the first task's rows are frozen after task 0; with it they are re-trained
     first_rows_plain = plain.method.model.head.weights[0]

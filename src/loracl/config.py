@@ -101,6 +101,31 @@ class HeadConfig(StrictModel):
         return self
 
 
+class TaskModelConfig(StrictModel):
+    """What turns the backbone into answers: a classifier head, or a language model's generated text."""
+
+    kind: Literal["auto", "classifier", "language"] = Field(
+        default="auto",
+        description="`language` for text in, text out (causal or encoder-decoder LMs); `classifier` for a class "
+        "head over pooled features; `auto` picks language for generative models, classifier otherwise.",
+    )
+    scoring: Literal["generate", "rank"] = Field(
+        default="generate",
+        description="Language models: `generate` = greedy decoding, exact match after normalising case and "
+        "whitespace (the O-LoRA / OA-Adapter papers' metric); `rank` = the option with the highest log-likelihood "
+        "(label tasks only).",
+    )
+    max_new_tokens: int = Field(default=16, ge=1, description="Language models: the longest generated answer.")
+    max_answer_tokens: int = Field(
+        default=48, ge=1, description="Language models: the longest training answer; a longer one is a data error."
+    )
+    chat_template: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Language models: wrap the prompt in the tokenizer's chat template (`auto`: when it has one; "
+        "`on` refuses a tokenizer without one).",
+    )
+
+
 class TrainConfig(StrictModel):
     epochs: int = Field(default=1, ge=0)
     batch_size: int = Field(default=16, ge=1)
@@ -170,6 +195,7 @@ class RunConfig(StrictModel):
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     stream: StreamConfig = Field(default_factory=StreamConfig)
     head: HeadConfig = Field(default_factory=HeadConfig)
+    task_model: TaskModelConfig = Field(default_factory=TaskModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     method: list[MethodConfig] = Field(default_factory=lambda: [MethodConfig(name="seq_lora")])
 

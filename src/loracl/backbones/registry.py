@@ -169,11 +169,19 @@ def load_backbone(
     seed: int = 0,
     local_files_only: bool = True,
     split_fused: str | SplitRule = "auto",
+    kind: str = "auto",
 ) -> Backbone:
-    """A registry name, a Hugging Face id, or a local directory -> a frozen Backbone in eval mode, its fused
-    projections split into parts by `split_fused` (adapters/fused.py)."""
-    if name in BACKBONES:
+    """A registry name, a Hugging Face id, a local directory or a .gguf file -> a frozen Backbone in eval mode, its
+    fused projections split into parts by `split_fused` (adapters/fused.py). `kind` (task_model.kind) decides
+    whether a hub model or folder loads as a language model (`auto`: when its config names a generative class)."""
+    from loracl.backbones.language import LANGUAGE_MODELS, load_pretrained_language_model, wants_language_model
+
+    if name in LANGUAGE_MODELS:
+        backbone: Backbone = LANGUAGE_MODELS[name][0](max_length, seed)
+    elif name in BACKBONES:
         backbone = BACKBONES[name][0](pooling, max_length, seed, local_files_only)
+    elif wants_language_model(name, kind, local_files_only):
+        backbone = load_pretrained_language_model(name, max_length, local_files_only)
     else:
         backbone = _load_pretrained(name, pooling, max_length, local_files_only)
     split_fused_projections(backbone.model, split_fused)

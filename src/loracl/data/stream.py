@@ -23,14 +23,19 @@ class RawTask:
     train: list[tuple[Any, str]]
     test: list[tuple[Any, str]]
     origin: str = ""  # file or dataset it came from, for error messages
+    instruction: str | None = None  # what a language model is asked to do (None: a default from the labels)
+    free_form: bool = False  # pairs are (input, answer text) with no label set; scored by exact match / ROUGE-L
 
 
 @dataclass
 class Split:
-    """Inputs (strings or arrays) and their global class ids."""
+    """Inputs (strings or arrays) and their global class ids; for language models also each example's answer
+    text and the header of its prompt (the task's instruction and options)."""
 
     inputs: list[Any]
     labels: list[int]
+    targets: list[str] = field(default_factory=list)
+    headers: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -45,6 +50,18 @@ class Task:
     class_ids: list[int]
     train: Split
     test: Split
+    free_form: bool = False
+    options: list[str] = field(default_factory=list)  # the raw label strings, in class-id order (LM answers)
+
+
+def default_instruction(labels: list[str]) -> str:
+    """The instruction of a label task without an instruction.txt, built from its label names."""
+    return f"Read the input and answer with exactly one of the options: {', '.join(labels)}."
+
+
+def prompt_header(instruction: str, labels: list[str]) -> str:
+    """The part of a language-model prompt shared by every example of a task: instruction, then options."""
+    return instruction if not labels else f"{instruction}\nOptions: {', '.join(labels)}"
 
 
 @dataclass
@@ -91,6 +108,23 @@ def _subsample(pairs: list[tuple[Any, str]], limit: int | None, seed: int, salt:
     return [pairs[i] for i in keep]
 
 
+def _free_form_task(
+    raw: RawTask, position: int, where: str, max_train: int | None, max_test: int | None, seed: int
+) -> Task:
+    """A task of (input, answer text) pairs without classes: every label is -1, the answers are the targets."""
+    splits = {}
+    for split_name, pairs, limit in (("train", raw.train, max_train), ("test", raw.test, max_test)):
+        if not pairs:
+            raise DataError(f"{where}: the {split_name} split has no examples")
+        empty = next((i for i, (_, answer) in enumerate(pairs) if not str(answer).strip()), None)
+        if empty is not None:
+            raise DataError(f"{where}: {split_name} example {empty} has an empty output")
+        pairs = _subsample(pairs, limit, seed, f"{raw.name}/{split_name}")
+        header = raw.instruction or "Answer the input."
+        splits[split_name] = Split([x for x, _ in pairs], [-1] * len(pairs), [y for _, y in pairs], [header] * len(pairs))
+    return Task(raw.name, position, [], splits["train"], splits["test"], free_form=True)
+
+
 def _class_name(task: RawTask, label: str, scenario: str, label_space: str) -> str:
     if label_space == "by_name":
         return label
@@ -129,8 +163,14 @@ def build_stream(
     for position, raw_index in enumerate(order):
         raw = raw_tasks[raw_index]
         where = f"task `{raw.name}`" + (f" ({raw.origin})" if raw.origin else "")
+        if raw.free_form:
+            tasks.append(_free_form_task(raw, position, where, max_train_per_task, max_test_per_task, seed))
+            continue
         if not raw.labels:
             raise DataError(f"{where}: no labels")
+        empty = next((label for label in raw.labels if not label.strip()), None)
+        if empty is not None:
+            raise DataError(f"{where}: a label is empty ({raw.labels}); every label needs a name")
         if len(set(raw.labels)) != len(raw.labels):
             raise DataError(f"{where}: labels repeat: {raw.labels}")
         splits = {}
@@ -154,10 +194,18 @@ def build_stream(
             task_class_ids.append(class_index[name])
         label_to_id = {label: task_class_ids[i] for i, label in enumerate(raw.labels)}
 
-        def to_split(pairs: list[tuple[Any, str]]) -> Split:
-            return Split(inputs=[x for x, _ in pairs], labels=[label_to_id[label] for _, label in pairs])
+        header = prompt_header(raw.instruction or default_instruction(raw.labels), raw.labels)
 
-        tasks.append(Task(raw.name, position, task_class_ids, to_split(splits["train"]), to_split(splits["test"])))
+        def to_split(pairs: list[tuple[Any, str]]) -> Split:
+            return Split(
+                inputs=[x for x, _ in pairs],
+                labels=[label_to_id[label] for _, label in pairs],
+                targets=[label for _, label in pairs],
+                headers=[header] * len(pairs),
+            )
+
+        train_split, test_split = to_split(splits["train"]), to_split(splits["test"])
+        tasks.append(Task(raw.name, position, task_class_ids, train_split, test_split, options=list(raw.labels)))
     if scenario == "class_incremental" and label_space == "per_task":
         pass  # classes are disjoint by construction
     return Stream(tasks, class_names, scenario, modality, description)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -27,6 +27,7 @@ class SplitLoader:
         sort_by_length: bool = False,
         split_name: str = "train",
         task_name: str = "",
+        collate: Callable[[Split, list[int]], dict[str, Any]] | None = None,
     ) -> None:
         self.split = split
         self.backbone = backbone
@@ -39,6 +40,8 @@ class SplitLoader:
         self.split_name = split_name
         self.task_name = task_name
         self.epoch = 0
+        # the task model's collation (a language model also needs the task's instruction and answers)
+        self.collate = collate
 
     def __len__(self) -> int:
         return (len(self.split) + self.batch_size - 1) // self.batch_size
@@ -57,7 +60,10 @@ class SplitLoader:
         self.epoch += 1
         for start in range(0, len(order), self.batch_size):
             indices = order[start : start + self.batch_size]
-            inputs = self.backbone.collate([self.split.inputs[i] for i in indices])
+            if self.collate is not None:
+                inputs = self.collate(self.split, [int(i) for i in indices])
+            else:
+                inputs = self.backbone.collate([self.split.inputs[i] for i in indices])
             yield {
                 "inputs": {key: value.to(self.device) for key, value in inputs.items()},
                 "labels": torch.tensor([self.split.labels[i] for i in indices], device=self.device),

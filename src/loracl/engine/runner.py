@@ -17,10 +17,9 @@ from tqdm.auto import tqdm
 
 from loracl import metrics
 from loracl.adapters.fused import fused_layouts, join_part_states, split_part_states
-from loracl.backbones.classifier import ContinualClassifier
-from loracl.backbones.heads import LinearHead, head_rows_generator, mask_to_classes
+from loracl.backbones.heads import LinearHead, head_rows_generator
 from loracl.backbones.registry import load_backbone
-from loracl.config import MethodConfig, RunConfig, config_to_dict
+from loracl.config import MethodConfig, RunConfig, TaskModelConfig, config_to_dict
 from loracl.data.build import load_stream
 from loracl.data.stream import Split, Stream, Task
 from loracl.engine.checkpoint import config_fingerprint, latest_checkpoint, read_checkpoint, save_checkpoint
@@ -29,6 +28,7 @@ from loracl.errors import CheckpointError, ConfigError, LoraclError
 from loracl.methods.base import Method, MethodContext, MethodOptions
 from loracl.methods.registry import create_method
 from loracl.seeding import derived_generator, derived_seed
+from loracl.task_models import build_task_model
 
 logger = logging.getLogger("loracl")
 SCHEMA_VERSION = 1
@@ -94,12 +94,14 @@ def _task_wall_s(record: dict[str, Any]) -> float:
 
 def _joint_task(stream: Stream) -> Task:
     """All tasks' training data as one task over every class."""
-    inputs, labels = [], []
+    inputs, labels, targets, headers = [], [], [], []
     for task in stream.tasks:
         inputs += task.train.inputs
         labels += task.train.labels
+        targets += task.train.targets
+        headers += task.train.headers
     class_ids = sorted({class_id for task in stream.tasks for class_id in task.class_ids})
-    return Task("joint", 0, class_ids, Split(inputs, labels), Split([], []))
+    return Task("joint", 0, class_ids, Split(inputs, labels, targets, headers), Split([], []))
 
 
 class MethodRun:
@@ -124,6 +126,8 @@ class MethodRun:
         run_config["method"] = [resolved]
         run_config["backbone"] = config.backbone.fingerprint_dump()
         run_config["train"] = config.train.fingerprint_dump()
+        if config.task_model == TaskModelConfig():  # classifier runs made before the section existed still resume
+            run_config.pop("task_model", None)
         self.fingerprint = config_fingerprint(run_config)
         self.records: list[dict[str, Any]] = []
 
@@ -131,12 +135,16 @@ class MethodRun:
     def build(self) -> Method:
         backbone = configured_backbone(self.config)
         check_stream_fits_backbone(self.stream, backbone)
-        self.model = ContinualClassifier(
-            backbone, self.head.metric, self.head.cosine_scale if self.head.type == "cosine" else None
-        ).to(self.device)
+        check_task_model_settings(self.config, self.entry, backbone)
+        self.model = build_task_model(backbone, self.config, self.head).to(self.device)
         return build_method(self.config, self.entry, self.stream)
 
     def loader(self, split: Split, task: Task, train: bool, split_name: str | None = None) -> SplitLoader:
+        model = self.model
+
+        def collate(split: Split, indices: list[int]) -> dict[str, Any]:
+            return model.collate(split, indices, task, train)
+
         return SplitLoader(
             split,
             self.model.backbone,
@@ -148,6 +156,7 @@ class MethodRun:
             sort_by_length=not train,
             split_name=split_name or ("train" if train else "test"),
             task_name=task.name,
+            collate=collate,
         )
 
     # ----- training ----------------------------------------------------------------------------------
@@ -237,26 +246,27 @@ class MethodRun:
         """Accuracy on each task's test split; returns (accuracies, samples, seconds)."""
         self.model.eval()
         accuracies, samples = [], 0
+        self.other_metrics: dict[str, list[float]] = {}  # per-example metrics beyond accuracy (ROUGE-L), per task
         started = time.perf_counter()
         for task in tasks:
-            correct = 0
+            sums: dict[str, float] = {}
             for batch in self.loader(task.test, task, train=False):
-                scores = method.predict(batch).float()
-                if self.stream.scenario == "task_incremental":
-                    scores = mask_to_classes(scores, task.class_ids)
-                correct += int((scores.argmax(dim=1) == batch["labels"]).sum())
+                predictions = method.predict(batch)
+                scores = self.model.example_scores(predictions, batch, task, self.stream.scenario)
+                for name, values in scores.items():
+                    sums[name] = sums.get(name, 0.0) + float(values.sum())
                 samples += len(batch["labels"])
             method.after_evaluate_task(task)
-            accuracies.append(correct / len(task.test))
+            accuracies.append(sums.get("accuracy", 0.0) / len(task.test))
+            for name, total in sums.items():
+                if name != "accuracy":
+                    self.other_metrics.setdefault(name, []).append(total / len(task.test))
         return accuracies, samples, time.perf_counter() - started
 
     def score_before_training(self, method: Method, task: Task) -> float | None:
         """a[j-1][j]: accuracy on a task not trained yet, when the model can already score all its classes (head
         rows, or prototypes for the prototype head); None otherwise (eval_next_task)."""
-        if self.head.type == "prototype":
-            known = set(torch.nonzero(self.model.prototypes.counts > 0).flatten().tolist())
-        else:
-            known = set(range(self.model.head.num_classes))
+        known = self.model.known_classes()
         return self.evaluate(method, [task])[0][0] if set(task.class_ids) <= known else None
 
     @torch.no_grad()
@@ -265,7 +275,7 @@ class MethodRun:
         values begin_task gives them) scored on each task j over the classes a[j-1][j] is scored on (those of the
         tasks before j; task 0 over its own); None where task j brings new classes, or with the prototype head."""
         tasks = self.stream.tasks
-        if self.head.type == "prototype":
+        if self.head.type == "prototype" or not self.model.has_class_head:
             return [None] * len(tasks)
         head = LinearHead(self.model.backbone.hidden_size, self.model.head.cosine_scale)
         for task in tasks:
@@ -324,6 +334,7 @@ class MethodRun:
             "wall_s": wall_s,  # the task's whole time: set-up, training, end-of-task work, evaluation
             "stored_bytes": self.stored_bytes(method),
             "method_state": method.extra_state(),
+            **({"metric_rows": dict(self.other_metrics)} if getattr(self, "other_metrics", None) else {}),
         }
 
     # ----- the run -----------------------------------------------------------------------------------
@@ -478,6 +489,7 @@ def configured_backbone(config: RunConfig) -> Any:
         seed=config.seed,
         local_files_only=section.local_files_only,
         split_fused=section.split_fused,
+        kind=config.task_model.kind,
     )
 
 
@@ -485,6 +497,25 @@ def build_method(config: RunConfig, entry: MethodConfig, stream: Stream) -> Meth
     """The entry's method object with what it may know of the run (not attached to a model yet)."""
     context = MethodContext(config.head_for(entry), config.train, config.seed, stream.scenario, len(stream))
     return create_method(entry.name, entry.options, context)
+
+
+def check_task_model_settings(config: RunConfig, entry: MethodConfig, backbone: Any) -> None:
+    """What has meaning only for a classifier head is refused, in one line, on a language model."""
+    from loracl.backbones.language import LanguageBackbone
+
+    if not isinstance(backbone, LanguageBackbone) or config.task_model.kind == "classifier":
+        return
+    head = config.head_for(entry)
+    where = f"method `{entry.name}`" if entry.head is not None else "head"
+    if head.type != "linear" or head.align:
+        raise ConfigError(
+            f"{where}: head.type {head.type}{' with align' if head.align else ''} has meaning only for a classifier"
+            " head; a language model answers with its own vocabulary head (remove the head section)"
+        )
+    if config.train.base_session_epochs:
+        raise ConfigError("train.base_session_epochs: a language model is pre-trained; there is no base session")
+    if config.train.eval_next_task:
+        raise ConfigError("train.eval_next_task: not available for language models (the zero_shot row is the floor)")
 
 
 def check_next_task_evaluation(method: Method, name: str, stream: Stream, base_session: bool) -> None:
@@ -526,7 +557,8 @@ def check_entries(config: RunConfig, stream: Stream) -> None:
     check_stream_fits_backbone(stream, backbone)
     for entry, method in methods:
         head = config.head_for(entry)
-        trial = ContinualClassifier(copy.deepcopy(backbone), head.metric, head.cosine_scale if head.type == "cosine" else None)
+        check_task_model_settings(config, entry, backbone)
+        trial = build_task_model(copy.deepcopy(backbone), config, head)
         method.attach(trial)  # the method object is thrown away with its trial model; runs build their own
 
 

@@ -1,8 +1,8 @@
 """The method contract: lifecycle hooks the engine calls around each task, with working defaults.
 
-A method owns how adapters are injected, which parameters train on each task, extra losses, what happens
-after each task, and how test examples are scored. The defaults implement the shared parts: the growing
-linear head (old rows frozen), the prototype head, the cross-entropy scope, state saving.
+A method owns how adapters are injected into the task model's adaptable module, which parameters train on each
+task, extra losses, what happens after each task, routing, and its state. What the answers are made of (a class
+head and its statistics, or a language model's generated text) belongs to the task model (loracl.task_models).
 """
 
 from __future__ import annotations
@@ -24,19 +24,18 @@ from loracl.adapters import (
     inject_adapters,
 )
 from loracl.adapters.base import MultiBranchLayer
-from loracl.backbones.alignment import ClassGaussians, realign_head
-from loracl.backbones.classifier import ContinualClassifier
-from loracl.backbones.heads import head_rows_generator, mask_to_classes
 from loracl.config import Float, HeadConfig, StrictModel, TrainConfig
 from loracl.data.stream import Task
+from loracl.errors import ConfigError
 from loracl.methods.routing import (
     RoutedBranchOptions,
     RoutedInferenceOptions,
     RoutingTally,
     TaskRouter,
-    select_rows,
+    select_batch_rows,
 )
-from loracl.seeding import derived_generator, private_rng
+from loracl.seeding import private_rng
+from loracl.task_models.base import TaskModel, scatter_rows
 
 
 class MethodOptions(StrictModel):
@@ -101,40 +100,42 @@ class Method:
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     trains_jointly: ClassVar[bool] = False  # the engine trains it once on all tasks' data
     scores_unseen_tasks: ClassVar[bool] = True  # predict works before a task's end_task (train.eval_next_task)
+    # why the method needs a classifier head (it is refused on a language model), or "" when it does not
+    needs_class_head: ClassVar[str] = ""
 
     def __init__(self, options: MethodOptions, context: MethodContext) -> None:
         self.options = options
         self.context = context
-        self.model: ContinualClassifier | None = None
+        self.model: TaskModel | None = None
         self.current_task: Task | None = None
         self.seen_tasks: list[Task] = []
         self._base_tensor_ids: set[int] = set()
 
     # ----- lifecycle -------------------------------------------------------------------------------
-    def attach(self, model: ContinualClassifier) -> None:
-        """Remember the model and which tensors are the frozen pre-trained ones; subclasses inject adapters."""
+    def attach(self, model: TaskModel) -> None:
+        """Remember the task model and which tensors are the frozen pre-trained ones; subclasses inject adapters."""
+        self.check_task_model(model)
         self.model = model
         self._base_tensor_ids = {id(tensor) for tensor in model.backbone.state_dict(keep_vars=True).values()}
-        self.class_gaussians: ClassGaussians | None = None
-        if self.context.head.align:
-            device = next(model.backbone.parameters()).device
-            self.class_gaussians = ClassGaussians(model.backbone.hidden_size, self.context.head.align_centroids, device=device)
-            model.add_module("class_gaussians", self.class_gaussians)  # its buffers travel with state_dict
+        prepare = getattr(model, "prepare", None)
+        if prepare is not None:
+            prepare(self.context)
         self.task_router: TaskRouter | None = None
         self.routing_tally = RoutingTally()
         if isinstance(self.options, RoutedInferenceOptions) and self.options.routed_inference:
-            self.task_router = TaskRouter(model.backbone.hidden_size, self.options.router, self.options.router_shrinkage)
+            self.task_router = TaskRouter(model.hidden_size, self.options.router, self.options.router_shrinkage)
             self.task_router.to(next(model.backbone.parameters()).device)
             model.add_module("task_router", self.task_router)  # saved and restored with the model's state
 
+    def check_task_model(self, model: TaskModel) -> None:
+        """Refuse, in one line, a task model this method cannot work with (e.g. one without a class head)."""
+        if self.needs_class_head and not model.has_class_head:
+            raise ConfigError(f"method `{self.name}`: {self.needs_class_head} needs a classifier head; the {model.kind} model has none")
+
     def begin_task(self, task: Task) -> None:
-        """Grow the head for the task's new classes and freeze earlier head rows (head.freeze_old), except the rows
-        of classes this task shares with an earlier one (domain-incremental streams, shared label names)."""
+        """The task model's structure for the task (head rows of a classifier), then the method's own."""
         assert self.model is not None, "attach() first"
-        if self.context.head.freeze_old:
-            self.model.head.freeze_all()
-            self.model.head.unfreeze_classes(task.class_ids)  # classes this task shares with earlier ones still learn
-        self.model.head.add_classes(task.class_ids, generator=head_rows_generator(self.context.seed, task.index))
+        self.model.begin_task(task, self.context)
         self.current_task = task
 
     def prepare_task(self, task: Task, train_loader: Iterable[dict[str, Any]]) -> None:
@@ -146,9 +147,9 @@ class Method:
         return [parameter for parameter in self.model.parameters() if parameter.requires_grad]
 
     def parameter_groups(self, lr: float, head_lr: float | None) -> list[dict[str, Any]]:
-        """Optimizer groups: head rows may use their own learning rate."""
+        """Optimizer groups: the task model's head may use its own learning rate."""
         assert self.model is not None
-        head_ids = {id(parameter) for parameter in self.model.head.parameters()}
+        head_ids = {id(parameter) for parameter in self.model.head_parameters()}
         trainable = self.trainable_parameters()
         body = [parameter for parameter in trainable if id(parameter) not in head_ids]
         head = [parameter for parameter in trainable if id(parameter) in head_ids]
@@ -158,23 +159,18 @@ class Method:
         return groups
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Training forward: linear-head logits over all classes seen so far [B, C_seen]."""
+        """Training forward: the task model's outputs (classifier: logits over all classes seen so far)."""
         assert self.model is not None
-        return self.model(batch["inputs"])
+        return self.model(batch)
 
     def epoch_lr_factor(self, epoch: int, epochs: int) -> float:
         """Multiplier of every group's learning rate during `epoch` (0-based) of `epochs`; constant by default."""
         return 1.0
 
-    def task_loss(self, logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-        """Cross-entropy over the current task's classes (head.loss_scope: current_task) or all seen."""
-        labels = batch["labels"]
-        if self.context.head.loss_scope == "current_task" and self.current_task is not None:
-            columns = torch.tensor(self.current_task.class_ids, device=logits.device)
-            remap = torch.full((logits.shape[1],), -1, dtype=torch.long, device=logits.device)
-            remap[columns] = torch.arange(len(columns), device=logits.device)
-            return F.cross_entropy(logits[:, columns], remap[labels])
-        return F.cross_entropy(logits, labels)
+    def task_loss(self, outputs: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """The task model's training loss (classifier: cross-entropy over head.loss_scope's classes)."""
+        assert self.model is not None
+        return self.model.loss(outputs, batch, self.current_task, self.context)
 
     def extra_loss(self, batch: dict[str, Any], logits: torch.Tensor) -> torch.Tensor | None:
         """Regularisers added to the task loss (orthogonality, sparsity, ...)."""
@@ -187,100 +183,48 @@ class Method:
         """Work after each optimizer step (re-normalisation, clamping)."""
 
     def end_task(self, task: Task, train_loader: Iterable[dict[str, Any]]) -> None:
-        """After training: prototypes of the task's classes (prototype head), or the task's class Gaussians and
-        a re-alignment of the whole head on every seen class (head.align)."""
+        """After training: the task model's statistics (prototypes, class Gaussians, head alignment), routing."""
         self.seen_tasks.append(task)
         self.update_task_statistics(task, train_loader)
         self.record_routing(task, train_loader)
 
     def update_task_statistics(self, task: Task, train_loader: Iterable[dict[str, Any]]) -> None:
-        """The end-of-task work on class statistics, under the model that will serve: prototypes (prototype head),
-        class Gaussians and head re-alignment (head.align, from the second task on)."""
-        if self.context.head.type == "prototype":
-            self.update_prototypes(task, train_loader)
-        if self.class_gaussians is not None:
-            self.store_class_gaussians(task, train_loader)
-            if len(self.seen_tasks) > 1:
-                self.align_head(task)
+        """The task model's end-of-task statistics, under the model that will serve."""
+        assert self.model is not None
+        self.model.end_task(task, train_loader, self.context, self.seen_tasks, self.features_for_prototypes)
 
     def absorb_base_session(self, task: Task, train_loader: Iterable[dict[str, Any]]) -> None:
         """Task 0 was a base session that trained the whole backbone: record it as a finished task."""
+        assert self.model is not None
         self.current_task = task
         self.seen_tasks.append(task)
-        if self.context.head.type == "prototype":
-            self.update_prototypes(task, train_loader)
-        if self.class_gaussians is not None:
-            self.store_class_gaussians(task, train_loader)
+        self.model.absorb_base_session(task, train_loader, self.context, self.features_for_prototypes)
         self.record_routing(task, train_loader)
 
-    @torch.no_grad()
     def task_features(self, train_loader: Iterable[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Features [n, H] (features_for_prototypes, eval mode, CPU fp32) and labels [n] of a whole loader."""
         assert self.model is not None
-        was_training = self.model.training
-        self.model.eval()
-        features, labels = [], []
-        for batch in train_loader:
-            features.append(self.features_for_prototypes(batch).float().cpu())
-            labels.append(batch["labels"].cpu())
-        self.model.train(was_training)
-        if not features:  # an empty loader: no statistics to take
-            return torch.zeros(0, self.model.backbone.hidden_size), torch.zeros(0, dtype=torch.long)
-        return torch.cat(features), torch.cat(labels)
-
-    def update_prototypes(self, task: Task, train_loader: Iterable[dict[str, Any]]) -> None:
-        """Class means of the task's training features under the current model."""
-        assert self.model is not None
-        features, labels = self.task_features(train_loader)
-        device = self.model.prototypes.sums.device
-        self.model.prototypes.reset_classes(task.class_ids)
-        if len(labels):
-            self.model.prototypes.accumulate(features.to(device), labels.to(device))
-
-    def store_class_gaussians(self, task: Task, train_loader: Iterable[dict[str, Any]]) -> None:
-        """head.align: the task's classes as diagonal Gaussians of their features under the model just trained (one
-        row per task and class: a class met again in a later task keeps its earlier statistics too)."""
-        assert self.class_gaussians is not None
-        features, labels = self.task_features(train_loader)
-        self.class_gaussians.append_features(features, labels, task.class_ids, self.context.seed)
-
-    def align_head(self, task: Task) -> None:
-        """head.align: re-train every head row on pseudo-features of all seen classes (backbones/alignment.py)."""
-        assert self.model is not None and self.class_gaussians is not None
-        head = self.context.head
-        realign_head(
-            self.model.head,
-            self.class_gaussians,
-            epochs=head.align_epochs,
-            lr=head.align_lr,
-            momentum=0.9,  # LoRAC-IPC's TAP values
-            batch_size=320,
-            samples_per_cluster=head.align_samples_per_cluster,
-            iterations_per_epoch=None,  # one pass over the samples
-            generator=derived_generator(self.context.seed, task.index),
-        )
+        return self.model.task_features(train_loader, self.features_for_prototypes)
 
     def features_for_prototypes(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The serving features of a batch [B, H] the task model's statistics are taken on."""
         assert self.model is not None
         return self.model.features(batch["inputs"])
 
     # ----- inference -------------------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Scores over all classes seen so far [B, C_seen]; the engine masks them in task-incremental runs.
-        With routed inference, each example is scored as its inferred task (routed_predict)."""
+        """Predictions [B, ...] (classifier: scores over all classes seen so far; the engine masks them in
+        task-incremental runs). With routed inference, each example is predicted as its inferred task."""
         if self.task_router is not None and self.task_router.num_slots:
             return self.routed_predict(batch)
         return self.score(batch)
 
     @torch.no_grad()
     def score(self, batch: dict[str, Any]) -> torch.Tensor:
-        """The method's own scores for a batch [B, C_seen] (linear or prototype head on the adapted features)."""
+        """The method's own predictions for a batch under its adapters as they are now."""
         assert self.model is not None
-        features = self.model.features(batch["inputs"])
-        if self.context.head.type == "prototype":
-            return self.model.prototypes(features)
-        return self.model.head(features)
+        return self.model.predict(batch)
 
     # ----- routed inference ([D], RoutedInferenceOptions) ----------------------------------------------
     @torch.no_grad()
@@ -344,44 +288,45 @@ class Method:
             return
         assert self.model is not None
         if self.context.scenario == "task_incremental":  # the protocol gives the task: only its classes are needed
-            self.task_router.add_task(task.index, task.class_ids)
+            self.task_router.add_task(task.index, task.class_ids if self.model.has_class_head else [task.index])
             return
         was_training = self.model.training
         self.model.eval()
+        # a model without classes (a language model) routes to tasks: one slot per task, named by its index
+        class_ids = task.class_ids if self.model.has_class_head else [task.index]
         try:
-            batches = ((self.batch_routing_features(batch), batch["labels"]) for batch in train_loader)
-            self.task_router.record_task(task.index, task.class_ids, batches)
+            batches = (
+                (self.batch_routing_features(batch), batch["labels"] if self.model.has_class_head else torch.full_like(batch["labels"], task.index))
+                for batch in train_loader
+            )
+            self.task_router.record_task(task.index, class_ids, batches)
         finally:
             self.model.train(was_training)
 
     @torch.no_grad()
     def routed_predict(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Each example scored as its task: the task inferred by the router (the protocol's task id in
-        task-incremental runs), the model as of that task, only that task's classes [B, C_seen]."""
-        assert self.task_router is not None
+        """Each example predicted as its task: the task inferred by the router (the protocol's task id in
+        task-incremental runs), the model as of that task, only that task's classes."""
+        assert self.task_router is not None and self.model is not None
         inputs = batch["inputs"]
         if self.context.scenario == "task_incremental":
             routes = batch["task_ids"]
         else:
             routes = self.task_router.route(self.batch_routing_features(batch))
         self.routing_tally.add(routes)
-        scores: torch.Tensor | None = None
+        parts = []
         for task_index in routes.unique().tolist():
             rows = (routes == task_index).nonzero().squeeze(1)
-            group: dict[str, Any] = {"inputs": select_rows(inputs, rows), "task_ids": torch.full((len(rows),), task_index)}
-            if "example_keys" in batch:  # per-example caches (probe) keep working inside a routed group
-                group["example_keys"] = [batch["example_keys"][row] for row in rows.tolist()]
+            group = select_batch_rows(batch, rows)
+            group["task_ids"] = torch.full((len(rows),), task_index)
             classes = self.task_router.task_classes(task_index)
             if not classes:  # a task not trained yet (train.eval_next_task, task-incremental): the plain scores
-                group_scores = self.score(group)
+                predictions = self.score(group)
             else:
                 with self.serving_as_of(task_index):
-                    group_scores = mask_to_classes(self.score(group), classes)
-            if scores is None:
-                scores = group_scores.new_full((len(routes), group_scores.shape[1]), float("-inf"))
-            scores[rows.to(scores.device)] = group_scores
-        assert scores is not None
-        return scores
+                    predictions = self.model.restrict(self.score(group), classes)
+            parts.append((rows, predictions))
+        return scatter_rows(parts, len(routes), self.model.prediction_fill)
 
     # ----- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -431,7 +376,7 @@ class Method:
         """One finished task's structure as begin_task built it (a base session only grew the head)."""
         assert self.model is not None
         if from_base_session:
-            self.model.head.add_classes(task.class_ids)
+            self.model.restore_task(task, self.context, from_base_session=True)
             self.current_task = task
         else:
             self.begin_task(task)
@@ -456,9 +401,9 @@ class LoraMethod(Method):
 
     target_candidates: ClassVar[tuple[list[str], ...]] = QUERY_VALUE_NAMES  # what `target_modules: auto` adapts
 
-    def attach(self, model: ContinualClassifier) -> None:
+    def attach(self, model: TaskModel) -> None:
         super().attach(model)
-        targets = resolve_target_modules(model.backbone.model, self.options.target_modules, self.target_candidates)
+        targets = resolve_target_modules(model.adaptable, self.options.target_modules, self.target_candidates)
         self.layers: dict[str, LoraLayer] = inject_adapters(model.backbone.model, targets, self.make_layer)
 
     def make_layer(self, module: nn.Module, name: str) -> LoraLayer:

@@ -24,6 +24,7 @@ METHOD_MODULES: dict[str, str] = {
     "oa_adapter": "oa_adapter",
     "metalora": "metalora",
     "icm_fusion": "icm_fusion",
+    "zero_shot": "zero_shot",
 }
 
 

@@ -142,6 +142,19 @@ class TaskRouter(nn.Module):
         return self.slot_class[self.slot_task == task_index].tolist()
 
 
+def select_batch_rows(batch: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
+    """The sub-batch of the given rows: its inputs, labels, per-example keys and answer texts."""
+    group: dict[str, Any] = {"inputs": select_rows(batch["inputs"], rows)}
+    for key, value in batch.items():
+        if key == "inputs":
+            continue
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and len(value) == len(batch["inputs"][next(iter(batch["inputs"]))]):
+            group[key] = value[rows.to(value.device)]
+        elif isinstance(value, list):
+            group[key] = [value[row] for row in rows.tolist()]
+    return group
+
+
 def select_rows(inputs: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
     """The given rows [n] of every tensor in a batch of inputs."""
     return {key: value[rows.to(value.device)] for key, value in inputs.items()}
