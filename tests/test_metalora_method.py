@@ -238,9 +238,9 @@ def test_single_block_modes_serve_base_session_tasks_with_the_block():
     method.absorb_base_session(stream.tasks[0], loader(method, stream.tasks[0].train, 0))  # task 0: no block
     train_task(method, stream.tasks[1], steps=2)
     batch = next(iter(loader(method, stream.tasks[1].test, 1)))
-    expected = method._scores(method.adapted_features(batch["inputs"], "shared"))
+    expected = method.model.scores(method.adapted_features(batch["inputs"], "shared"))
     assert torch.equal(method.predict({"inputs": batch["inputs"]}), expected)
-    assert not torch.equal(expected, method._scores(method.adapted_features(batch["inputs"], None)))
+    assert not torch.equal(expected, method.model.scores(method.adapted_features(batch["inputs"], None)))
 
 
 def test_embed_extractor_reads_only_the_embedding_layer_and_keeps_the_invariants():

@@ -101,6 +101,7 @@ def command_fuse(args: argparse.Namespace) -> int:
 
 
 def command_list(args: argparse.Namespace) -> int:
+    from loracl.backbones.language import LANGUAGE_MODELS
     from loracl.backbones.registry import BACKBONES
     from loracl.data.build import SOURCES
     from loracl.methods.registry import available_methods, method_class
@@ -110,6 +111,9 @@ def command_list(args: argparse.Namespace) -> int:
         print(f"  {name:12s} {method_class(name).description}")
     print("backbones (or any Hugging Face id / local directory):")
     for name, (_, description) in BACKBONES.items():
+        print(f"  {name:12s} {description}")
+    print("language models (task_model: language; or any causal / seq2seq Hugging Face id, folder or .gguf file):")
+    for name, (_, description) in LANGUAGE_MODELS.items():
         print(f"  {name:12s} {description}")
     print("data sources:")
     for name, description in SOURCES.items():

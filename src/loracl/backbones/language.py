@@ -35,6 +35,9 @@ class LanguageBackbone(Backbone):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+        # learnable prompt tokens put before every prompt (a method's module, saved with the method's state: kept in
+        # a plain list so the backbone neither registers nor saves it)
+        self.input_prompts: list[nn.Module] = []
         if tokenizer.pad_token_id is None:  # decoder-only tokenizers often have none; padding is masked anyway
             tokenizer.pad_token = tokenizer.eos_token
         if tokenizer.eos_token_id is None:
@@ -49,14 +52,39 @@ class LanguageBackbone(Backbone):
         if not isinstance(example, str):
             raise DataError(f"{where}: the language model `{self.name}` needs a string, got {type(example).__name__}")
 
+    def prompted(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Keyword inputs for the model: token ids as they are, or (an active input prompt) embeddings with the
+        prompt's tokens in front [B, L_p + L, d], the mask and positions extended to match."""
+        prompt = next((module for module in self.input_prompts if getattr(module, "active", True)), None)
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        if prompt is None:
+            extra = {"position_ids": inputs["position_ids"]} if "position_ids" in inputs else {}
+            return {"input_ids": ids, "attention_mask": mask, **extra}
+        embedded = self.model.get_input_embeddings()(ids)  # [B, L, d]
+        prompt._token_mask = mask  # the keyed mixture's query averages the real tokens
+        tokens = prompt.current(embedded).to(embedded.dtype)  # [B, L_p, d]
+        mask = torch.cat([torch.ones(mask.shape[0], tokens.shape[1], dtype=mask.dtype, device=mask.device), mask], 1)
+        prompted = {"inputs_embeds": torch.cat([tokens, embedded], 1), "attention_mask": mask}
+        if not self.is_encoder_decoder:
+            prompted["position_ids"] = (mask.cumsum(1) - 1).clamp(min=0)
+        return prompted
+
+    def prompt_length(self) -> int:
+        """How many prompt tokens `prompted` puts in front (0 without an active input prompt)."""
+        prompt = next((module for module in self.input_prompts if getattr(module, "active", True)), None)
+        return 0 if prompt is None else int(prompt.length)
+
     def hidden_states(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Last hidden states [B, L, H] of the prompt tokens (the encoder's for an encoder-decoder model)."""
+        """Last hidden states [B, L, H] of the prompt's tokens (the encoder's for an encoder-decoder model); the
+        states of input-prompt tokens are dropped."""
+        prompted = self.prompted(inputs)
         if self.is_encoder_decoder:
-            encoder = self.model.get_encoder()
-            return encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
-        body = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
-        extra = {"position_ids": inputs["position_ids"]} if "position_ids" in inputs else {}
-        return body(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **extra).last_hidden_state
+            prompted.pop("position_ids", None)
+            states = self.model.get_encoder()(**prompted).last_hidden_state
+        else:
+            body = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
+            states = body(**prompted).last_hidden_state
+        return states[:, self.prompt_length() :]
 
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
         """Mean of the last hidden states over the prompt tokens [B, H] (`prompt_mask`; all real tokens if absent)."""
@@ -104,7 +132,7 @@ def load_gguf(path: Path, name: str, max_length: int) -> LanguageBackbone:
             raise LoraclError(f"backbone `{name}`: loading a GGUF file needs the package `{package}` (pip install {package})")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     except Exception as exc:  # a damaged or foreign file surfaces as many different exception types
         raise LoraclError(f"backbone `{name}`: cannot read GGUF file {path}: {str(exc).splitlines()[0][:200]}") from None
     backbone = LanguageBackbone(model, tokenizer, name, max_length)

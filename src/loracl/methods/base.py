@@ -102,6 +102,7 @@ class Method:
     scores_unseen_tasks: ClassVar[bool] = True  # predict works before a task's end_task (train.eval_next_task)
     # why the method needs a classifier head (it is refused on a language model), or "" when it does not
     needs_class_head: ClassVar[str] = ""
+    task_models: ClassVar[tuple[str, ...]] = ("classifier", "language")  # the task-model kinds it runs on
 
     def __init__(self, options: MethodOptions, context: MethodContext) -> None:
         self.options = options
@@ -130,7 +131,9 @@ class Method:
     def check_task_model(self, model: TaskModel) -> None:
         """Refuse, in one line, a task model this method cannot work with (e.g. one without a class head)."""
         if self.needs_class_head and not model.has_class_head:
-            raise ConfigError(f"method `{self.name}`: {self.needs_class_head} needs a classifier head; the {model.kind} model has none")
+            raise ConfigError(
+                f"method `{self.name}` needs a classifier head ({self.needs_class_head}); the {model.kind} model has none"
+            )
 
     def begin_task(self, task: Task) -> None:
         """The task model's structure for the task (head rows of a classifier), then the method's own."""

@@ -26,6 +26,7 @@ from loracl.adapters.prompts import MetaPrompt, PrefixPrompt, attention_blocks
 from loracl.backbones.classifier import ContinualClassifier
 from loracl.config import Float
 from loracl.data.stream import Task
+from loracl.errors import ConfigError
 from loracl.methods.base import Method, MethodOptions, resolve_target_modules
 from loracl.methods.routing import RoutedInferenceOptions
 from loracl.seeding import derived_generator
@@ -197,7 +198,13 @@ class FmLora(Method):
                     options.prompt_init_std,
                     prompt_generator,
                 )
-            prompt.install(model.backbone.model)
+            input_prompts = getattr(model.backbone, "input_prompts", None)
+            if input_prompts is not None:  # a language model: the prompt tokens go in front of the prompt's tokens
+                if options.prompt_depth == "deep":
+                    raise ConfigError("method `fm_lora`: prompt_depth deep is not available on a language model; use shallow")
+                input_prompts.append(prompt)
+            else:
+                prompt.install(model.backbone.model)
             self.state.prompt = prompt
         device = next(iter(self.layers.values())).shared_A.device
         self.state.to(device)
@@ -302,7 +309,7 @@ class FmLora(Method):
             batch_size = self.context.train.eval_batch_size
             device = self.state.drs_bias.device
             for start in range(0, count, batch_size):
-                inputs = self.model.backbone.collate([task.train.inputs[i] for i in indices[start : start + batch_size]])
+                inputs = self.model.collate(task.train, indices[start : start + batch_size], task, train=False)
                 chunks.append(self.model.features({key: value.to(device) for key, value in inputs.items()}).float())
         finally:
             self._set_bypass(False)
@@ -373,9 +380,10 @@ class FmLora(Method):
     def begin_task(self, task: Task) -> None:
         """Grow the head, start M_t = I, N_t = 0 in every layer, snapshot the prompt anchor, set the trainable set."""
         assert self.model is not None
-        old_rows = len(self.model.head.weights)
+        head = getattr(self.model, "head", None)  # a language model has no head rows to initialise
+        old_rows = len(head.weights) if head is not None else 0
         super().begin_task(task)
-        if self.options.head_init == "zero":
+        if self.options.head_init == "zero" and head is not None:
             new_rows = list(self.model.head.biases)[old_rows:]
             if self.model.head.cosine_scale is None:  # a cosine row needs a direction: zero would normalise to 0/0
                 new_rows += list(self.model.head.weights)[old_rows:]
@@ -425,7 +433,7 @@ class FmLora(Method):
         assert self.model is not None
         masks = self.sample_mask()
         self._set_layer_masks(masks)
-        return self.model(batch["inputs"])
+        return self.model(batch)
 
     def extra_loss(self, batch: dict[str, Any], logits: torch.Tensor) -> torch.Tensor | None:
         """lambda_rank sum_k pi_k rho_k + lambda_P ||P - P_prev||^2 (+ lambda_orth core overlap)."""
@@ -483,7 +491,7 @@ class FmLora(Method):
         """Head rows, kept-core and U_t placeholders for finished tasks; load_state_dict fills them."""
         assert self.model is not None
         for task in finished_tasks:
-            self.model.head.add_classes(task.class_ids)
+            self.model.restore_task(task, self.context, from_base_session=True)  # the rows only; weights are loaded
             self.current_task = task
             self.seen_tasks.append(task)
             trained = not (task.index == 0 and base_session)
@@ -492,7 +500,8 @@ class FmLora(Method):
                     layer.add_kept_core_placeholders(str(task.index))
             if self.options.drs != "off":
                 self.state.similarity_bases.register_buffer(f"U_{task.index}", torch.zeros(0))
-        self.model.head.freeze_all()
+        if self.model.has_class_head:
+            self.model.head.freeze_all()
         for layer in self.layers.values():
             layer.shared_A.requires_grad_(False)
             layer.shared_B.requires_grad_(False)
@@ -505,7 +514,7 @@ class FmLora(Method):
         """No task id: every layer applies W0 + s B K A (plus the live task under its committed mask, if any)."""
         if any(layer.task_live for layer in self.layers.values()):
             self._set_layer_masks(self.committed_masks())
-        return super().score({"inputs": batch["inputs"]})
+        return super().score(batch)
 
     # ----- reporting ---------------------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:

@@ -63,6 +63,8 @@ class IcmFusionMethod(LoraMethod):
     """A fresh LoRA per task from the same seed; ICM-Fusion turns them into the one LoRA that serves every task."""
 
     name = "icm_fusion"
+    task_models = ("classifier",)
+    needs_class_head = "its in-context support loss is taken through the classifier head (fusion on language-model LoRAs is separate work)"
     description = "per-task LoRAs fused into one by task vectors and a fusion VAE (ICM-Fusion)"
     Options: ClassVar[type[IcmFusionMethodOptions]] = IcmFusionMethodOptions
     options: IcmFusionMethodOptions

@@ -99,7 +99,7 @@ class InfLora(LoraMethod):
         assert self.model is not None
         was_training = self.model.training
         self.model.eval()
-        covariances, groups = collect_input_covariances(self.layers, batches, lambda batch: self.model.features(batch["inputs"]))
+        covariances, groups = collect_input_covariances(self.layers, batches, self.model.input_pass)
         self.model.train(was_training)
         if not self.groups:
             self.groups = groups

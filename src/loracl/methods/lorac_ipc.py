@@ -30,6 +30,7 @@ from loracl.config import Float
 from loracl.data.stream import Task
 from loracl.errors import ConfigError
 from loracl.methods.base import Method, MethodOptions
+from loracl.task_models.base import TaskModel
 from loracl.seeding import derived_generator, private_rng
 
 
@@ -165,13 +166,16 @@ class LoracIpc(Method):
         self.newest_rows: list[list[float]] = []
 
     # ----- structure --------------------------------------------------------------------------------
-    def attach(self, model: ContinualClassifier) -> None:
+    def attach(self, model: TaskModel) -> None:
+        # TII (class-cluster task identification) and TAP (head re-alignment) act on a class head; a language model
+        # is served, as the paper's w/o-TII row, by the newest composed model
+        self.serves_newest_only = not model.has_class_head
         if self.context.head.type == "prototype":
             raise ConfigError("method `lorac_ipc`: needs head.type linear or cosine (TAP re-aligns a trained head)")
         super().attach(model)
         options = self.options
         self.layers = inject_adapters(
-            model.backbone.model,
+            model.adaptable,
             options.target_modules,
             lambda module, name: ComposedLoraLayer(module, name, options.rank, options.alpha),
         )
@@ -322,6 +326,10 @@ class LoracIpc(Method):
             layer.track_weight_gradient = False
             layer.weight_gradient = None
         self.select_frozen_slots(position + 1)
+        if self.serves_newest_only:
+            super().end_task(task, train_loader)
+            self.set_model(TRAINING)
+            return
         if self.routing_model is None:
             self.routing_model = self.task_model[task.index]
         self._store_statistics(task, train_loader, self.task_model[task.index])
@@ -466,6 +474,12 @@ class LoracIpc(Method):
         """Linear-head logits over the seen classes, each example through its (inferred) task's model."""
         assert self.model is not None
         inputs = batch["inputs"]
+        if self.serves_newest_only:
+            self.set_model(self.task_model[self.seen_tasks[-1].index] if self.seen_tasks else TRAINING)
+            try:
+                return self.model.predict(batch)
+            finally:
+                self.set_model(TRAINING)
         if not self.options.tii or len(self.seen_tasks) == 1:
             logits = self.predict_with_newest_model(inputs)
             if self.options.tii and self.options.measure_without_tii:

@@ -32,12 +32,12 @@ from loracl.adapters.inject import find_target_modules, inject_adapters
 from loracl.adapters.tensor import TensorAdapterLayer
 from loracl.backbones.base import select_block_output
 from loracl.backbones.classifier import ContinualClassifier
-from loracl.backbones.heads import mask_to_classes
 from loracl.config import Float
 from loracl.data.stream import Task
 from loracl.errors import ConfigError, LoraclError
 from loracl.methods.base import Method, MethodContext, MethodOptions, present_pair
-from loracl.methods.routing import RouterMetric, TaskRouter, select_rows
+from loracl.task_models.base import scatter_rows
+from loracl.methods.routing import RouterMetric, TaskRouter, select_batch_rows, select_rows
 from loracl.seeding import private_rng
 
 # Convolutions that are not inside residual blocks (stems, shortcuts, patch embeddings): not adapted by `auto`.
@@ -379,7 +379,7 @@ class MetaLora(Method):
         self._features = features
         self._seeds = self.set_seeds(block_name, features)
         try:
-            return self.model(batch["inputs"])
+            return self.model(batch)
         finally:
             self.clear_seeds()
 
@@ -420,6 +420,10 @@ class MetaLora(Method):
         """Class means of normalised frozen features per (task, class) slot, and the shared scatter."""
         if not self.expands:
             return
+        if self.model is not None and not self.model.has_class_head:  # a language model: one slot per task
+            slots = ((self.frozen_features(batch["inputs"], use_cache=True), torch.full_like(batch["labels"], task.index)) for batch in train_loader)
+            self.state.router.record_task(task.index, [task.index], slots)
+            return
         batches = ((self.frozen_features(batch["inputs"], use_cache=True), batch["labels"]) for batch in train_loader)
         self.state.router.record_task(task.index, task.class_ids, batches)
 
@@ -430,38 +434,44 @@ class MetaLora(Method):
     # ----- inference -----------------------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Scores over all seen classes; expand mode routes each sample to one task block (spec section 5)."""
+        """Predictions for a batch; expand mode routes each sample to one task block (spec section 5)."""
         assert self.model is not None
         inputs = batch["inputs"]
         if not self.expands:  # one block for every task (a base-session task has none, but is served by it too)
             block_name = "shared" if "shared" in self.block_names() else None
-            return self._scores(self.adapted_features(inputs, block_name))
+            return self._predict_group(batch, block_name, None, None)
         features, prefix = self.frozen_features_and_prefix(inputs)
         if self.context.scenario == "task_incremental":
             routes = batch["task_ids"].to(features.device)  # the protocol gives the task id
         else:
             routes = self.route(features)
         self.routing_tally.add(routes)
-        num_classes = self.model.head.num_classes if self.context.head.type != "prototype" else self.model.prototypes.num_classes
-        scores = features.new_full((len(routes), num_classes), float("-inf"))
+        parts = []
         for task_index in routes.unique().tolist():
             rows = (routes == task_index).nonzero().squeeze(1)
             block_name = self.block_of_task[task_index]
             group_prefix = None if prefix is None else select_block_output(prefix, rows)
-            group_features = self.adapted_features(
-                select_rows(inputs, rows), block_name, features[rows] if block_name else None, group_prefix
-            )
-            group_scores = self._scores(group_features).to(scores.dtype)
+            group = select_batch_rows(batch, rows)
+            predictions = self._predict_group(group, block_name, features[rows] if block_name else None, group_prefix)
             if self.options.restrict_to_routed_task:
-                group_scores = mask_to_classes(group_scores, self.state.router.task_classes(task_index))
-            scores[rows] = group_scores
-        return scores
+                predictions = self.model.restrict(predictions, self.state.router.task_classes(task_index))
+            parts.append((rows, predictions))
+        return scatter_rows(parts, len(routes), self.model.prediction_fill)
 
-    def _scores(self, features: torch.Tensor) -> torch.Tensor:
+    def _predict_group(self, batch: dict[str, Any], block_name: str | None, features: torch.Tensor | None, prefix: Any) -> torch.Tensor:
+        """One group's predictions with `block_name` active: class scores of the adapted features, or (a language
+        model) its generated answers with the block's seeds held for the whole decoding."""
         assert self.model is not None
-        if self.context.head.type == "prototype":
-            return self.model.prototypes(features)
-        return self.model.head(features)
+        inputs = batch["inputs"]
+        if self.model.has_class_head:
+            return self.model.predict(batch, features=self.adapted_features(inputs, block_name, features, prefix))
+        if features is None and block_name is not None and self.options.generate:
+            features = self.frozen_features(inputs)
+        self.set_seeds(block_name, features)
+        try:
+            return self.model.predict(batch)
+        finally:
+            self.clear_seeds()
 
     def extra_state(self) -> dict[str, Any]:
         return {"block_of_task": {str(k): v for k, v in self.block_of_task.items()}, "slot_task": self.state.router.slot_task.tolist()}

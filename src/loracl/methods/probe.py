@@ -22,6 +22,8 @@ class Probe(Method):
     """
 
     name = "probe"
+    task_models = ("classifier",)
+    needs_class_head = "it trains only a classifier head over frozen features"
     description = "frozen backbone, classifier only (lower bound)"
     Options: ClassVar[type[MethodOptions]] = ProbeOptions
 

@@ -12,6 +12,7 @@ class ZeroShot(Method):
 
     name = "zero_shot"
     description = "the untrained language model answering from the instruction (floor)"
+    task_models = ("language",)
 
     def check_task_model(self, model: TaskModel) -> None:
         if model.has_class_head:

@@ -74,6 +74,10 @@ class TaskModel(nn.Module):
         """Pooled features of the inputs [B, H] (routers, statistics, feature-conditioned adapters)."""
         return self.backbone(**inputs)
 
+    def input_pass(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Run every adapted layer on a batch without a loss (covariance and statistics passes)."""
+        return self.features(batch["inputs"])
+
     def train_adapters(self) -> TaskModel:
         """Train mode for everything but the frozen backbone's own layers: heads, method modules and the adapter
         layers inside the backbone (their dropout acts, as in PEFT), while the backbone's dropout stays off."""

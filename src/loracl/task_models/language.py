@@ -125,7 +125,7 @@ class LanguageTaskModel(TaskModel):
             header = split.headers[index] if split.headers else "Answer the input."
             prompts.append(self.prompt_ids(header, split.inputs[index], where))
             answers.append(self.answer_ids(split.targets[index], where))
-        if train:
+        if train or split is task.train:  # training data with its answers, also for statistics passes over it
             return self._training_batch(prompts, answers, pad)
         batch = self._prompt_batch(prompts, pad)
         if self.options.scoring == "rank":
@@ -184,7 +184,7 @@ class LanguageTaskModel(TaskModel):
             targets = inputs["target_ids"]
             decoder_inputs = model.prepare_decoder_input_ids_from_labels(labels=targets.clamp(min=0))
             decoder_inputs = decoder_inputs.masked_fill(decoder_inputs == IGNORE, self.backbone.tokenizer.pad_token_id)
-            out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], decoder_input_ids=decoder_inputs)
+            out = model(**self.backbone.prompted(inputs), decoder_input_ids=decoder_inputs)
             return out.logits[targets != IGNORE]
         states = self.backbone.hidden_states({"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]})
         picked = inputs["target_ids"][:, 1:] != IGNORE  # the state at t predicts token t + 1
@@ -196,6 +196,11 @@ class LanguageTaskModel(TaskModel):
         wanted = targets[targets != IGNORE] if self.backbone.is_encoder_decoder else targets[:, 1:][targets[:, 1:] != IGNORE]
         return F.cross_entropy(outputs.float(), wanted)
 
+    def input_pass(self, batch: dict[str, Any]) -> torch.Tensor:
+        """A training batch's full forward (an encoder-decoder's decoder layers need the answers); prompts
+        alone run the prompt's features."""
+        return self(batch) if "target_ids" in batch["inputs"] else self.features(batch["inputs"])
+
     # ----- inference --------------------------------------------------------------------------------------
     def predict(self, batch: dict[str, Any], features: torch.Tensor | None = None) -> torch.Tensor:
         """Generated answer tokens [B, T] padded with <pad> (generate), or the chosen option [B, 1] (rank)."""
@@ -203,9 +208,10 @@ class LanguageTaskModel(TaskModel):
         if self.options.scoring == "rank":
             return self.rank_options(inputs).unsqueeze(1)
         tokenizer = self.backbone.tokenizer
+        prompted = self.backbone.prompted(inputs)
+        prompted.pop("position_ids", None)  # generate() derives positions from the mask
         generated = self.backbone.model.generate(
-            input_ids=inputs["input_ids"],
-            attention_mask=inputs["attention_mask"],
+            **prompted,
             max_new_tokens=self.options.max_new_tokens,
             do_sample=False,
             num_beams=1,
@@ -213,8 +219,9 @@ class LanguageTaskModel(TaskModel):
             eos_token_id=tokenizer.eos_token_id,
             use_cache=True,
         )
-        # a causal model returns prompt + answer; an encoder-decoder its decoder start token + answer
-        start = 1 if self.backbone.is_encoder_decoder else inputs["input_ids"].shape[1]
+        # a causal model returns prompt + answer (the answer alone when given embeddings); an encoder-decoder its
+        # decoder start token + answer
+        start = 1 if self.backbone.is_encoder_decoder else (0 if "inputs_embeds" in prompted else inputs["input_ids"].shape[1])
         return generated[:, start:]
 
     @torch.no_grad()

@@ -1,0 +1,266 @@
+"""Continual instruction tuning benchmark: experiments as data, results as JSON, the table rendered from them.
+
+    python benchmarks/instruct.py run    benchmarks/experiments/instruct_stream.yaml [--only LABEL ...] [--seeds 0 1]
+    python benchmarks/instruct.py peft   benchmarks/experiments/instruct_stream.yaml [--seeds 0]
+    python benchmarks/instruct.py speed  benchmarks/experiments/instruct_stream.yaml [--rounds 5 --steps 4]
+    python benchmarks/instruct.py render benchmarks/experiments/instruct_stream.yaml
+
+`run` trains every row x seed not yet measured and writes docs/results/<name>/<label>/seed<k>.json (metrics,
+matrices, costs, machine, versions, commit, date); a killed run resumes from its checkpoints under
+runs/<name>/. `peft` writes the PEFT sequential LoRA rows the same way, `speed` the interleaved training-speed
+rounds, and `render` turns every JSON file into docs/results/<name>.md (mean and standard deviation over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "docs" / "results"
+
+
+def load_experiment(path: str) -> dict[str, Any]:
+    return yaml.safe_load(Path(path).read_text())
+
+
+def row_config(experiment: dict[str, Any], row: dict[str, Any], seed: int) -> dict[str, Any]:
+    """The loracl config of one row and seed (the experiment's base with the row's method entry)."""
+    config = copy.deepcopy(experiment["base"])
+    config["seed"] = seed
+    config["stream"]["path"] = str((ROOT / experiment["data"]).resolve())
+    config["method"] = [{"name": row["name"], "label": row["label"], **row.get("options", {})}]
+    return config
+
+
+def machine() -> dict[str, Any]:
+    import transformers
+
+    import loracl
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return {
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {'cuda' if torch.cuda.is_available() else 'cpu'}",
+        "versions": {"loracl": loracl.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        "commit": commit,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def compact(results: dict[str, Any]) -> dict[str, Any]:
+    """What the page needs from a results.json: metrics, matrices, costs (no per-task records)."""
+    keys = [
+        "method", "label", "seed", "accuracy_matrix", "test_sizes", "average_accuracy", "forgetting", "bwt",
+        "trainable_params_per_task", "stored_bytes_cumulative", "train_samples_per_s", "eval_samples_per_s",
+        "peak_memory_bytes", "wall_s", "method_options",
+    ]
+    out = {key: results.get(key) for key in keys}
+    out["rouge_l_rows"] = [record.get("metric_rows", {}).get("rouge_l") for record in results["per_task"]]
+    return out
+
+
+def result_path(name: str, label: str, seed: int) -> Path:
+    return RESULTS / name / label / f"seed{seed}.json"
+
+
+def command_run(args: argparse.Namespace) -> None:
+    from loracl.config import validate_config
+    from loracl.engine import run_experiment
+
+    experiment = load_experiment(args.experiment)
+    for row in experiment["rows"]:
+        if args.only and row["label"] not in args.only:
+            continue
+        for seed in args.seeds or row["seeds"]:
+            target = result_path(experiment["name"], row["label"], seed)
+            if target.exists():
+                continue
+            config = validate_config(row_config(experiment, row, seed))
+            started = time.perf_counter()
+            [result] = run_experiment(config, ROOT / "runs" / experiment["name"] / f"seed{seed}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            record = {**compact(result.results), "config": row_config(experiment, row, seed), **machine()}
+            target.write_text(json.dumps(record, indent=1) + "\n")
+            print(f"{row['label']} seed {seed}: {result.results['average_accuracy']:.3f} ({time.perf_counter() - started:.0f} s)", flush=True)
+
+
+# ----- PEFT, written the way a PEFT user writes a sequential LoRA run ---------------------------------------
+def peft_sequential(experiment: dict[str, Any], seed: int) -> dict[str, Any]:
+    """get_peft_model on q_proj/v_proj, `model(**batch, labels=...)`, AdamW per task, greedy generate. The batches
+    (order, prompts, answer-only labels) and the LoRA start weights are loracl's, so that the two runs can be
+    compared matrix for matrix; everything that trains is PEFT's."""
+    from peft import LoraConfig, get_peft_model
+
+    from loracl import metrics
+    from loracl.config import validate_config
+    from loracl.data.build import load_stream
+    from loracl.engine.loaders import SplitLoader
+    from loracl.engine.runner import MethodRun
+    from loracl.seeding import derived_seed
+
+    row = next(row for row in experiment["rows"] if row["name"] == "seq_lora")
+    config = validate_config(row_config(experiment, row, seed))
+    stream = load_stream(config.stream, seed)
+    run = MethodRun(config, config.method[0], stream, None)
+    method = run.build()
+    method.attach(copy.deepcopy(run.model))  # only to read seq_lora's start weights, handed to PEFT below
+    method.begin_task(stream.tasks[0])
+    start = {name: (layer.branches["default"].lora_A.detach().clone(), layer.branches["default"].lora_B.detach().clone()) for name, layer in method.layers.items()}
+    options = method.options
+    del method
+    backbone = run.model.backbone
+    peft_model = get_peft_model(
+        backbone.model,
+        LoraConfig(r=options.rank, lora_alpha=options.alpha, lora_dropout=options.dropout, target_modules=["q_proj", "v_proj"]),
+    )
+    with torch.no_grad():
+        for name, module in peft_model.named_modules():
+            key = name.removeprefix("base_model.model.")
+            if key in start and hasattr(module, "lora_A"):
+                module.lora_A["default"].weight.copy_(start[key][0])
+                module.lora_B["default"].weight.copy_(start[key][1])
+    task_model = run.model
+    matrix, train_samples, train_s = [], 0, 0.0
+    for task in stream.tasks:
+        torch.manual_seed(derived_seed(seed, task.index))
+        parameters = [p for p in peft_model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(parameters, lr=config.train.lr, weight_decay=0.0)
+        loader = run.loader(task.train, task, train=True)
+        peft_model.train()
+        started = time.perf_counter()
+        for batch in loader:
+            inputs = batch["inputs"]
+            loss = peft_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=inputs["target_ids"]).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            train_samples += len(batch["labels"])
+        train_s += time.perf_counter() - started
+        peft_model.eval()
+        row_accuracy = []
+        with torch.no_grad():
+            for seen in stream.tasks[: task.index + 1]:
+                correct = 0.0
+                for batch in run.loader(seen.test, seen, train=False):
+                    predictions = task_model.predict(batch)  # the PEFT-wrapped model inside the task model
+                    correct += float(task_model.example_scores(predictions, batch, seen, stream.scenario)["accuracy"].sum())
+                row_accuracy.append(correct / len(seen.test))
+        matrix.append(row_accuracy + [None] * (len(stream.tasks) - task.index - 1))
+    sizes = [len(task.test) for task in stream.tasks]
+    return {"method": "peft_seq_lora", "label": "peft_seq_lora", "seed": seed, "accuracy_matrix": matrix, "test_sizes": sizes,
+            **metrics.summarize(matrix, sizes, None), "train_samples_per_s": train_samples / train_s}
+
+
+def command_peft(args: argparse.Namespace) -> None:
+    experiment = load_experiment(args.experiment)
+    for seed in args.seeds or [0]:
+        target = result_path(experiment["name"], "peft_seq_lora", seed)
+        if target.exists():
+            continue
+        record = {**peft_sequential(experiment, seed), **machine()}
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(record, indent=1) + "\n")
+        print("peft seed", seed, record["average_accuracy"], flush=True)
+
+
+# ----- render ---------------------------------------------------------------------------------------
+def mean_std(values: list[float]) -> str:
+    values = [value for value in values if value is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def command_render(args: argparse.Namespace) -> None:
+    experiment = load_experiment(args.experiment)
+    name = experiment["name"]
+    folder = RESULTS / name
+    rows = {}
+    for path in sorted(folder.glob("*/seed*.json")):
+        record = json.loads(path.read_text())
+        rows.setdefault(path.parent.name, []).append(record)
+    order = [row["label"] for row in experiment["rows"]] + ["peft_seq_lora"]
+    reference = rows.get("seq_lora", [])
+    ref_train = statistics.mean(r["train_samples_per_s"] for r in reference) if reference else None
+    ref_eval = statistics.mean(r["eval_samples_per_s"] for r in reference if r.get("eval_samples_per_s")) if reference else None
+    lines = [
+        f"# {name}: continual instruction tuning, measured",
+        "",
+        "Generated by `python benchmarks/instruct.py render benchmarks/experiments/instruct_stream.yaml` from the JSON",
+        f"files in `docs/results/{name}/`; nothing here is typed by hand. Mean ± standard deviation over the seeds",
+        "listed (one value: one seed, no spread known). Average accuracy = mean of the last row of the accuracy matrix",
+        "(greedy exact match); forgetting and BWT as in loracl.metrics. Speeds are relative to seq_lora's mean.",
+        "",
+        "| row | seeds | avg accuracy | forgetting | BWT | ROUGE-L (last row) | stored MB | train x | generate x |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label in order + sorted(set(rows) - set(order)):
+        records = rows.get(label)
+        if not records:
+            continue
+        rouge = [statistics.mean(r["rouge_l_rows"][-1]) for r in records if r.get("rouge_l_rows") and r["rouge_l_rows"][-1]]
+        stored = [r["stored_bytes_cumulative"][-1] / 1e6 for r in records if r.get("stored_bytes_cumulative")]
+        train_x = [r["train_samples_per_s"] / ref_train for r in records if r.get("train_samples_per_s") and ref_train]
+        eval_x = [r["eval_samples_per_s"] / ref_eval for r in records if r.get("eval_samples_per_s") and ref_eval]
+        lines.append(
+            f"| {label} | {','.join(str(r['seed']) for r in records)} | {mean_std([r['average_accuracy'] for r in records])}"
+            f" | {mean_std([r.get('forgetting') for r in records])} | {mean_std([r.get('bwt') for r in records])}"
+            f" | {mean_std(rouge)} | {mean_std(stored)} | {mean_std(train_x)} | {mean_std(eval_x)} |"
+        )
+    lines += ["", "## Accuracy matrices (seed 0)", ""]
+    for label in order:
+        for record in rows.get(label, []):
+            if record["seed"] != 0:
+                continue
+            lines.append(f"**{label}**")
+            lines.append("")
+            lines.append("| after \\ on | " + " | ".join(f"task {j}" for j in range(len(record["accuracy_matrix"]))) + " |")
+            lines.append("|---" * (len(record["accuracy_matrix"]) + 1) + "|")
+            for i, matrix_row in enumerate(record["accuracy_matrix"]):
+                lines.append(f"| task {i} | " + " | ".join("" if v is None else f"{v:.2f}" for v in matrix_row) + " |")
+            lines.append("")
+    speed = folder / "speed.json"
+    if speed.exists():
+        data = json.loads(speed.read_text())
+        lines += ["## Training speed against PEFT (interleaved rounds, one process)", "",
+                  f"loracl seq_lora {data['ours_samples_per_s']:.2f} samples/s, PEFT {data['peft_samples_per_s']:.2f} samples/s:"
+                  f" ratio {data['ratio']:.3f} (median of {data['rounds']} rounds of {data['steps']} steps, batch {data['batch_size']}; {data['machine']})", ""]
+    target = RESULTS / f"{name}.md"
+    target.write_text("\n".join(lines) + "\n")
+    print("wrote", target)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["run", "peft", "speed", "render"])
+    parser.add_argument("experiment")
+    parser.add_argument("--only", nargs="*", default=None)
+    parser.add_argument("--seeds", nargs="*", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=4)
+    args = parser.parse_args()
+    {"run": command_run, "peft": command_peft, "render": command_render, "speed": command_speed}[args.command](args)
+
+
+def command_speed(args: argparse.Namespace) -> None:
+    raise SystemExit("speed: see below")
+
+
+if __name__ == "__main__":
+    main()
