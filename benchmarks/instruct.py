@@ -63,7 +63,7 @@ def machine() -> dict[str, Any]:
 def compact(results: dict[str, Any]) -> dict[str, Any]:
     """What the page needs from a results.json: metrics, matrices, costs (no per-task records)."""
     keys = [
-        "method", "label", "seed", "accuracy_matrix", "test_sizes", "average_accuracy", "forgetting", "bwt",
+        "method", "label", "seed", "accuracy_matrix", "test_sizes", "avg_accuracy", "forgetting", "bwt",
         "trainable_params_per_task", "stored_bytes_cumulative", "train_samples_per_s", "eval_samples_per_s",
         "peak_memory_bytes", "wall_s", "method_options",
     ]
@@ -81,20 +81,27 @@ def command_run(args: argparse.Namespace) -> None:
     from loracl.engine import run_experiment
 
     experiment = load_experiment(args.experiment)
-    for row in experiment["rows"]:
-        if args.only and row["label"] not in args.only:
+    # seed by seed, so that every row has its first seed before any row has its third
+    seeds = sorted({seed for row in experiment["rows"] for seed in row["seeds"]})
+    for seed, row in ((seed, row) for seed in seeds for row in experiment["rows"]):
+        if (args.only and row["label"] not in args.only) or seed not in (args.seeds or row["seeds"]):
             continue
-        for seed in args.seeds or row["seeds"]:
-            target = result_path(experiment["name"], row["label"], seed)
-            if target.exists():
-                continue
-            config = validate_config(row_config(experiment, row, seed))
-            started = time.perf_counter()
+        target = result_path(experiment["name"], row["label"], seed)
+        if target.exists():
+            continue
+        config = validate_config(row_config(experiment, row, seed))
+        started = time.perf_counter()
+        try:
             [result] = run_experiment(config, ROOT / "runs" / experiment["name"] / f"seed{seed}")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            record = {**compact(result.results), "config": row_config(experiment, row, seed), **machine()}
-            target.write_text(json.dumps(record, indent=1) + "\n")
-            print(f"{row['label']} seed {seed}: {result.results['average_accuracy']:.3f} ({time.perf_counter() - started:.0f} s)", flush=True)
+        except Exception:  # one failing row must not stop the others; its traceback is the report
+            import traceback
+
+            traceback.print_exc()
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        record = {**compact(result.results), "config": row_config(experiment, row, seed), **machine()}
+        target.write_text(json.dumps(record, indent=1) + "\n")
+        print(f"{row['label']} seed {seed}: {result.results['avg_accuracy']:.3f} ({time.perf_counter() - started:.0f} s)", flush=True)
 
 
 # ----- PEFT, written the way a PEFT user writes a sequential LoRA run ---------------------------------------
@@ -174,7 +181,7 @@ def command_peft(args: argparse.Namespace) -> None:
         record = {**peft_sequential(experiment, seed), **machine()}
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(record, indent=1) + "\n")
-        print("peft seed", seed, record["average_accuracy"], flush=True)
+        print("peft seed", seed, record["avg_accuracy"], flush=True)
 
 
 # ----- render ---------------------------------------------------------------------------------------
@@ -219,7 +226,7 @@ def command_render(args: argparse.Namespace) -> None:
         train_x = [r["train_samples_per_s"] / ref_train for r in records if r.get("train_samples_per_s") and ref_train]
         eval_x = [r["eval_samples_per_s"] / ref_eval for r in records if r.get("eval_samples_per_s") and ref_eval]
         lines.append(
-            f"| {label} | {','.join(str(r['seed']) for r in records)} | {mean_std([r['average_accuracy'] for r in records])}"
+            f"| {label} | {','.join(str(r['seed']) for r in records)} | {mean_std([r['avg_accuracy'] for r in records])}"
             f" | {mean_std([r.get('forgetting') for r in records])} | {mean_std([r.get('bwt') for r in records])}"
             f" | {mean_std(rouge)} | {mean_std(stored)} | {mean_std(train_x)} | {mean_std(eval_x)} |"
         )
