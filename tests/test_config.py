@@ -85,10 +85,14 @@ def test_every_method_entry_of_a_shipped_config_attaches_to_a_tiny_model_of_its_
     from loracl.methods.base import MethodContext
     from loracl.methods.registry import create_method
 
+    from loracl.task_models import build_task_model
+
     config = load_config(path)
-    tiny = "tiny-vit" if config.stream.source in ("digits", "image_folder") else "tiny-bert"
+    language = config.task_model.kind == "language"
+    tiny = "tiny-vit" if config.stream.source in ("digits", "image_folder") else ("tiny-llama" if language else "tiny-bert")
     for entry in config.method:
         context = MethodContext(config.head_for(entry), config.train, config.seed, config.stream.scenario, 5)
         method = create_method(entry.name, entry.options, context)
-        method.attach(ContinualClassifier(load_backbone(tiny, seed=0)))
+        backbone = load_backbone(tiny, seed=0)
+        method.attach(build_task_model(backbone, config, config.head_for(entry)) if language else ContinualClassifier(backbone))
         assert method.model is not None, f"{path.name}: {entry.run_label} did not attach"

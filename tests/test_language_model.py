@@ -306,3 +306,20 @@ def test_bad_model_settings_exit_2_with_one_line(backbone, task_model, message, 
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_packaged_instruction_stream_has_instructions_and_runs_on_a_tiny_model():
+    from loracl.config import load_config
+    from loracl.data.build import load_stream
+
+    root = Path(__file__).resolve().parent.parent
+    config = load_config(root / "configs" / "instruct_quickstart.yaml", ["backbone.name=tiny-llama", "stream.max_train_per_task=4", "stream.max_test_per_task=2"])
+    stream = load_stream(config.stream, 0)
+    assert [task.name for task in stream.tasks] == ["sst2", "qqp", "cb"]
+    assert stream.tasks[0].train.headers[0].startswith("Is the sentiment of this movie review Good or Bad?")
+    config = load_config(
+        root / "configs" / "instruct_quickstart.yaml",
+        ["backbone.name=tiny-llama", "stream.max_train_per_task=4", "stream.max_test_per_task=2", "train.max_length=512"],
+    )
+    results = run_experiment(config, None)
+    assert [result.label for result in results] == ["zero_shot", "seq_lora", "o_lora"]

@@ -64,7 +64,7 @@ class BackboneConfig(StrictModel):
 
 
 class StreamConfig(StrictModel):
-    source: Literal["json_dir", "hf", "digits", "image_folder", "packaged"] = "packaged"
+    source: Literal["json_dir", "hf", "digits", "image_folder", "packaged", "packaged_instruct"] = "packaged"
     path: str | None = None
     tasks: list[str] | None = None
     scenario: Literal["class_incremental", "domain_incremental", "task_incremental"] = "class_incremental"

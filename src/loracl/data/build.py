@@ -8,6 +8,7 @@ from loracl.errors import ConfigError
 
 SOURCES = {
     "packaged": "the embedded quickstart text tasks shipped inside loracl",
+    "packaged_instruct": "the embedded instruction tasks (with instruction.txt) for language models",
     "json_dir": "folders of labels.json / train.json / test.json (the shared benchmark layout)",
     "digits": "scikit-learn's 8x8 digits, tasks of consecutive digits",
     "hf": "a Hugging Face dataset by name (needs `datasets` and the cache or network)",
@@ -24,6 +25,12 @@ def load_stream(config: StreamConfig, seed: int = 0) -> Stream:
 
         raw = load_json_dir(quickstart_data_dir(), config.tasks)
         description = "packaged quickstart text stream"
+    elif config.source == "packaged_instruct":
+        from loracl.data.sources.json_dir import load_json_dir
+        from loracl.resources import instruct_data_dir
+
+        raw = load_json_dir(instruct_data_dir(), config.tasks or ["sst2", "qqp", "cb"])
+        description = "packaged instruction stream"
     elif config.source == "json_dir":
         from loracl.data.sources.json_dir import load_json_dir
 
