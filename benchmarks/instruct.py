@@ -266,7 +266,72 @@ def main() -> None:
 
 
 def command_speed(args: argparse.Namespace) -> None:
-    raise SystemExit("speed: see below")
+    """Training samples/s of loracl's seq_lora against PEFT's LoRA on the same batches, in interleaved rounds in one
+    process (ours, PEFT, ours, ...) so that machine load hits both alike; the median round of each is reported."""
+    from peft import LoraConfig, get_peft_model
+
+    from loracl.config import validate_config
+    from loracl.data.build import load_stream
+    from loracl.engine.runner import MethodRun
+
+    experiment = load_experiment(args.experiment)
+    row = next(row for row in experiment["rows"] if row["name"] == "seq_lora")
+    config = validate_config(row_config(experiment, row, 0))
+    stream = load_stream(config.stream, 0)
+    run = MethodRun(config, config.method[0], stream, None)
+    method = run.build()
+    clean = copy.deepcopy(run.model.backbone.model)
+    method.attach(run.model)
+    task = stream.tasks[1]  # mnli: the longest prompts of the stream
+    method.begin_task(task)
+    batches = [batch for _, batch in zip(range(args.steps), run.loader(task.train, task, train=True))]
+    options = method.options
+    peft_model = get_peft_model(
+        clean, LoraConfig(r=options.rank, lora_alpha=options.alpha, lora_dropout=options.dropout, target_modules=["q_proj", "v_proj"])
+    )
+    ours_parameters = method.trainable_parameters()
+    ours_optimizer = torch.optim.AdamW(ours_parameters, lr=config.train.lr)
+    peft_parameters = [p for p in peft_model.parameters() if p.requires_grad]
+    peft_optimizer = torch.optim.AdamW(peft_parameters, lr=config.train.lr)
+    run.model.train_adapters()
+    peft_model.train()
+
+    def ours() -> None:
+        for batch in batches:
+            loss = method.task_loss(method.forward(batch), batch)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(ours_parameters, 1.0)
+            ours_optimizer.step()
+            ours_optimizer.zero_grad(set_to_none=True)
+
+    def theirs() -> None:
+        for batch in batches:
+            inputs = batch["inputs"]
+            loss = peft_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=inputs["target_ids"]).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(peft_parameters, 1.0)
+            peft_optimizer.step()
+            peft_optimizer.zero_grad(set_to_none=True)
+
+    samples = sum(len(batch["labels"]) for batch in batches)
+    timings: dict[str, list[float]] = {"ours": [], "peft": []}
+    ours(), theirs()  # warm-up
+    for _ in range(args.rounds):
+        for name, function in (("ours", ours), ("peft", theirs)):
+            started = time.perf_counter()
+            function()
+            timings[name].append(samples / (time.perf_counter() - started))
+    record = {
+        "ours_samples_per_s": statistics.median(timings["ours"]),
+        "peft_samples_per_s": statistics.median(timings["peft"]),
+        "rounds": args.rounds, "steps": args.steps, "batch_size": config.train.batch_size, "timings": timings,
+        **machine(),
+    }
+    record["ratio"] = record["ours_samples_per_s"] / record["peft_samples_per_s"]
+    target = RESULTS / experiment["name"] / "speed.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(record, indent=1) + "\n")
+    print(json.dumps({k: record[k] for k in ("ours_samples_per_s", "peft_samples_per_s", "ratio")}))
 
 
 if __name__ == "__main__":
