@@ -105,7 +105,7 @@ def command_run(args: argparse.Namespace) -> None:
 
 
 # ----- PEFT, written the way a PEFT user writes a sequential LoRA run ---------------------------------------
-def peft_sequential(experiment: dict[str, Any], seed: int) -> dict[str, Any]:
+def peft_sequential(experiment: dict[str, Any], seed: int, keep: dict[str, Any] | None = None) -> dict[str, Any]:
     """get_peft_model on q_proj/v_proj, `model(**batch, labels=...)`, AdamW per task, greedy generate. The batches
     (order, prompts, answer-only labels) and the LoRA start weights are loracl's, so that the two runs can be
     compared matrix for matrix; everything that trains is PEFT's."""
@@ -168,6 +168,8 @@ def peft_sequential(experiment: dict[str, Any], seed: int) -> dict[str, Any]:
                 row_accuracy.append(correct / len(seen.test))
         matrix.append(row_accuracy + [None] * (len(stream.tasks) - task.index - 1))
     sizes = [len(task.test) for task in stream.tasks]
+    if keep is not None:  # a caller comparing weights gets the trained PEFT model
+        keep["model"] = peft_model
     return {"method": "peft_seq_lora", "label": "peft_seq_lora", "seed": seed, "accuracy_matrix": matrix, "test_sizes": sizes,
             **metrics.summarize(matrix, sizes, None), "train_samples_per_s": train_samples / train_s}
 

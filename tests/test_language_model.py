@@ -323,3 +323,48 @@ def test_the_packaged_instruction_stream_has_instructions_and_runs_on_a_tiny_mod
     )
     results = run_experiment(config, None)
     assert [result.label for result in results] == ["zero_shot", "seq_lora", "o_lora"]
+
+
+def test_seq_lora_trains_bit_for_bit_like_a_peft_loop():
+    """Two tasks of loracl's seq_lora against get_peft_model + `model(**batch, labels=...)` + AdamW on the same
+    batches and start weights: the trained LoRA factors are identical."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from loracl.engine.runner import MethodRun
+    from loracl.seeding import derived_seed
+
+    stream = instruction_stream(free_form=False)
+    config = lm_config({"name": "seq_lora", "target_modules": ["q_proj", "v_proj"]}, train={"lr": 1e-2})
+    [ours] = run_experiment(config, None, stream=stream)
+    run = MethodRun(config, config.method[0], stream, None)
+    method = run.build()
+    method.attach(copy.deepcopy(run.model))
+    method.begin_task(stream.tasks[0])
+    start = {name: layer.branches["default"] for name, layer in method.layers.items()}
+    options = method.options
+    peft_model = get_peft_model(
+        run.model.backbone.model,
+        LoraConfig(r=options.rank, lora_alpha=options.alpha, lora_dropout=options.dropout, target_modules=["q_proj", "v_proj"]),
+    )
+    lora = {name.removeprefix("base_model.model."): module for name, module in peft_model.named_modules() if hasattr(module, "lora_A")}
+    with torch.no_grad():
+        for name, module in lora.items():
+            module.lora_A["default"].weight.copy_(start[name].lora_A)
+            module.lora_B["default"].weight.copy_(start[name].lora_B)
+    for task in stream.tasks:
+        torch.manual_seed(derived_seed(config.seed, task.index))
+        parameters = [p for p in peft_model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(parameters, lr=config.train.lr, weight_decay=0.0)
+        peft_model.train()
+        for batch in run.loader(task.train, task, train=True):
+            inputs = batch["inputs"]
+            peft_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=inputs["target_ids"]).loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    for name, layer in ours.method.layers.items():
+        assert torch.allclose(layer.branches["default"].lora_B, lora[name].lora_B["default"].weight, atol=1e-6), name
+        assert torch.allclose(layer.branches["default"].lora_A, lora[name].lora_A["default"].weight, atol=1e-6), name
+    assert any(layer.branches["default"].lora_B.abs().sum() > 0 for layer in ours.method.layers.values())
