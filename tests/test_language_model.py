@@ -368,3 +368,22 @@ def test_seq_lora_trains_bit_for_bit_like_a_peft_loop():
         assert torch.allclose(layer.branches["default"].lora_B, lora[name].lora_B["default"].weight, atol=1e-6), name
         assert torch.allclose(layer.branches["default"].lora_A, lora[name].lora_A["default"].weight, atol=1e-6), name
     assert any(layer.branches["default"].lora_B.abs().sum() > 0 for layer in ours.method.layers.values())
+
+
+def test_rank_scoring_sees_fm_loras_input_prompt():
+    """An input prompt changes the ranked log-likelihoods exactly as it changes generation's inputs."""
+    config = lm_config("fm_lora", task_model={"kind": "language", "scoring": "rank"})
+    stream = instruction_stream(free_form=False)
+    [result] = run_experiment(config, None, stream=stream)
+    model = result.method.model
+    prompt = model.backbone.input_prompts[0]
+    task = stream.tasks[0]
+    inputs = model.collate(task.test, [0, 1], task, train=False)
+    with torch.no_grad():
+        prompt.prompts.mul_(50.0)  # a prompt that matters
+        with_prompt = model.option_log_likelihoods(inputs)
+        prompt.active = False
+        without_prompt = model.option_log_likelihoods(inputs)
+        prompt.active = True
+    assert with_prompt.shape == without_prompt.shape == (2, len(task.options))
+    assert not torch.allclose(with_prompt, without_prompt)

@@ -227,29 +227,33 @@ class LanguageTaskModel(TaskModel):
     @torch.no_grad()
     def rank_options(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Index [B] of the option whose tokens have the highest summed log-likelihood after the prompt."""
+        return self.option_log_likelihoods(inputs).argmax(1)
+
+    @torch.no_grad()
+    def option_log_likelihoods(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed log-likelihood [B, K] of each option's tokens (and end of sequence) after the prompt."""
         options = inputs["option_ids"]  # [B, K, T], -100 after each option's end
         batch, count, width = options.shape
         mask = options != IGNORE
         tokens = options.clamp(min=0)
         model = self.backbone.model
         if self.backbone.is_encoder_decoder:
-            repeat = lambda tensor: tensor.repeat_interleave(count, 0)  # noqa: E731  [B*K, ...]
+            encoder_inputs = {key: inputs[key].repeat_interleave(count, 0) for key in ("input_ids", "attention_mask")}
             labels = options.reshape(batch * count, width)
             decoder_inputs = model.prepare_decoder_input_ids_from_labels(labels=labels.clamp(min=0))
-            logits = model(
-                input_ids=repeat(inputs["input_ids"]), attention_mask=repeat(inputs["attention_mask"]),
-                decoder_input_ids=decoder_inputs,
-            ).logits  # [B*K, T, V]
+            prompted = self.backbone.prompted(encoder_inputs)
+            prompted.pop("position_ids", None)
+            logits = model(**prompted, decoder_input_ids=decoder_inputs).logits  # [B*K, T, V]
         else:
             prompt_width = inputs["input_ids"].shape[1]
             ids = torch.cat([inputs["input_ids"].repeat_interleave(count, 0), tokens.reshape(batch * count, width)], 1)
             attention = torch.cat([inputs["attention_mask"].repeat_interleave(count, 0), mask.reshape(batch * count, width).long()], 1)
             positions = (attention.cumsum(1) - 1).clamp(min=0)
-            logits = model(input_ids=ids, attention_mask=attention, position_ids=positions).logits
-            logits = logits[:, prompt_width - 1 : prompt_width - 1 + width]  # [B*K, T, V]: each predicts an option token
+            prompted = self.backbone.prompted({"input_ids": ids, "attention_mask": attention, "position_ids": positions})
+            start = self.backbone.prompt_length() + prompt_width - 1  # input-prompt tokens come first
+            logits = model(**prompted).logits[:, start : start + width]  # [B*K, T, V]: each predicts an option token
         picked = logits.float().log_softmax(-1).gather(-1, tokens.reshape(batch * count, width, 1)).squeeze(-1)
-        totals = (picked * mask.reshape(batch * count, width)).sum(1).reshape(batch, count)
-        return totals.argmax(1)
+        return (picked * mask.reshape(batch * count, width)).sum(1).reshape(batch, count)
 
     def decode(self, predictions: torch.Tensor) -> list[str]:
         """Generated token rows -> answer texts (cut at the end-of-sequence token)."""
