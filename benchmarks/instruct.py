@@ -79,16 +79,22 @@ def result_path(name: str, label: str, seed: int) -> Path:
 def command_run(args: argparse.Namespace) -> None:
     """Every row x seed without a result file, each in its own process (so peak memory is that run's alone)."""
     experiment = load_experiment(args.experiment)
-    # seed by seed, so that every row has its first seed before any row has its third
-    seeds = sorted({seed for row in experiment["rows"] for seed in row["seeds"]})
-    for seed, row in ((seed, row) for seed in seeds for row in experiment["rows"]):
-        if (args.only and row["label"] not in args.only) or seed not in (args.seeds or row["seeds"]):
+    # seed by seed, so that every row has its first seed before any row has its third; single-seed ablations and
+    # the PEFT comparison after the headline rows' seeds
+    jobs = []
+    for index, row in enumerate(experiment["rows"]):
+        for seed in row["seeds"]:
+            jobs.append(((len(row["seeds"]) == 1 and "ablates" in row, seed, index), row["label"], seed))
+    jobs.append(((False, 1, -1), "peft_seq_lora", 0))
+    for _, label, seed in sorted(jobs):
+        if (args.only and label not in args.only) or (args.seeds and seed not in args.seeds):
             continue
-        if result_path(experiment["name"], row["label"], seed).exists():
+        if result_path(experiment["name"], label, seed).exists():
             continue
-        command = [sys.executable, __file__, "one", args.experiment, "--only", row["label"], "--seeds", str(seed)]
+        verb = "peft" if label == "peft_seq_lora" else "one"
+        command = [sys.executable, __file__, verb, args.experiment, "--only", label, "--seeds", str(seed)]
         if subprocess.run(command).returncode != 0:  # one failing row must not stop the others
-            print(f"{row['label']} seed {seed}: failed (its traceback is above)", flush=True)
+            print(f"{label} seed {seed}: failed (its traceback is above)", flush=True)
 
 
 def command_one(args: argparse.Namespace) -> None:
