@@ -19,6 +19,7 @@ from pydantic import Field, model_validator
 from loracl.backbones.classifier import ContinualClassifier
 from loracl.config import Float
 from loracl.data.stream import Task
+from loracl.seeding import derived_generator
 from loracl.errors import LoraclError
 from loracl.methods._subspace import (
     SubspaceBasis,
@@ -42,7 +43,9 @@ class InfLoraOptions(MethodOptions, RoutedBranchOptions):
     lamb: Float = Field(default=0.95, gt=0.0, le=1.0)  # threshold at the first task
     lame: Float = Field(default=1.0, gt=0.0, le=1.0)  # threshold the schedule rises towards
     basis_update: Literal["dual_gpm", "gpm"] = "dual_gpm"  # gpm: the DomainNet config's plain GPM
-    design: Literal["cov_proj", "sym"] = "cov_proj"  # cov_proj: SVD of (I - M M^T) C (code); sym: P C P
+    # cov_proj: SVD of (I - M M^T) C (code); sym: P C P; random: [D] ablation, a seeded random orthonormal A of the
+    # same scale, not designed from the data (the memory of old subspaces is still kept, but A ignores it)
+    design: Literal["cov_proj", "sym", "random"] = "cov_proj"
     energy: Literal["code", "gpm"] = "code"  # code: squared eigenvalues of C; gpm: eigenvalues
     # per-epoch schedule [C]: cosine lr·cos(99πe / (200(E-1))) (CIFAR / ImageNet-R configs, ends at ~1.6 % of
     # lr), multistep ×0.1 after epoch 4 (DomainNet), or constant; with one epoch all three are the same
@@ -53,6 +56,13 @@ class InfLoraOptions(MethodOptions, RoutedBranchOptions):
         if self.lame < self.lamb:
             raise ValueError(f"`lame` ({self.lame}) must be >= `lamb` ({self.lamb})")
         return self
+
+
+def random_down_projection(width: int, rank: int, seed: int, task_index: int) -> torch.Tensor:
+    """A seeded random A [rank, width] with orthonormal rows / sqrt(3), the designed A's scale (ablation)."""
+    generator = derived_generator(seed, 500 + task_index)
+    gaussian = torch.randn(width, rank, generator=generator)
+    return torch.linalg.qr(gaussian).Q.T / 3**0.5  # [rank, width]
 
 
 class InfLora(LoraMethod):
@@ -116,7 +126,10 @@ class InfLora(LoraMethod):
             leader = group[0]
             memory = self.bases.get(leader)
             free = memory.free_projector() if memory is not None else None
-            down, last_singular = design_down_projection(covariances[leader], free, self.options.rank, self.options.design)
+            if self.options.design == "random":
+                down, last_singular = random_down_projection(covariances[leader].shape[0], self.options.rank, self.context.seed, task.index), 0.0
+            else:
+                down, last_singular = design_down_projection(covariances[leader], free, self.options.rank, self.options.design)
             smallest.append(last_singular)
             for name in group:
                 lora_A = self.layers[name].branches[branch_name].lora_A

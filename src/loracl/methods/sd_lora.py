@@ -40,6 +40,11 @@ class SdLoraOptions(MethodOptions, RoutedBranchOptions):
     magnitude_init: Float = 0.8
     norm: Literal["factor", "product"] = "factor"  # code: ||B|| ||A||; paper: ||B A||
     reset_magnitudes: bool = True  # code: old magnitudes back to magnitude_init at every task start
+    train_magnitudes: bool = Field(
+        default=True,
+        description="[D] ablation switch: False keeps every magnitude at magnitude_init (frozen), so only the new "
+        "direction trains; isolates the learnable magnitudes that are SD-LoRA's mechanism.",
+    )
     # SD-LoRA-KD [X]: absorb a new direction whose least-squares fit by the earlier ones leaves a squared residual
     # below this (LibContinual's SD-LoRA-KD configs: 9e-4); None: off
     kd_threshold: Float | None = Field(default=None, gt=0.0)
@@ -51,7 +56,7 @@ class SdLoraOptions(MethodOptions, RoutedBranchOptions):
     # norm leaves ||D_t|| anywhere in (0, 1], so an absolute residual is small whenever D_t itself is)
     kd_residual: Literal["absolute", "relative"] = "absolute"
 
-    inert_defaults: ClassVar[dict[str, Any]] = {"kd_threshold": None, "kd_update": "direction", "kd_residual": "absolute"}
+    inert_defaults: ClassVar[dict[str, Any]] = {"train_magnitudes": True, "kd_threshold": None, "kd_update": "direction", "kd_residual": "absolute"}
 
     @model_validator(mode="after")
     def _kd_options_need_kd(self) -> SdLoraOptions:
@@ -95,6 +100,9 @@ class SdLora(LoraMethod):
         self.magnitudes[branch_name] = nn.Parameter(
             torch.tensor(self.options.magnitude_init, dtype=reference.dtype, device=reference.device)
         )
+        if not self.options.train_magnitudes:
+            for magnitude in self.magnitudes.values():
+                magnitude.requires_grad_(False)
         with private_rng(self.context.seed, task.index):
             rank = self.rank_for_task(task.index)
             for layer in self.layers.values():
