@@ -285,7 +285,7 @@ def test_bad_data_exits_2_naming_the_culprit_and_writes_nothing(case, tmp_path):
     result = subprocess.run([sys.executable, "-m", "loracl.cli", "run", str(config), "--out", str(out)], capture_output=True, text=True)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
-    assert not (out / "seq_lora" / "checkpoints").exists()
+    assert not (out / "seq_lora").exists()  # refused before any run folder was made
 
 
 @pytest.mark.parametrize(

@@ -559,6 +559,7 @@ def check_entries(config: RunConfig, stream: Stream) -> None:
         head = config.head_for(entry)
         check_task_model_settings(config, entry, backbone)
         trial = build_task_model(copy.deepcopy(backbone), config, head)
+        trial.check_stream(stream)
         method.attach(trial)  # the method object is thrown away with its trial model; runs build their own
 
 

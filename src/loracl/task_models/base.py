@@ -45,6 +45,9 @@ class TaskModel(nn.Module):
         """The model's keyword tensors for examples `indices` of a split (`inputs` of a batch)."""
         return self.backbone.collate([split.inputs[i] for i in indices])
 
+    def check_stream(self, stream: Any) -> None:
+        """Raise DataError naming the example if some example cannot be fed to this task model (before training)."""
+
     # ----- per-task structure ------------------------------------------------------------------------
     def begin_task(self, task: Task, context: MethodContext) -> None:
         """Structure a new task needs before training (e.g. head rows)."""

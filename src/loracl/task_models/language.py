@@ -113,6 +113,17 @@ class LanguageTaskModel(TaskModel):
             )
         return ids
 
+    def check_stream(self, stream: Any) -> None:
+        """Every answer fits max_answer_tokens and every prompt's instruction fits max_length, checked up front."""
+        for task in stream.tasks:
+            for split_name, split in (("train", task.train), ("test", task.test)):
+                if not split.targets:
+                    raise DataError(f"task `{task.name}`: its examples have no answer texts for a language model")
+                for index, answer in enumerate(split.targets):
+                    self.answer_ids(answer, f"task `{task.name}` {split_name} example {index}")
+                for header in sorted(set(split.headers)):
+                    self.prompt_ids(header, "", f"task `{task.name}` instruction")
+
     def collate(self, split: Split, indices: list[int], task: Task, train: bool) -> dict[str, torch.Tensor]:
         """Training: prompt + answer, right-padded, `target_ids` = answer tokens else -100; evaluation: prompts
         left-padded for generation, `option_ids` [B, K, T] of the task's options for rank scoring."""
