@@ -387,3 +387,27 @@ def test_rank_scoring_sees_fm_loras_input_prompt():
         prompt.active = True
     assert with_prompt.shape == without_prompt.shape == (2, len(task.options))
     assert not torch.allclose(with_prompt, without_prompt)
+
+
+def test_a_local_folder_of_a_causal_lm_loads_as_a_language_model(tmp_path):
+    from loracl.backbones.language import LanguageBackbone
+    from loracl.backbones.registry import load_backbone
+
+    tiny = LANGUAGE_MODELS["tiny-llama"][0](64, 0)
+    tiny.model.save_pretrained(tmp_path / "model")
+    tiny.tokenizer.save_pretrained(tmp_path / "model")
+    loaded = load_backbone(str(tmp_path / "model"), max_length=64)  # task_model.kind auto: its config generates text
+    assert isinstance(loaded, LanguageBackbone) and not loaded.is_encoder_decoder
+    ids = torch.tensor([[5, 6, 7]])
+    assert torch.equal(loaded.model(input_ids=ids).logits, tiny.model.eval()(input_ids=ids).logits)
+    assert all(not parameter.requires_grad for parameter in loaded.model.parameters())
+
+
+def test_a_damaged_gguf_file_is_one_clear_error(tmp_path):
+    from loracl.backbones.registry import load_backbone
+    from loracl.errors import LoraclError
+
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(b"not a gguf file at all")
+    with pytest.raises(LoraclError, match="broken.gguf"):
+        load_backbone(str(path))
