@@ -84,8 +84,9 @@ def command_run(args: argparse.Namespace) -> None:
     jobs = []
     for index, row in enumerate(experiment["rows"]):
         for seed in row["seeds"]:
-            jobs.append(((len(row["seeds"]) == 1 and "ablates" in row, seed, index), row["label"], seed))
-    jobs.append(((False, 1, -1), "peft_seq_lora", 0))
+            key = (len(row["seeds"]) == 1 and "ablates" in row, seed > 0 and not row.get("priority", False), seed, index)
+            jobs.append((key, row["label"], seed))
+    jobs.append(((False, False, 1, -1), "peft_seq_lora", 0))
     for _, label, seed in sorted(jobs):
         if (args.only and label not in args.only) or (args.seeds and seed not in args.seeds):
             continue
