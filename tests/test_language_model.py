@@ -26,7 +26,9 @@ LM_METHODS = [name for name in available_methods() if "language" in method_class
 def instruction_stream(free_form: bool = True):
     """Two label tasks with instructions and (optionally) one free-form task: tiny, learnable by keyword."""
     tasks = [
-        RawTask("colour", ["red", "blue"], [("a ruby", "red"), ("the sea", "blue")] * 4, [("a ruby", "red"), ("the sea", "blue")], instruction="Name the colour."),
+        RawTask(
+            "colour", ["red", "blue"], [("a ruby", "red"), ("the sea", "blue")] * 4, [("a ruby", "red"), ("the sea", "blue")], instruction="Name the colour."
+        ),
         RawTask("size", ["big", "small"], [("an elephant", "big"), ("an ant", "small")] * 4, [("an elephant", "big"), ("an ant", "small")]),
     ]
     if free_form:
@@ -75,9 +77,7 @@ def test_answer_only_loss_equals_the_hugging_face_labels_loss(which, llama, t5, 
     inputs = model.collate(task.train, [0, 1, 2], task, train=True)
     batch = {"inputs": inputs}
     ours = model.loss(model(batch), batch, task, None)
-    reference = model.backbone.model(
-        input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=inputs["target_ids"]
-    ).loss
+    reference = model.backbone.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=inputs["target_ids"]).loss
     assert torch.allclose(ours, reference, atol=1e-5)
 
 
@@ -174,9 +174,7 @@ def test_every_method_trains_on_a_language_model_with_the_base_bit_identical(met
 
 def test_training_teaches_the_answers_of_a_learnable_task():
     stream = instruction_stream(free_form=False)
-    config = lm_config(
-        {"name": "seq_lora", "target_modules": "all-linear", "dropout": 0.0}, train={"epochs": 12, "lr": 2e-2, "batch_size": 2}
-    )
+    config = lm_config({"name": "seq_lora", "target_modules": "all-linear", "dropout": 0.0}, train={"epochs": 12, "lr": 2e-2, "batch_size": 2})
     [zero] = run_experiment(lm_config("zero_shot"), None, stream=stream)
     [trained] = run_experiment(config, None, stream=stream)
     assert trained.results["accuracy_matrix"][0][0] == 1.0 > zero.results["accuracy_matrix"][0][0]
@@ -218,7 +216,7 @@ def test_killed_run_resumes_equal_to_an_uninterrupted_one(tmp_path, monkeypatch)
 def test_export_loads_in_peft_and_generates_the_same_tokens(tmp_path):
     from peft import PeftModel
 
-    from loracl.adapters.peft_io import export_run_task
+    from loracl.engine.export import export_run_task
 
     stream = instruction_stream()
     config = lm_config("seq_lora", train={"epochs": 3})
@@ -231,8 +229,12 @@ def test_export_loads_in_peft_and_generates_the_same_tokens(tmp_path):
     fresh = LANGUAGE_MODELS["tiny-llama"][0](192, 0)
     peft_model = PeftModel.from_pretrained(fresh.model, str(folder)).eval()
     theirs = peft_model.generate(
-        input_ids=batch["inputs"]["input_ids"], attention_mask=batch["inputs"]["attention_mask"], do_sample=False,
-        max_new_tokens=model.options.max_new_tokens, pad_token_id=fresh.tokenizer.pad_token_id, eos_token_id=fresh.tokenizer.eos_token_id,
+        input_ids=batch["inputs"]["input_ids"],
+        attention_mask=batch["inputs"]["attention_mask"],
+        do_sample=False,
+        max_new_tokens=model.options.max_new_tokens,
+        pad_token_id=fresh.tokenizer.pad_token_id,
+        eos_token_id=fresh.tokenizer.eos_token_id,
     )[:, batch["inputs"]["input_ids"].shape[1] :]
     assert torch.equal(ours, theirs)
 
@@ -299,8 +301,7 @@ def test_bad_data_exits_2_naming_the_culprit_and_writes_nothing(case, tmp_path):
 def test_bad_model_settings_exit_2_with_one_line(backbone, task_model, message, tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text(
-        f"backbone: {{name: '{backbone}'}}\ntask_model: {{kind: '{task_model}'}}\n"
-        "train: {max_length: 192, progress: false}\nmethod: [{name: seq_lora}]\n"
+        f"backbone: {{name: '{backbone}'}}\ntask_model: {{kind: '{task_model}'}}\ntrain: {{max_length: 192, progress: false}}\nmethod: [{{name: seq_lora}}]\n"
     )
     result = subprocess.run([sys.executable, "-m", "loracl.cli", "run", str(config), "--out", str(tmp_path / "out")], capture_output=True, text=True)
     assert result.returncode == 2, result.stderr
@@ -313,7 +314,9 @@ def test_the_packaged_instruction_stream_has_instructions_and_runs_on_a_tiny_mod
     from loracl.data.build import load_stream
 
     root = Path(__file__).resolve().parent.parent
-    config = load_config(root / "configs" / "instruct_quickstart.yaml", ["backbone.name=tiny-llama", "stream.max_train_per_task=4", "stream.max_test_per_task=2"])
+    config = load_config(
+        root / "configs" / "instruct_quickstart.yaml", ["backbone.name=tiny-llama", "stream.max_train_per_task=4", "stream.max_test_per_task=2"]
+    )
     stream = load_stream(config.stream, 0)
     assert [task.name for task in stream.tasks] == ["sst2", "qqp", "cb"]
     assert stream.tasks[0].train.headers[0].startswith("Is the sentiment of this movie review Good or Bad?")

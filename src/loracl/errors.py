@@ -25,6 +25,14 @@ class CheckpointError(LoraclError):
     """A checkpoint folder does not belong to this run or cannot be read."""
 
 
+class TrainingDiverged(LoraclError):
+    """The loss stopped being a finite number; the finished tasks' checkpoints stay, the run can be rerun."""
+
+
+class ExportRefused(LoraclError):
+    """What a method serves cannot be written as the adapter format asked for (e.g. one PEFT LoRA)."""
+
+
 class MissingDependencyError(LoraclError):
     """An optional package is needed for what the user asked for."""
 

@@ -2,7 +2,7 @@
 
 from loracl.adapters.base import AdapterLayer
 from loracl.adapters.fused import FusedProjection, join_fused_projections, split_fused_projections
-from loracl.adapters.inject import adapter_layers, find_target_modules, inject_adapters, merge_adapters, unmerge_adapters
+from loracl.adapters.inject import adapter_layers, adapters_disabled, find_target_modules, inject_adapters, merge_adapters, unmerge_adapters
 from loracl.adapters.lora import LoraBranch, LoraLayer
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "LoraBranch",
     "LoraLayer",
     "adapter_layers",
+    "adapters_disabled",
     "find_target_modules",
     "inject_adapters",
     "join_fused_projections",

@@ -41,6 +41,7 @@ class AdapterLayer(nn.Module):
         check_base_layer(base_layer, name)
         self.base_layer = base_layer
         self.module_name = name
+        self.disabled = False  # True: the layer is its base layer alone (PEFT's disable_adapters), merged or not
         for parameter in base_layer.parameters():
             parameter.requires_grad_(False)
 
@@ -64,6 +65,17 @@ class AdapterLayer(nn.Module):
     @property
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
+
+    def served_delta(self) -> torch.Tensor | None:
+        """The weight delta this layer adds to W0 as it serves now (shaped like W0, no gradient), or None when
+        the delta depends on the input and no fixed weight can stand for it."""
+        raise NotImplementedError
+
+    def bypassed(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen layer's own output, for a disabled layer (disabling a merged layer is refused upstream)."""
+        if self.merged:
+            raise LoraclError(f"module `{self.module_name}`: unmerge before disabling its adapter")
+        return self.base_layer(x)
 
     def merge(self) -> None:
         """Add the mergeable delta into the base weight (outputs unchanged up to rounding)."""
@@ -122,9 +134,24 @@ class MultiBranchLayer(AdapterLayer):
 
     def branch_delta(self, branch_name: str) -> torch.Tensor:
         """One branch's weight delta, shaped like W0."""
-        return self.branches[branch_name].delta_weight()
+        return self.branches[branch_name].delta_weight() * self.branch_scale(branch_name)
+
+    def branch_scale(self, branch_name: str) -> torch.Tensor | float:
+        """A factor the layer applies to a branch on top of the branch's own scaling (1 unless a subclass
+        re-weights branches, e.g. SD-LoRA's magnitudes)."""
+        return 1.0
+
+    def enabled_branches(self) -> list[str]:
+        """Names of the branches that serve (merged or not): all but the disabled ones."""
+        return [name for name in self.branches if name not in self.disabled_branches]
+
+    def served_delta(self) -> torch.Tensor | None:
+        with torch.no_grad():
+            return self.delta_weight().detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            return self.bypassed(x)
         result = self.base_layer(x)
         active = self.active_branches()
         if not active:
@@ -137,7 +164,7 @@ class MultiBranchLayer(AdapterLayer):
     def delta_weight(self, branch_names: list[str] | None = None) -> torch.Tensor:
         """Sum of the named (default: all enabled) branches' deltas, shaped like W0."""
         if branch_names is None:
-            branch_names = [name for name in self.branches if name not in self.disabled_branches]
+            branch_names = self.enabled_branches()
         total = torch.zeros_like(self.base_layer.weight)
         for name in branch_names:
             total = total + self.branch_delta(name).to(total.dtype)

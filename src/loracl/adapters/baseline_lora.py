@@ -65,8 +65,8 @@ class MagnitudeLoraLayer(LoraLayer):
         scaled = (self.magnitude_of(branch_name) + self.assimilated.get(branch_name, 0.0)) / torch.where(nonzero, norm, 1.0)
         return torch.where(nonzero, scaled, 0.0)
 
+    def branch_scale(self, branch_name: str) -> torch.Tensor:
+        return self.coefficient(branch_name)
+
     def branch_output(self, branch_name: str, branch: nn.Module, dropped: torch.Tensor) -> torch.Tensor:
         return branch(dropped.to(branch.dtype)) * self.coefficient(branch_name).to(branch.dtype)
-
-    def branch_delta(self, branch_name: str) -> torch.Tensor:
-        return self.branches[branch_name].delta_weight() * self.coefficient(branch_name)

@@ -63,7 +63,6 @@ class FactorizedLoraLayer(AdapterLayer):
         self.register_parameter("core_N", None)
         self.kept_cores = nn.Module()  # buffers M_<task>, N_<task>: trimmed cores of finished tasks
         self.rank_mask: torch.Tensor | None = None  # [r] forward mask for the live cores; None = all ones
-        self.delta_enabled = True
         self._weight_before_merge: torch.Tensor | None = None
         if self.is_conv:
             self.stride, self.padding, self.dilation = base_layer.stride, base_layer.padding, base_layer.dilation
@@ -177,9 +176,15 @@ class FactorizedLoraLayer(AdapterLayer):
             return F.conv2d(z, self.shared_B[:, :, None, None])
         return F.linear(z, self.shared_B)
 
+    def served_delta(self) -> torch.Tensor | None:
+        with torch.no_grad():
+            return self.delta_weight().detach()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            return self.bypassed(x)
         result = self.base_layer(x)
-        if self.merged or not self.delta_enabled:
+        if self.merged:
             return result
         z = self._down(x.to(self.shared_A.dtype))
         mixed = self._mix(z, self.accumulated_core)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 from torch import nn
 
@@ -92,3 +93,18 @@ def unmerge_adapters(model: nn.Module) -> None:
     """Undo merge_adapters."""
     for layer in adapter_layers(model).values():
         layer.unmerge()
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Every adapter wrapper in `model` serves its frozen base layer alone for the duration (PEFT's
+    `disable_adapter()`); each layer's own flag is restored afterwards."""
+    layers = list(adapter_layers(model).values())
+    saved = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield
+    finally:
+        for layer, flag in zip(layers, saved):
+            layer.disabled = flag

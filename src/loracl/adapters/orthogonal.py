@@ -138,7 +138,17 @@ class ComposedLoraLayer(AdapterLayer):
     def _accumulate_gradient(self, gradient: torch.Tensor) -> None:
         self.weight_gradient = gradient.detach() if self.weight_gradient is None else self.weight_gradient + gradient.detach()
 
+    def served_delta(self) -> torch.Tensor | None:
+        with torch.no_grad():
+            if self.model_index is TRAINING:
+                delta = self.training_delta()
+            else:
+                delta = self.inference_delta(self.model_index)
+        return torch.zeros_like(self.base_layer.weight) if delta is None else delta.detach()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            return self.bypassed(x)
         if self._merged_original is not None:
             return self.base_layer(x)
         delta = self.training_delta() if self.model_index is TRAINING else self.inference_delta(self.model_index)

@@ -16,9 +16,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from loracl.adapters.fused import fold_part_pairs, join_fused_projections
+from loracl.adapters.base import AdapterLayer, MultiBranchLayer
+from loracl.adapters.fused import join_fused_projections
 from loracl.adapters.inject import inject_adapters
-from loracl.adapters.lora import LoraLayer
+from loracl.adapters.lora import LoraBranch, LoraLayer
 from loracl.errors import LoraclError, read_json_file
 
 CONFIG_FILE = "adapter_config.json"
@@ -87,6 +88,46 @@ def write_peft_adapter(
     return folder
 
 
+def low_rank_pair(delta: torch.Tensor, relative_tolerance: float = 1e-6) -> LoraPair | None:
+    """A weight delta [d_out, d_in] or [c_out, c_in, kh, kw] as an exact LoRA pair (scaling 1) of its numerical
+    rank, by SVD in float64; None for a zero delta. Used for adapters that are linear but not (A, B) pairs."""
+    flat = delta.detach().double().flatten(1)  # [d_out, d_in * kh * kw]
+    U, S, Vh = torch.linalg.svd(flat, full_matrices=False)
+    if S.numel() == 0 or float(S[0]) == 0.0:
+        return None
+    rank = max(1, int((S > S[0] * relative_tolerance).sum()))
+    root = S[:rank].sqrt()
+    lora_A = (root[:, None] * Vh[:rank]).to(delta.dtype)  # [r, d_in * kh * kw]
+    lora_B = (U[:, :rank] * root[None, :]).to(delta.dtype)  # [d_out, r]
+    if delta.dim() == 4:  # PEFT's Conv2d LoRA: A a kh x kw conv into r channels, B a 1 x 1 conv
+        lora_A = lora_A.reshape(rank, *delta.shape[1:])
+        lora_B = lora_B[:, :, None, None]
+    return LoraPair(lora_A.contiguous(), lora_B.contiguous(), 1.0)
+
+
+def served_lora_pair(layer: AdapterLayer) -> LoraPair | None:
+    """The delta a layer serves as one PEFT LoRA pair: its (A, B) factors, exactly, where its enabled branches
+    are LoRA branches; an SVD of its fixed delta otherwise; None when it adds nothing."""
+    if isinstance(layer, MultiBranchLayer):
+        names = layer.enabled_branches()
+        if not names:
+            return None
+        if all(isinstance(layer.branches[name], LoraBranch) for name in names):
+            with torch.no_grad():
+                return combine_pairs([branch_pair(layer, name) for name in names])
+    delta = layer.served_delta()
+    if delta is None:
+        raise LoraclError(f"module `{layer.module_name}`: its delta depends on the input; no fixed LoRA stands for it")
+    return low_rank_pair(delta)
+
+
+def branch_pair(layer: MultiBranchLayer, branch_name: str) -> LoraPair:
+    """One LoRA branch with the layer's own factor for it folded into B."""
+    branch = layer.branches[branch_name]
+    scale = layer.branch_scale(branch_name)
+    return LoraPair(branch.lora_A.detach().clone(), (branch.lora_B * scale).detach().clone(), float(branch.scaling))
+
+
 def lora_layers_to_pairs(layers: dict[str, LoraLayer], branch_names: list[str] | None = None) -> dict[str, LoraPair]:
     """The (summed) LoRA of each wrapper, from the named branches (default: all enabled ones)."""
     pairs = {}
@@ -150,42 +191,3 @@ def load_peft_adapter(model: nn.Module, folder: str | Path, branch_name: str = "
             branch.lora_B.copy_(pair.lora_B)
         branch.scaling = pair.scaling
     return layers
-
-
-_BRANCH_KEY = re.compile(r"^backbone\.model\.(.+)\.branches\.([^.]+)\.lora_(A|B)$")
-
-
-def export_run_task(run_dir: Path, task: int, out: Path) -> Path:
-    """Write the LoRA a run had after task `task` (-1: the last finished) as a PEFT adapter folder."""
-    from loracl.engine.checkpoint import RECORD_FILE, STATE_FILE, latest_checkpoint
-
-    run_dir = Path(run_dir)
-    folder = latest_checkpoint(run_dir) if task < 0 else run_dir / "checkpoints" / f"task_{task}"
-    if folder is None or not (folder / RECORD_FILE).is_file():
-        raise LoraclError(f"no finished checkpoint {'' if task < 0 else f'for task {task} '}in {run_dir}/checkpoints")
-    record = read_json_file(folder / RECORD_FILE)
-    entry = record.get("method_entry", {})
-    state = load_file(str(folder / STATE_FILE))
-    branches: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
-    for key, value in state.items():
-        match = _BRANCH_KEY.match(key)
-        if match:
-            module, branch, part = match.groups()
-            branches.setdefault(module, {}).setdefault(branch, {})[part] = value
-    if not branches:
-        raise LoraclError(
-            f"method `{entry.get('name', '?')}` in {run_dir} stores no plain LoRA branches; "
-            "export supports the LoRA-branch methods (seq_lora, inc_lora, joint, o_lora, inflora)"
-        )
-    alpha = float(entry.get("alpha", 16.0))
-    use_rslora = bool(entry.get("use_rslora", False))
-    pairs = {}
-    for module, by_branch in branches.items():
-        module_pairs = []
-        for parts in by_branch.values():
-            rank = parts["A"].shape[0]
-            scaling = alpha / rank**0.5 if use_rslora else alpha / rank
-            module_pairs.append(LoraPair(parts["A"], parts["B"], scaling))
-        pairs[module] = combine_pairs(module_pairs)
-    pairs = fold_part_pairs(pairs, record.get("fused_layouts", {}))
-    return write_peft_adapter(pairs, out, record.get("backbone_path"))

@@ -239,7 +239,19 @@ class TensorAdapterLayer(AdapterLayer):
         self.blocks[block_name] = block
         return block
 
+    def served_delta(self) -> torch.Tensor | None:
+        """The active block's fixed update, or None when its seed is generated from each input."""
+        if self.active_block is None:
+            return torch.zeros_like(self.base_layer.weight)
+        block = self.blocks[self.active_block]
+        if block.generated:
+            return None
+        with torch.no_grad():
+            return block.delta_weight(block.static_seed()).detach()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            return self.bypassed(x)
         result = self.base_layer(x)
         if self.active_block is None or self.active_block == self._merged_block:
             return result

@@ -24,7 +24,7 @@ from loracl.data.build import load_stream
 from loracl.data.stream import Split, Stream, Task
 from loracl.engine.checkpoint import config_fingerprint, latest_checkpoint, read_checkpoint, save_checkpoint
 from loracl.engine.loaders import SplitLoader
-from loracl.errors import CheckpointError, ConfigError, LoraclError
+from loracl.errors import CheckpointError, ConfigError, LoraclError, TrainingDiverged
 from loracl.methods.base import Method, MethodContext, MethodOptions
 from loracl.methods.registry import create_method
 from loracl.seeding import derived_generator, derived_seed
@@ -90,6 +90,30 @@ def _task_wall_s(record: dict[str, Any]) -> float:
     if "wall_s" in record:
         return float(record["wall_s"])
     return float(record.get("train_s", 0.0)) + float(record.get("eval_s", 0.0))
+
+
+def stream_structure(stream: Stream) -> dict[str, Any]:
+    """A stream without its examples: enough to rebuild every task's structure (head rows, branches)."""
+    return {
+        "class_names": stream.class_names,
+        "scenario": stream.scenario,
+        "modality": stream.modality,
+        "tasks": [
+            {"name": task.name, "index": task.index, "class_ids": task.class_ids, "free_form": task.free_form, "options": task.options}
+            for task in stream.tasks
+        ],
+    }
+
+
+def stream_from_structure(data: dict[str, Any]) -> Stream:
+    """The inverse of stream_structure: tasks with empty splits."""
+    tasks = [
+        Task(
+            item["name"], int(item["index"]), list(item["class_ids"]), Split([], []), Split([], []), bool(item.get("free_form")), list(item.get("options", []))
+        )
+        for item in data["tasks"]
+    ]
+    return Stream(tasks, list(data["class_names"]), data["scenario"], data["modality"])
 
 
 def _joint_task(stream: Stream) -> Task:
@@ -195,7 +219,9 @@ class MethodRun:
                     extra = method.extra_loss(batch, logits)
                     total = loss if extra is None else loss + extra
                 if not torch.isfinite(total):
-                    raise RuntimeError(f"{description}: the loss became {total.item()} (lower train.lr?)")
+                    raise TrainingDiverged(
+                        f"{description}: the loss became {total.item()} (lower train.lr or train.head_lr); finished tasks stay checkpointed"
+                    )
                 self.accelerator.backward(total / accumulation)
                 samples += len(batch["labels"])
                 last_batch = batch_index + 1 == len(loader)
@@ -315,15 +341,17 @@ class MethodRun:
             "method_entry": {"name": self.entry.name, **self.entry.options.model_dump(mode="json")},
             "backbone_path": self.model.backbone.name_or_path,
             "fused_layouts": fused_layouts(self.model.backbone.model),  # PEFT export folds part LoRAs with these
+            # what rebuilding this method without the data needs (loracl export, fuse --run)
+            "config": config_to_dict(self.config),
+            "method_label": self.entry.run_label,
+            "stream": stream_structure(self.stream),
         }
         backbone_state = None
         if with_backbone:  # under the unsplit model's keys, so the file also loads into the original model
             backbone_state = join_part_states(self.base_backbone_state, record["fused_layouts"], prefix="model.")
         save_checkpoint(self.run_dir, task_index, method.state_dict(), record, backbone_state)
 
-    def task_record(
-        self, method: Method, task: Task, row: list[float], train: dict, evaluation: tuple, wall_s: float
-    ) -> dict:
+    def task_record(self, method: Method, task: Task, row: list[float], train: dict, evaluation: tuple, wall_s: float) -> dict:
         _, eval_samples, eval_s = evaluation
         return {
             "task": task.name,
@@ -333,7 +361,7 @@ class MethodRun:
             "eval_s": eval_s,
             "wall_s": wall_s,  # the task's whole time: set-up, training, end-of-task work, evaluation
             "stored_bytes": self.stored_bytes(method),
-            "method_state": method.extra_state(),
+            "method_state": copy.deepcopy(method.extra_state()),  # a snapshot: methods keep growing their own lists
             **({"metric_rows": dict(self.other_metrics)} if getattr(self, "other_metrics", None) else {}),
         }
 
@@ -407,6 +435,14 @@ class MethodRun:
         folder = latest_checkpoint(self.run_dir)
         if folder is None:
             return 0
+        record = self.restore(method, folder, base_session)
+        self.records = list(record["records"])
+        finished = len(self.stream.tasks) if method.trains_jointly else int(record["task_index"]) + 1
+        logger.info("%s: resumed after %d finished task(s) from %s", self.entry.run_label, finished, folder)
+        return finished
+
+    def restore(self, method: Method, folder: Path, base_session: bool) -> dict[str, Any]:
+        """Attach `method` to the built model and load checkpoint `folder` into both; returns its record."""
         record, state, backbone_state = read_checkpoint(folder, self.fingerprint)
         layouts = fused_layouts(self.model.backbone.model)
         saved_layouts = {name: [tuple(part) for part in layout] for name, layout in record.get("fused_layouts", {}).items()}
@@ -422,7 +458,6 @@ class MethodRun:
             if base_session:
                 self.model.head.add_classes(self.stream.tasks[0].class_ids)
             method.restore_structure([_joint_task(self.stream)], base_session=False)
-            finished = len(self.stream.tasks)
         else:
             finished = int(record["task_index"]) + 1
             method.restore_structure(self.stream.tasks[:finished], base_session=base_session)
@@ -434,9 +469,7 @@ class MethodRun:
                 " start a fresh --out or delete that run folder"
             ) from error
         method.load_extra_state(record.get("extra_state", {}))
-        self.records = list(record["records"])
-        logger.info("%s: resumed after %d finished task(s) from %s", self.entry.run_label, finished, folder)
-        return finished
+        return record
 
     def results(self, method: Method, outside_tasks_s: float) -> dict[str, Any]:
         """The run's summary; wall time sums every task's, across resumed sessions, plus this session's set-up."""
@@ -522,10 +555,7 @@ def check_next_task_evaluation(method: Method, name: str, stream: Stream, base_s
     """train.eval_next_task needs a method that can score unseen tasks and a stream where some task reuses
     earlier classes; anything else is a config error, not a silent absence of FWT."""
     if not method.scores_unseen_tasks:
-        raise ConfigError(
-            f"train.eval_next_task: method `{name}` routes by statistics of finished tasks and cannot"
-            " score a task before training it"
-        )
+        raise ConfigError(f"train.eval_next_task: method `{name}` routes by statistics of finished tasks and cannot score a task before training it")
     if method.trains_jointly:
         raise ConfigError(f"train.eval_next_task: method `{name}` trains on every task at once, so no task comes next")
     if base_session:

@@ -10,10 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from loracl.adapters.peft_io import _BRANCH_KEY, LoraPair, read_peft_adapter
-from loracl.errors import LoraclError, read_json_file
+from loracl.adapters.peft_io import LoraPair, read_peft_adapter
+from loracl.errors import LoraclError
 
 
 @dataclass
@@ -36,28 +35,12 @@ def read_adapter(folder: str | Path, name: str | None = None) -> TaskAdapter:
 
 
 def read_run_branch(run_dir: str | Path, task: int) -> TaskAdapter:
-    """Task `task`'s own LoRA branch (`task_<k>`, as inc_lora and icm_fusion store them) from a loracl run."""
-    from loracl.engine.checkpoint import RECORD_FILE, STATE_FILE, latest_checkpoint
+    """Task `task`'s own LoRA branch (`task_<k>`, as inc_lora, inflora, sd_lora and icm_fusion keep them) from a
+    loracl run, with the scale the method serves it at."""
+    from loracl.engine.export import read_run_task_lora
 
-    run_dir = Path(run_dir)
-    folder = latest_checkpoint(run_dir)
-    if folder is None or not (folder / RECORD_FILE).is_file():
-        raise LoraclError(f"no finished checkpoint in {run_dir}/checkpoints")
-    record = read_json_file(folder / RECORD_FILE)
-    entry = record.get("method_entry", {})
-    alpha, use_rslora = float(entry.get("alpha", 16.0)), bool(entry.get("use_rslora", False))
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in load_file(str(folder / STATE_FILE)).items():
-        match = _BRANCH_KEY.match(key)
-        if match and match.group(2) == f"task_{task}":
-            parts.setdefault(match.group(1), {})[match.group(3)] = value
-    if not parts:
-        raise LoraclError(f"{run_dir}: no LoRA branch `task_{task}` (only per-task-branch methods such as inc_lora, icm_fusion keep one)")
-    pairs = {}
-    for module, p in parts.items():
-        rank = p["A"].shape[0]
-        pairs[module] = LoraPair(p["A"], p["B"], alpha / rank**0.5 if use_rslora else alpha / rank)
-    return TaskAdapter(f"{run_dir.name}/task_{task}", pairs, record.get("backbone_path"), layouts=record.get("fused_layouts", {}))
+    pairs, record = read_run_task_lora(run_dir, task)
+    return TaskAdapter(f"{Path(run_dir).name}/task_{task}", pairs, record.get("backbone_path"), layouts=record.get("fused_layouts", {}))
 
 
 def check_compatible(adapters: list[TaskAdapter]) -> None:

@@ -13,20 +13,23 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
 from loracl.adapters import (
     LoraLayer,
     adapter_layers,
+    adapters_disabled,
     find_target_modules,
     inject_adapters,
 )
 from loracl.adapters.base import MultiBranchLayer
+from loracl.adapters.fused import fold_part_pairs, fused_layouts
+from loracl.adapters.lora import LoraBranch
+from loracl.adapters.peft_io import LoraPair, branch_pair, served_lora_pair
 from loracl.config import Float, HeadConfig, StrictModel, TrainConfig
 from loracl.data.stream import Task
-from loracl.errors import ConfigError
+from loracl.errors import ConfigError, ExportRefused
 from loracl.methods.routing import (
     RoutedBranchOptions,
     RoutedInferenceOptions,
@@ -246,12 +249,12 @@ class Method:
 
     @contextmanager
     def adapters_bypassed(self) -> Iterator[None]:
-        """Every adapter branch off for the duration (the frozen pre-trained model); methods whose adapters are
-        not branches override this."""
+        """Every adapter layer off for the duration (the frozen pre-trained model); a method with adapters
+        outside its layers (a prompt) also switches those off."""
         assert self.model is not None
-        if any(layer.merged_branches for layer in self._branch_layers()):
+        if any(layer.merged for layer in adapter_layers(self.model).values()):
             raise RuntimeError("routed inference needs unmerged adapters: the router reads the frozen model")
-        with self.branches_disabled(lambda layer: set(layer.branches)):
+        with adapters_disabled(self.model):
             yield
 
     @contextmanager
@@ -311,7 +314,7 @@ class Method:
         """Each example predicted as its task: the task inferred by the router (the protocol's task id in
         task-incremental runs), the model as of that task, only that task's classes."""
         assert self.task_router is not None and self.model is not None
-        inputs = batch["inputs"]
+        batch["inputs"]
         if self.context.scenario == "task_incremental":
             routes = batch["task_ids"]
         else:
@@ -330,6 +333,52 @@ class Method:
                     predictions = self.model.restrict(self.score(group), classes)
             parts.append((rows, predictions))
         return scatter_rows(parts, len(routes), self.model.prediction_fill)
+
+    # ----- export ----------------------------------------------------------------------------------
+    def export_refusal(self) -> str | None:
+        """Why the model this method serves now is not one PEFT LoRA on the backbone (None: it is one)."""
+        assert self.model is not None
+        if self.task_router is not None:
+            return "routed inference serves each example with the adapters of its inferred task, not one LoRA"
+        layers = adapter_layers(self.model.backbone.model)
+        if not layers:
+            return "it puts no adapter into the backbone"
+        if any(layer.served_delta() is None for layer in layers.values()):
+            return "its adapters are generated from each input, so no fixed LoRA stands for them"
+        return None
+
+    def lora_export(self) -> dict[str, LoraPair]:
+        """The backbone's served adapters as module -> LoraPair, exact (a classifier head is not part of it);
+        ExportRefused, naming why, when no single LoRA can stand for what the method serves."""
+        assert self.model is not None
+        reason = self.export_refusal()
+        if reason is not None:
+            raise ExportRefused(f"method `{self.name}` cannot be exported as one PEFT LoRA: {reason}")
+        pairs = {}
+        for name, layer in adapter_layers(self.model.backbone.model).items():
+            pair = served_lora_pair(layer)
+            if pair is not None:
+                pairs[name] = pair
+        if not pairs:
+            raise ExportRefused(f"method `{self.name}` cannot be exported as one PEFT LoRA: its adapters add nothing yet")
+        return fold_part_pairs(pairs, fused_layouts(self.model.backbone.model))
+
+    def task_lora(self, task_index: int) -> dict[str, LoraPair]:
+        """Task `task_index`'s own LoRA (the branch `task_<i>` of every layer, with the layer's factor for it), for
+        fusion; ExportRefused when the method keeps no such branch."""
+        assert self.model is not None
+        branch = f"task_{task_index}"
+        pairs = {
+            name: branch_pair(layer, branch)
+            for name, layer in adapter_layers(self.model.backbone.model).items()
+            if isinstance(layer, MultiBranchLayer) and isinstance(layer.branches[branch] if branch in layer.branches else None, LoraBranch)
+        }
+        if not pairs:
+            raise ExportRefused(
+                f"method `{self.name}` keeps no LoRA branch `{branch}` (per-task-branch methods such as inc_lora,"
+                " o_lora, inflora, sd_lora and icm_fusion keep one per task)"
+            )
+        return pairs
 
     # ----- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:

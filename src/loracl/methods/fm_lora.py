@@ -31,7 +31,6 @@ from loracl.methods.base import Method, MethodOptions, resolve_target_modules
 from loracl.methods.routing import RoutedInferenceOptions
 from loracl.seeding import derived_generator
 
-
 DEFAULT_PROMPT_LAYERS = 5  # the deep prompt's blocks 0-4 (spec 2.5, DualPrompt's placement)
 
 
@@ -84,7 +83,7 @@ class FmLoraOptions(MethodOptions, RoutedInferenceOptions):
     }
 
     @model_validator(mode="after")
-    def _check(self) -> "FmLoraOptions":
+    def _check(self) -> FmLoraOptions:
         if self.candidate_ranks is not None:
             ranks = self.candidate_ranks
             if not ranks or sorted(set(ranks)) != ranks or ranks[0] < 1 or ranks[-1] > self.rank:
@@ -303,29 +302,36 @@ class FmLora(Method):
         indices = torch.randperm(len(task.train), generator=generator)[:count].tolist()
         was_training = self.model.training
         self.model.eval()
-        self._set_bypass(True)
         try:
             chunks = []
             batch_size = self.context.train.eval_batch_size
             device = self.state.drs_bias.device
             for start in range(0, count, batch_size):
                 inputs = self.model.collate(task.train, indices[start : start + batch_size], task, train=False)
-                chunks.append(self.model.features({key: value.to(device) for key, value in inputs.items()}).float())
+                with self.adapters_bypassed():
+                    chunks.append(self.model.features({key: value.to(device) for key, value in inputs.items()}).float())
         finally:
-            self._set_bypass(False)
             self.model.train(was_training)
         return torch.cat(chunks)
 
+    def export_refusal(self) -> str | None:
+        if self.state.prompt is not None:
+            return "its meta-prompt adds learned tokens to every input, which no LoRA can express (prompt_len: 0 exports)"
+        return super().export_refusal()
+
     @contextmanager
     def adapters_bypassed(self) -> Iterator[None]:
-        """The frozen model for the router: every F-LoRA delta and the meta-prompt off."""
-        if any(layer.merged for layer in self.layers.values()):
-            raise RuntimeError("routed inference needs unmerged adapters: the router reads the frozen model")
-        self._set_bypass(True)
+        """The frozen model: every F-LoRA delta (the base class) and the meta-prompt off."""
+        prompt = self.state.prompt
+        active = prompt.active if prompt is not None else None
+        if prompt is not None:
+            prompt.active = False
         try:
-            yield
+            with super().adapters_bypassed():
+                yield
         finally:
-            self._set_bypass(False)
+            if prompt is not None:
+                prompt.active = active
 
     @contextmanager
     def serving_as_of(self, task_index: int) -> Iterator[None]:
@@ -356,12 +362,6 @@ class FmLora(Method):
                 for layer, (core, live_M, live_N) in zip(self.layers.values(), saved):
                     layer.accumulated_core.copy_(core)
                     layer.core_M, layer.core_N = live_M, live_N
-
-    def _set_bypass(self, bypass: bool) -> None:
-        for layer in self.layers.values():
-            layer.delta_enabled = not bypass
-        if self.state.prompt is not None:
-            self.state.prompt.active = not bypass
 
     def measure_task(self, task: Task) -> dict[str, Any]:
         """H(T_t) = clip(w_spec h_spec + w_sim h_sim, 0, 1); stores the task's feature basis U_t as a buffer."""

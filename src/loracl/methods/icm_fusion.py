@@ -39,7 +39,7 @@ class IcmFusionMethodOptions(LoraOptions):
     fusion: IcmFusionOptions = Field(default_factory=IcmFusionOptions)
 
     @model_validator(mode="after")
-    def _fused_rank_is_the_branch_rank(self) -> "IcmFusionMethodOptions":
+    def _fused_rank_is_the_branch_rank(self) -> IcmFusionMethodOptions:
         if self.fusion.delta_rank is not None and self.fusion.delta_rank != self.rank:
             raise ValueError(
                 f"fusion.delta_rank {self.fusion.delta_rank} != rank {self.rank}: in the stream the fused and regenerated "
@@ -180,6 +180,13 @@ class IcmFusionMethod(LoraMethod):
         for index, stored in self.supports.items():
             for key, value in stored.items():
                 state[f"icm_fusion.support.{index}.{key}"] = value
+        # the harvested checkpoints an `end`-mode fusion still needs, so a resumed run fuses the same samples
+        for index, samples in self.samples.items():
+            for number, pairs in enumerate(samples):
+                for module, pair in pairs.items():
+                    prefix = f"icm_fusion.sample.{index}.{number}.{module}"
+                    state[f"{prefix}.lora_A"], state[f"{prefix}.lora_B"] = pair.lora_A, pair.lora_B
+                    state[f"{prefix}.scaling"] = torch.tensor(pair.scaling, dtype=torch.float64)
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -188,11 +195,22 @@ class IcmFusionMethod(LoraMethod):
         for key in [key for key in state if key.startswith("icm_fusion.support.")]:
             _, _, index, name = key.split(".", 3)
             supports.setdefault(int(index), {})[name] = state.pop(key)
+        harvested: dict[int, dict[int, dict[str, dict[str, torch.Tensor]]]] = {}
+        for key in [key for key in state if key.startswith("icm_fusion.sample.")]:
+            index, number, rest = key[len("icm_fusion.sample.") :].split(".", 2)
+            module, part = rest.rsplit(".", 1)
+            harvested.setdefault(int(index), {}).setdefault(int(number), {}).setdefault(module, {})[part] = state.pop(key)
         if any(f".branches.{FUSED}." in key for key in state) and not self._has_fused():
             for layer in self.layers.values():  # the fused LoRA has the task LoRAs' rank and scaling
                 layer.add_branch(FUSED, self.options.rank, self.options.alpha, use_rslora=self.options.use_rslora, init="none")
         super().load_state_dict(state)
         self.supports = supports
+        self.samples = {task.index: [] for task in self.seen_tasks}
+        for index, numbered in harvested.items():
+            self.samples[index] = [
+                {module: LoraPair(parts["lora_A"], parts["lora_B"], float(parts["scaling"])) for module, parts in numbered[number].items()}
+                for number in sorted(numbered)
+            ]
         for layer in self.layers.values():
             layer.disabled_branches = {name for name in layer.branches if name != FUSED} if FUSED in layer.branches else set()
 

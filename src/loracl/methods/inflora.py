@@ -19,7 +19,6 @@ from pydantic import Field, model_validator
 from loracl.backbones.classifier import ContinualClassifier
 from loracl.config import Float
 from loracl.data.stream import Task
-from loracl.seeding import derived_generator
 from loracl.errors import LoraclError
 from loracl.methods._subspace import (
     SubspaceBasis,
@@ -31,6 +30,7 @@ from loracl.methods._subspace import (
 )
 from loracl.methods.base import KEY_VALUE_NAMES, LoraMethod, MethodOptions
 from loracl.methods.routing import RoutedBranchOptions
+from loracl.seeding import derived_generator
 
 BASIS_PREFIX = "inflora_basis."
 
@@ -52,7 +52,7 @@ class InfLoraOptions(MethodOptions, RoutedBranchOptions):
     lr_schedule: Literal["cosine", "multistep", "constant"] = "cosine"
 
     @model_validator(mode="after")
-    def _threshold_rises(self) -> "InfLoraOptions":
+    def _threshold_rises(self) -> InfLoraOptions:
         if self.lame < self.lamb:
             raise ValueError(f"`lame` ({self.lame}) must be >= `lamb` ({self.lamb})")
         return self

@@ -24,14 +24,13 @@ from loracl import metrics
 from loracl.adapters import inject_adapters
 from loracl.adapters.orthogonal import TRAINING, ComposedLoraLayer
 from loracl.backbones.alignment import ClassGaussians, kmeans_labels, put_row, realign_head
-from loracl.backbones.classifier import ContinualClassifier
 from loracl.backbones.heads import mask_to_classes
 from loracl.config import Float
 from loracl.data.stream import Task
 from loracl.errors import ConfigError
 from loracl.methods.base import Method, MethodOptions
-from loracl.task_models.base import TaskModel
 from loracl.seeding import derived_generator, private_rng
+from loracl.task_models.base import TaskModel
 
 
 class LoracIpcOptions(MethodOptions):
@@ -575,10 +574,38 @@ class LoracIpc(Method):
             layer.clear_cache()
 
     def extra_state(self) -> dict[str, Any]:
+        tii_rounds = list(self.tii_history) + ([self.tii_counts[0] / self.tii_counts[1]] if self.tii_counts[1] else [])
+        newest_rows = list(self.newest_rows)
+        if self.newest_counts:
+            newest_rows.append([correct / total for _, (correct, total) in sorted(self.newest_counts.items())])
         return {
             "frozen_slots": {name: int(layer.frozen_from) for name, layer in self.layers.items() if layer.is_frozen},
             "task_model": {str(key): value for key, value in self.task_model.items()},
+            # the evaluation rounds so far, so a resumed run reports every round's routing accuracy
+            "evaluation_rounds": {"tii_accuracy": tii_rounds, "without_tii_rows": newest_rows},
         }
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        rounds = state.get("evaluation_rounds", {})
+        self.tii_history = [float(value) for value in rounds.get("tii_accuracy", [])]
+        self.newest_rows = [[float(value) for value in row] for row in rounds.get("without_tii_rows", [])]
+        self.tii_counts, self.newest_counts = [0, 0], {}
+
+    def export_refusal(self) -> str | None:
+        if self.options.tii and not self.serves_newest_only and len(self.seen_tasks) > 1:
+            return (
+                "task-identity inference (tii) serves each example with the composed model of its inferred task;"
+                " with tii: false the newest composed model serves and exports"
+            )
+        return super().export_refusal()
+
+    def lora_export(self) -> dict[str, Any]:
+        """The newest composed model (what serves without TII) as one LoRA per slot."""
+        self.set_model(self.task_model[self.seen_tasks[-1].index] if self.seen_tasks else TRAINING)
+        try:
+            return super().lora_export()
+        finally:
+            self.set_model(TRAINING)
 
     def task_metrics(self) -> dict[str, Any]:
         """Routing accuracy per evaluation round (the last is after the final task) and the freeze record."""

@@ -19,8 +19,7 @@ from __future__ import annotations
 import copy
 import math
 import re
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -36,9 +35,9 @@ from loracl.config import Float
 from loracl.data.stream import Task
 from loracl.errors import ConfigError, LoraclError
 from loracl.methods.base import Method, MethodContext, MethodOptions, present_pair
-from loracl.task_models.base import scatter_rows
 from loracl.methods.routing import RouterMetric, TaskRouter, select_batch_rows, select_rows
 from loracl.seeding import private_rng
+from loracl.task_models.base import scatter_rows
 
 # Convolutions that are not inside residual blocks (stems, shortcuts, patch embeddings): not adapted by `auto`.
 _NON_BLOCK_CONV = re.compile(r"(^|\.)(embedder|stem|shortcut|downsample|patch_embeddings|projection)(\.|$)")
@@ -79,7 +78,7 @@ class MetaLoraOptions(MethodOptions):
     share_frozen_prefix: bool = True
 
     @model_validator(mode="after")
-    def _blocks_only_with_blocks_extractor(self) -> "MetaLoraOptions":
+    def _blocks_only_with_blocks_extractor(self) -> MetaLoraOptions:
         if self.extractor_blocks is not None and self.extractor != "blocks":
             raise ValueError(f"`extractor_blocks` is read only with extractor `blocks` (extractor is `{self.extractor}`)")
         return self
@@ -301,18 +300,6 @@ class MetaLora(Method):
             self.freeze_block(self.block_of_task[task.index])
 
     # ----- features and seeds --------------------------------------------------------------------------
-    @contextmanager
-    def adapters_off(self) -> Iterator[None]:
-        """The frozen base model: every slot's active block is switched off for the duration."""
-        active = {name: layer.active_block for name, layer in self.layers.items()}
-        for layer in self.layers.values():
-            layer.active_block = None
-        try:
-            yield
-        finally:
-            for name, layer in self.layers.items():
-                layer.active_block = active[name]
-
     def activate(self, block_name: str | None) -> None:
         for layer in self.layers.values():
             layer.active_block = block_name
@@ -322,7 +309,7 @@ class MetaLora(Method):
         """f(x) [B, d_feat] from the frozen model with adapters off: pooled output (`base`), embeddings (`embed`)
         or the first blocks' token states (`blocks`)."""
         assert self.model is not None
-        with self.adapters_off():
+        with self.adapters_bypassed():
             if self.options.extractor == "embed":
                 return self.model.backbone.embedding_features(**inputs)
             if self.options.extractor == "blocks":

@@ -52,7 +52,7 @@ class OaAdapterOptions(MethodOptions, RoutedBranchOptions):
     inference: Literal["sum", "task_oracle"] = "sum"  # task_oracle: only the test task's branch (diagnostic)
 
     @model_validator(mode="after")
-    def _gates_start_open(self) -> "OaAdapterOptions":
+    def _gates_start_open(self) -> OaAdapterOptions:
         floor = self.tau_init if self.budget == "adaptive" else 0.0
         if abs(self.gate_init) <= floor:
             raise ValueError(

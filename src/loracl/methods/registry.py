@@ -32,7 +32,7 @@ def available_methods() -> list[str]:
     return sorted(METHOD_MODULES)
 
 
-def method_class(name: str) -> type["Method"]:
+def method_class(name: str) -> type[Method]:
     """The Method subclass registered under `name`; a ConfigError naming it otherwise."""
     if not isinstance(name, str) or name not in METHOD_MODULES:
         raise ConfigError(f"unknown method {name!r}: available methods are {', '.join(available_methods())}")
@@ -45,11 +45,11 @@ def method_class(name: str) -> type["Method"]:
     raise RuntimeError(f"module loracl.methods.{METHOD_MODULES[name]} defines no Method named {name!r}")
 
 
-def method_options_class(name: str) -> type["MethodOptions"]:
+def method_options_class(name: str) -> type[MethodOptions]:
     return method_class(name).Options
 
 
-def create_method(name: str, options: dict[str, Any] | "MethodOptions", context: "MethodContext") -> "Method":
+def create_method(name: str, options: dict[str, Any] | MethodOptions, context: MethodContext) -> Method:
     """Instantiate a method from its name, its validated (or raw) options and the run context."""
     cls = method_class(name)
     if isinstance(options, dict):
