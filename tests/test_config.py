@@ -84,7 +84,6 @@ def test_every_method_entry_of_a_shipped_config_attaches_to_a_tiny_model_of_its_
     from loracl.backbones.registry import load_backbone
     from loracl.methods.base import MethodContext
     from loracl.methods.registry import create_method
-
     from loracl.task_models import build_task_model
 
     config = load_config(path)

@@ -6,10 +6,10 @@ import pytest
 import torch
 from helpers import tiny_config, tiny_text_stream
 
+from loracl.adapters.prompts import PREFIX_ATTENTION, prefix_attention
 from loracl.backbones.classifier import ContinualClassifier
 from loracl.backbones.registry import load_backbone
 from loracl.config import validate_config
-from loracl.adapters.prompts import PREFIX_ATTENTION, prefix_attention
 from loracl.errors import ConfigError, LoraclError
 from loracl.methods.base import MethodContext
 from loracl.methods.fm_lora import spectral_complexity, subspace_overlap
@@ -126,7 +126,7 @@ def test_drs_masks_temperature_commit_and_bias_gradient(granularity):
     method.end_task(task, [])
     assert method.chosen_ranks == [expected[0] if groups == 1 else expected]
     for layer, rank in zip(method.layers.values(), expected * len(method.layers) if groups == 1 else expected):
-        assert getattr(layer.kept_cores, "N_0").shape == (method.options.rank, rank)
+        assert layer.kept_cores.N_0.shape == (method.options.rank, rank)
 
 
 def test_deterministic_drs_picks_the_nearest_rank_and_off_uses_r():

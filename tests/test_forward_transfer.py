@@ -90,7 +90,11 @@ SMALL = {
 
 @pytest.mark.parametrize(
     "name",
-    [name for name in available_methods() if method_class(name).scores_unseen_tasks and not method_class(name).trains_jointly and "classifier" in method_class(name).task_models],
+    [
+        name
+        for name in available_methods()
+        if method_class(name).scores_unseen_tasks and not method_class(name).trains_jointly and "classifier" in method_class(name).task_models
+    ],
 )
 def test_every_method_that_claims_it_scores_the_next_task(tmp_path, name):
     stream = tiny_text_stream(2, scenario="domain_incremental", train=6, test=4)

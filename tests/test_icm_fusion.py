@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-
 from helpers import tiny_config, tiny_text_stream
+
 from loracl.adapters.peft_io import LoraPair
 from loracl.backbones.registry import load_backbone
-from loracl.engine import run_experiment
 from loracl.config import validate_config
+from loracl.engine import run_experiment
 from loracl.errors import ConfigError, LoraclError
 from loracl.fusion import LoraHost, TaskAdapter, TaskSupport, fuse
 from loracl.fusion.flat import FlatLayout, flatten, full_rank_view, tensor_stats, truncated_lora, unflatten
@@ -47,7 +47,10 @@ def test_centring_offset_round_trips_and_removes_what_every_lora_shares():
     for seed in range(3):
         ups = random_adapter(20 + seed)
         adapters.append({m: LoraPair(shared_down[m].lora_A, ups[m].lora_B, 2.0) for m in MODULES})
-    tasks = [FusionTask(f"t{i}", adapter, TaskSupport({"input_ids": torch.zeros(1, 2, dtype=torch.long)}, torch.zeros(1, dtype=torch.long), torch.nn.Identity())) for i, adapter in enumerate(adapters)]
+    tasks = [
+        FusionTask(f"t{i}", adapter, TaskSupport({"input_ids": torch.zeros(1, 2, dtype=torch.long)}, torch.zeros(1, dtype=torch.long), torch.nn.Identity()))
+        for i, adapter in enumerate(adapters)
+    ]
     fusion = IcmFusion(IcmFusionOptions(task_vector="parameters", inner_steps=0, centre=True), host=None)
     layout = FlatLayout.of(adapters[0])
     per_task, finals, stats = fusion.weight_data(tasks, layout)
@@ -116,8 +119,7 @@ def test_icm_fusion_end_to_end_keeps_the_backbone_frozen_and_is_peft_shaped():
     inputs = backbone.collate(["abc de", "fgh", "ijk lm"])
     head = torch.nn.Linear(32, 2)
     supports = [TaskSupport(inputs, torch.tensor([0, 1, 0]), head) for _ in adapters]
-    outcome = fuse(adapters, "icm", {"icm": QUICK}, host=host, supports=supports,
-                   samples=[[random_adapter(10 + seed)] for seed in range(2)])
+    outcome = fuse(adapters, "icm", {"icm": QUICK}, host=host, supports=supports, samples=[[random_adapter(10 + seed)] for seed in range(2)])
     assert set(outcome.adapter) == set(MODULES)
     assert all(outcome.adapter[m].lora_A.shape == (4, 32) for m in MODULES)
     assert outcome.report["weight_samples_per_task"] == [5, 5]  # 2 real + noise augmentation to min_samples
@@ -177,8 +179,14 @@ def test_seeded_blocks_leave_the_callers_random_stream_untouched():
 
 @pytest.mark.parametrize("mode, target", [("online", "factors"), ("end", "factors"), ("online", "delta"), ("continue", "delta")])
 def test_icm_fusion_method_runs_a_tiny_stream(tmp_path, mode, target):
-    method = {"name": "icm_fusion", "rank": 2, "mode": mode, "harvest_checkpoints": 2, "support_per_task": 4,
-              "fusion": {**QUICK, "latent_dim": 4, "target": target}}
+    method = {
+        "name": "icm_fusion",
+        "rank": 2,
+        "mode": mode,
+        "harvest_checkpoints": 2,
+        "support_per_task": 4,
+        "fusion": {**QUICK, "latent_dim": 4, "target": target},
+    }
     config = tiny_config(method, train={"batch_size": 4})
     results = run_experiment(config, tmp_path / mode, stream=tiny_text_stream(3, train=12, test=6))[0].results
     matrix = results["accuracy_matrix"]
@@ -322,10 +330,7 @@ def test_icm_fusing_one_adapter_returns_close_to_itself():
 
     generator = torch.Generator().manual_seed(0)
     modules = ["a.q", "a.v", "b.q", "b.v"]
-    adapter = {
-        name: LoraPair(torch.randn(4, 32, generator=generator) * 0.2, torch.randn(32, 4, generator=generator) * 0.2, 2.0)
-        for name in modules
-    }
+    adapter = {name: LoraPair(torch.randn(4, 32, generator=generator) * 0.2, torch.randn(32, 4, generator=generator) * 0.2, 2.0) for name in modules}
     options = {"icm": {"task_vector": "parameters", "inner_steps": 0, "meta_steps": 0, "warm_start_steps": 60, "batch_size": 4, "outer_lr": 1e-2}}
     fused = fuse([TaskAdapter("t", adapter)], "icm", options).adapter
     own, out = delta_weights(adapter), delta_weights(fused)

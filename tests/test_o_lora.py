@@ -78,7 +78,7 @@ def test_penalty_gradient_is_sign_overlap_times_old_rows():
     method.begin_task(stream.tasks[1])
     randomize_current(method)
     method.extra_loss(batch, None).backward()
-    for name, layer in method.layers.items():
+    for _name, layer in method.layers.items():
         old = layer.branches["task_0"].lora_A.detach()
         new = layer.branches["task_1"].lora_A
         expected = torch.sign(old @ new.detach().T).T @ old

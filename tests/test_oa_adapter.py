@@ -214,7 +214,7 @@ def test_old_branches_bit_identical_and_parameter_counts():
         train_task(method, model, task)
         trainable_now = sum(p.numel() for b in method.current_branches().values() for p in b.parameters())
         assert trainable_now == sum(r_eff * (a + b) + r_eff + 1 for (a, b), r_eff in zip(dims.values(), method.budgets[task.name].values()))
-        for earlier, tensors in snapshots.items():
+        for _earlier, tensors in snapshots.items():
             for key, value in tensors.items():
                 assert torch.equal(model.state_dict()[key], value), f"{key} changed after task {task.name}"
         snapshots[task.name] = {

@@ -8,6 +8,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from loracl.errors import LoraclError
 
@@ -22,6 +23,22 @@ def _check_writable(out: Path) -> None:
             pass
     except OSError as exc:
         raise LoraclError(f"output directory {out} is not writable ({exc.strerror})") from None
+
+
+def _lock(out: Path) -> Any:
+    """Hold OUT for this run: a second `loracl run` on the same folder is refused instead of interleaving its
+    log and results with this one. The lock is the kernel's (flock), so a killed run never leaves it behind."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): runs are not locked there
+        return None
+    handle = open(out / ".loracl.lock", "w")  # noqa: SIM115 - held open for the whole run
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise LoraclError(f"another loracl run is writing to {out}; wait for it or choose another --out") from None
+    return handle
 
 
 def _log_to(out: Path) -> logging.Handler:
@@ -39,13 +56,16 @@ def _close_log(handler: logging.Handler) -> None:
 
 
 def _remove_fresh_log(out: Path, entries_before: set[str] | None) -> None:
-    """A bad input found before anything was written leaves no trace: this call's new run.log goes (and OUT, if
-    this call created it); if anything else was written, or the log was there before (a resume), all is kept."""
+    """A bad input found before anything was written leaves no trace: this call's new run.log and lock file go
+    (and OUT, if this call created it); if anything else was written, or the log was there before (a resume),
+    all is kept."""
     before = entries_before or set()
+    ours = {"run.log", ".loracl.lock"}
     try:
-        if "run.log" in before or {entry.name for entry in out.iterdir()} != before | {"run.log"}:
+        if "run.log" in before or {entry.name for entry in out.iterdir()} - ours != before - ours:
             return
-        (out / "run.log").unlink()
+        for name in ours - before:
+            (out / name).unlink(missing_ok=True)
         if entries_before is None:
             out.rmdir()
     except OSError:
@@ -61,15 +81,20 @@ def command_run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     entries_before = {entry.name for entry in out.iterdir()} if out.is_dir() else None
     _check_writable(out)
+    lock = _lock(out)
     handler = _log_to(out)
     try:
         results = run_experiment(config, out)
     except LoraclError:
         _close_log(handler)
+        if lock is not None:
+            lock.close()
         _remove_fresh_log(out, entries_before)
         raise
     finally:
         _close_log(handler)  # closing twice is harmless
+        if lock is not None:
+            lock.close()
     print(format_summary_table([result.results for result in results]))
     print(f"\nresults: {out / 'results.json'}   report: {out / 'report.md'}   plot: {out / 'accuracy_matrix.png'}")
     return 0
@@ -85,7 +110,7 @@ def command_report(args: argparse.Namespace) -> int:
 
 
 def command_export(args: argparse.Namespace) -> int:
-    from loracl.adapters.peft_io import export_run_task
+    from loracl.engine.export import export_run_task
 
     folder = export_run_task(Path(args.run), args.task, Path(args.out))
     print(f"PEFT adapter written to {folder}")

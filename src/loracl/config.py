@@ -5,15 +5,12 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from typing import Annotated
-
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from loracl.errors import ConfigError
-
 
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
@@ -95,7 +92,7 @@ class HeadConfig(StrictModel):
     align_samples_per_cluster: int = Field(default=320, ge=1)
 
     @model_validator(mode="after")
-    def _align_needs_a_trained_head(self) -> "HeadConfig":
+    def _align_needs_a_trained_head(self) -> HeadConfig:
         if self.align and self.type == "prototype":
             raise ValueError("head.align re-trains a linear or cosine head; the prototype head has nothing to align")
         return self
@@ -163,7 +160,7 @@ class MethodConfig(StrictModel):
     head: HeadConfig | None = None
 
     @model_validator(mode="after")
-    def _check_method_options(self) -> "MethodConfig":
+    def _check_method_options(self) -> MethodConfig:
         from loracl.methods.registry import method_options_class
 
         options_cls = method_options_class(self.name)  # raises ConfigError naming the method
@@ -207,7 +204,7 @@ class RunConfig(StrictModel):
         return value
 
     @model_validator(mode="after")
-    def _labels_unique(self) -> "RunConfig":
+    def _labels_unique(self) -> RunConfig:
         labels = [entry.run_label for entry in self.method]
         duplicates = sorted({label for label in labels if labels.count(label) > 1})
         if duplicates:
@@ -236,6 +233,13 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
     return f"{source}: {message}"
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's several-line message as one line: what is wrong and where."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1} column {mark.column + 1}" if mark is not None else problem
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b=value` -> (["a", "b"], YAML-parsed value)."""
     if "=" not in text:
@@ -246,7 +250,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {text!r}: value is not valid YAML ({exc})") from exc
+        raise ConfigError(f"--set {text!r}: value is not valid YAML ({yaml_problem(exc)})") from None
     return key.split("."), value
 
 
@@ -285,11 +289,14 @@ def load_config(
         source = str(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{source} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     try:
         data = yaml.safe_load(text) if base is None else copy.deepcopy(base)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML ({exc})") from exc
+        raise ConfigError(f"{source}: not valid YAML ({yaml_problem(exc)})") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -30,7 +30,7 @@ class LanguageBackbone(Backbone):
 
     def __init__(self, model: nn.Module, tokenizer: Any, name: str, max_length: int = 256) -> None:
         config = model.config
-        hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model")
+        hidden = getattr(config, "hidden_size", None) or config.d_model
         super().__init__(model, hidden, "mean", name)
         self.tokenizer = tokenizer
         self.max_length = max_length
@@ -235,6 +235,8 @@ def load_pretrained_language_model(name: str, max_length: int, local_files_only:
     """A Hugging Face id or folder as a language model (causal or encoder-decoder), or a .gguf file path."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+    from loracl.backbones.registry import pretrained_weights
+
     if name.endswith(".gguf"):
         return load_gguf(Path(name), name, max_length)
     try:
@@ -243,7 +245,7 @@ def load_pretrained_language_model(name: str, max_length: int, local_files_only:
         where = "local directory" if Path(name).exists() else "Hugging Face id"
         raise LoraclError(f"backbone `{name}`: cannot load it as a {where}: {str(exc).splitlines()[0][:200]}") from None
     loader = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-    model = loader.from_pretrained(name, local_files_only=local_files_only)
+    model = pretrained_weights(loader, name, local_files_only)
     tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_files_only)
     return LanguageBackbone(model, tokenizer, name, max_length)
 

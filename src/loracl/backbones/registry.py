@@ -127,6 +127,19 @@ BACKBONES: dict[str, tuple[Callable[..., Backbone], str]] = {
 }
 
 
+def pretrained_weights(loader: Any, name: str, local_files_only: bool) -> Any:
+    """`loader.from_pretrained(name)` from safetensors only: pickled weights can run code when loaded, so a
+    folder with only `.bin` weights, or a broken weights file, is refused in one line naming it."""
+    try:
+        return loader.from_pretrained(name, local_files_only=local_files_only, use_safetensors=True)
+    except Exception as exc:  # transformers and safetensors raise several types for unreadable weights
+        first_line = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise LoraclError(
+            f"backbone `{name}`: its weights cannot be read from a safetensors file ({first_line}); pickled .bin"
+            " weights are not loaded (convert them with safetensors first)"
+        ) from None
+
+
 def _load_pretrained(name: str, pooling: str, max_length: int, local_files_only: bool, name_label: str | None = None) -> Backbone:
     """A Hugging Face id or a local directory: text models get a tokenizer, image models normalisation."""
     from transformers import AutoConfig, AutoModel
@@ -138,7 +151,7 @@ def _load_pretrained(name: str, pooling: str, max_length: int, local_files_only:
         where = "local directory" if Path(name).exists() else "Hugging Face id"
         hint = "" if not local_files_only else " (offline: only local files are read; set backbone.local_files_only: false to download)"
         raise LoraclError(f"backbone `{name}`: cannot load it as a {where}{hint}: {str(exc).splitlines()[0][:200]}") from None
-    model = AutoModel.from_pretrained(name, local_files_only=local_files_only)
+    model = pretrained_weights(AutoModel, name, local_files_only)
     if hasattr(config, "num_channels") and hasattr(config, "image_size") or hasattr(config, "hidden_sizes"):
         from transformers import AutoImageProcessor
 

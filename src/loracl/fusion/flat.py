@@ -36,7 +36,7 @@ class FlatLayout:
     identity_down: bool = False  # full-rank views: only B (= dW) is stored, A is the identity
 
     @classmethod
-    def of(cls, adapter: dict[str, LoraPair], identity_down: bool = False) -> "FlatLayout":
+    def of(cls, adapter: dict[str, LoraPair], identity_down: bool = False) -> FlatLayout:
         keys, shapes = [], []
         for module in sorted(adapter):
             pair = adapter[module]

@@ -202,16 +202,22 @@ class IcmFusion:
             flat = flat - self.options.inner_lr * flat_gradient(layout, grads, stats)
         return flat
 
-    def meta_loss(self, vae: FusionVAE, targets: torch.Tensor, conditions: torch.Tensor, supports: list[TaskSupport], layout: FlatLayout, stats: TensorStats) -> torch.Tensor:
+    def meta_loss(
+        self,
+        vae: FusionVAE,
+        targets: torch.Tensor,
+        conditions: torch.Tensor,
+        supports: list[TaskSupport],
+        layout: FlatLayout,
+        stats: TensorStats,
+    ) -> torch.Tensor:
         """Eqs. (6)-(12); with K = 0 it is the plain CVAE loss on the real samples (ICM-LoRA, invariant 9)."""
         if self.options.inner_steps == 0:
             reconstruction, mean, logvar = vae(targets, conditions)
             return cvae_loss(targets, reconstruction, mean, logvar, self.options.kl_weight)
         with torch.no_grad():  # first order: (6)-(7) get no gradient, they only produce l_init
             initial = vae.decode(vae.sample(*vae.encode(targets, conditions)), conditions)
-        adapted = torch.stack(
-            [self.in_context_adapt(initial[i], supports[i], layout, stats, self.options.inner_steps) for i in range(len(supports))]
-        )
+        adapted = torch.stack([self.in_context_adapt(initial[i], supports[i], layout, stats, self.options.inner_steps) for i in range(len(supports))])
         adapted[:, layout.numel :] = 0.0
         mean, logvar = vae.encode(adapted, conditions)  # (9)
         reconstruction = vae.decode(vae.sample(mean, logvar), conditions)  # (10)
@@ -221,7 +227,9 @@ class IcmFusion:
             loss = loss + self.options.align_weight * (real_mean - mean).pow(2).sum(dim=1).mean()
         return loss
 
-    def train(self, vae: FusionVAE, per_task: list[torch.Tensor], vectors: torch.Tensor, tasks: list[FusionTask], layout: FlatLayout, stats: TensorStats) -> dict[str, float]:
+    def train(
+        self, vae: FusionVAE, per_task: list[torch.Tensor], vectors: torch.Tensor, tasks: list[FusionTask], layout: FlatLayout, stats: TensorStats
+    ) -> dict[str, float]:
         """Warm start (plain CVAE) then the meta phase; returns the last losses."""
         optimizer = torch.optim.AdamW(vae.parameters(), lr=self.options.outer_lr, weight_decay=0.0)
         vae.train()
@@ -259,7 +267,9 @@ class IcmFusion:
         latent = (weights[:, None] * latents).sum(0, keepdim=True)
         return vae.decode(latent, self.fused_condition(vectors, weights)[None])[0]
 
-    def learn_weights(self, vae: FusionVAE, latents: torch.Tensor, vectors: torch.Tensor, tasks: list[FusionTask], layout: FlatLayout, stats: TensorStats) -> torch.Tensor:
+    def learn_weights(
+        self, vae: FusionVAE, latents: torch.Tensor, vectors: torch.Tensor, tasks: list[FusionTask], layout: FlatLayout, stats: TensorStats
+    ) -> torch.Tensor:
         """[D] G1: softmax weights minimising the summed few-shot loss through the frozen decoder."""
         assert self.host is not None
         logits = torch.zeros(len(tasks), device=self.device, requires_grad=True)
@@ -285,10 +295,7 @@ class IcmFusion:
         if not tasks:
             raise LoraclError("no tasks to fuse")
         started = time.perf_counter()
-        tasks = [
-            FusionTask(task.name, adapter_on(task.final, self.device), task.support, [adapter_on(s, self.device) for s in task.samples])
-            for task in tasks
-        ]
+        tasks = [FusionTask(task.name, adapter_on(task.final, self.device), task.support, [adapter_on(s, self.device) for s in task.samples]) for task in tasks]
         vectors = self.task_vectors(tasks)  # from the LoRAs as given, whatever the F-VAE encodes
         output_ranks = output_scalings = None
         delta = self.options.target == "delta"
@@ -297,10 +304,7 @@ class IcmFusion:
             output_ranks = {module: self.options.delta_rank or pair.lora_A.shape[0] for module, pair in first.items()}
             output_scalings = {module: pair.scaling for module, pair in first.items()}
             identities: dict[tuple, torch.Tensor] = {}  # one I per width, shared by every view
-            tasks = [
-                FusionTask(t.name, full_rank_view(t.final, identities), t.support, [full_rank_view(s, identities) for s in t.samples])
-                for t in tasks
-            ]
+            tasks = [FusionTask(t.name, full_rank_view(t.final, identities), t.support, [full_rank_view(s, identities) for s in t.samples]) for t in tasks]
         layout = FlatLayout.of(tasks[0].final, identity_down=delta)
         per_task, finals, stats = self.weight_data(tasks, layout)
         with seeded_rng(self.options.seed):
@@ -339,7 +343,10 @@ class IcmFusion:
             "vae_params": vae_params,
             "task_vector_dim": int(vectors.shape[1]),
             "final_reconstruction_mse": reconstruction_mse,
-            "storage_floats": vae_params + vectors.numel() + 2 * len(layout.keys) + layout.numel
+            "storage_floats": vae_params
+            + vectors.numel()
+            + 2 * len(layout.keys)
+            + layout.numel
             + (layout.numel if stats.offset is not None else 0),  # invariant 11, plus the centring offset (0 on padding)
             "final_target_mean_square": float(torch.stack(finals)[:, : layout.numel].pow(2).mean()),  # MSE of a zero output
             "fusion_s": time.perf_counter() - started,

@@ -8,7 +8,6 @@ from loracl.task_models.base import TaskModel, scatter_rows
 from loracl.task_models.classifier import ClassifierTaskModel
 
 
-
 def build_task_model(backbone: Backbone, config: RunConfig, head: HeadConfig) -> TaskModel:
     """The task model the config asks for: a language model's own head for generative backbones (task_model.kind
     auto or language), else a classifier head over pooled features."""

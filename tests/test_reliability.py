@@ -1,0 +1,121 @@
+"""Bad input, faults and concurrent use, tried as a user would: one line naming the culprit, exit code 2, nothing
+half-written, and the frozen weights read only from safetensors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import tiny_config, tiny_text_stream
+
+from loracl.backbones.registry import load_backbone
+from loracl.cli import EXIT_BAD_INPUT, main
+from loracl.engine import run_experiment
+from loracl.errors import LoraclError, TrainingDiverged
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+def test_a_config_that_is_not_utf8_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_bytes(b"seed: 0\nname: \xff\xfe\n")
+    code, err = run_cli(["run", str(config), "--out", str(tmp_path / "out")], capsys)
+    assert code == EXIT_BAD_INPUT
+    assert "not UTF-8" in err and str(config) in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where", ["file", "set"])
+def test_invalid_yaml_is_reported_on_one_line_with_its_position(where: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("seed: 0\ntrain: {epochs: 1\n" if where == "file" else "seed: 0\n")
+    extra = [] if where == "file" else ["--set", "train={epochs: [1"]
+    code, err = run_cli(["run", str(config), "--out", str(tmp_path / "out"), *extra], capsys)
+    assert code == EXIT_BAD_INPUT
+    assert "not valid YAML" in err and "line" in err and err.count("\n") == 1
+
+
+def test_a_second_run_on_the_same_out_is_refused_while_the_first_holds_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from loracl.cli import _lock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    held = _lock(out)  # what a running `loracl run` holds
+    config = tmp_path / "c.yaml"
+    config.write_text("backbone: {name: tiny-bert}\nmethod: [{name: seq_lora}]\n")
+    try:
+        code, err = run_cli(["run", str(config), "--out", str(out)], capsys)
+    finally:
+        held.close()
+    assert code == EXIT_BAD_INPUT
+    assert "another loracl run is writing to" in err
+    assert not (out / "run.log").exists()  # the refused run wrote nothing
+
+
+def test_a_diverging_loss_stops_the_run_with_one_line_and_keeps_finished_tasks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import loracl.engine.runner as runner_module
+
+    config = tiny_config("inc_lora")
+    stream = tiny_text_stream(2, train=8, test=4)
+    original = runner_module.MethodRun.train_task
+
+    def poisoned(self, method, task, epochs, lr, description):  # noqa: ANN001, ANN202 - the runner's signature
+        if task.index == 1:
+            monkeypatch.setattr(method, "task_loss", lambda outputs, batch: torch.tensor(float("nan"), requires_grad=True))
+        return original(self, method, task, epochs, lr, description)
+
+    monkeypatch.setattr(runner_module.MethodRun, "train_task", poisoned)
+    with pytest.raises(TrainingDiverged, match="the loss became nan"):
+        run_experiment(config, tmp_path, stream=stream)
+    assert (tmp_path / "inc_lora" / "checkpoints" / "task_0" / "record.json").is_file()
+
+
+def _saved_tiny_bert(folder: Path) -> Path:
+    backbone = load_backbone("tiny-bert", seed=0)
+    backbone.model.save_pretrained(str(folder))
+    return folder
+
+
+def test_a_backbone_folder_with_truncated_safetensors_is_one_line(tmp_path: Path) -> None:
+    folder = _saved_tiny_bert(tmp_path / "model")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(LoraclError, match="cannot be read from a safetensors file") as error:
+        load_backbone(str(folder))
+    assert "\n" not in str(error.value)
+
+
+def test_a_backbone_folder_with_only_pickled_weights_is_refused(tmp_path: Path) -> None:
+    folder = _saved_tiny_bert(tmp_path / "model")
+    state = load_backbone("tiny-bert", seed=0).model.state_dict()
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+    with pytest.raises(LoraclError, match="pickled .bin weights are not loaded"):
+        load_backbone(str(folder))
+
+
+@pytest.mark.parametrize("case", ["negative task", "empty out", "out is a file", "record is a list", "no run folder"])
+def test_export_bad_input_is_one_line_and_exit_2(case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_experiment(tiny_config("inc_lora"), tmp_path / "run", stream=tiny_text_stream(2, train=8, test=4))
+    run_dir = tmp_path / "run" / "inc_lora"
+    argv = ["export", str(run_dir), "--out", str(tmp_path / "adapter")]
+    if case == "negative task":
+        argv += ["--task", "-5"]
+    elif case == "empty out":
+        argv[3] = ""
+    elif case == "out is a file":
+        (tmp_path / "adapter").write_text("x")
+    elif case == "record is a list":
+        (run_dir / "checkpoints" / "task_1" / "record.json").write_text(json.dumps([]))
+    else:
+        argv[1] = str(tmp_path / "missing")
+    code, err = run_cli(argv, capsys)
+    assert code == EXIT_BAD_INPUT, err
+    assert err.count("\n") == 1
+    if case != "out is a file":
+        assert not (tmp_path / "adapter").exists()
