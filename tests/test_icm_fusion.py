@@ -53,7 +53,7 @@ def test_centring_offset_round_trips_and_removes_what_every_lora_shares():
     ]
     fusion = IcmFusion(IcmFusionOptions(task_vector="parameters", inner_steps=0, centre=True), host=None)
     layout = FlatLayout.of(adapters[0])
-    per_task, finals, stats = fusion.weight_data(tasks, layout)
+    per_task, finals, stats, _ = fusion.weight_data(tasks, layout)
     assert stats.offset is not None and stats.offset.shape == (layout.padded,)
     flats = torch.stack(finals)
     torch.testing.assert_close(flats.mean(0), torch.zeros(layout.padded), atol=1e-5, rtol=0)
@@ -340,15 +340,130 @@ def test_icm_fusing_one_adapter_returns_close_to_itself():
 
 
 def test_icm_report_storage_accounting():
-    """Spec invariant 11: storage = |F-VAE| + T d_v + 2 (#LoRA tensors) + N (the fused adapter), N the LoRA size."""
+    """Spec invariant 11 on a case counted by hand: storage = |F-VAE| + T d_v + 2 (#LoRA tensors) + N (+ N for the
+    centring offset). Three modules, rank 2, A [2, 16], B [24, 2]: N = 3 * (32 + 48) = 240, 6 tensors -> 12 stats,
+    d_v = 3 * (1 + 2) = 9 per task, T = 2 -> 18. F-VAE with every conv one channel wide (channel_divisor 256),
+    d_z = 2, L_last = 4096 / 4096 = 1: encoder 12 x (conv 7 + 1, BN 2) = 120; to_hidden 1 -> 2: 4;
+    to_mean and to_logvar (2 + 9) -> 2: 24 each; from_latent (2 + 9) -> 1: 12; decoder 11 x (conv-T 8 + BN 2)
+    + conv-T 8 + BN 2 + conv 8 = 128; in all 312."""
     generator = torch.Generator().manual_seed(1)
     modules = ["a.q", "a.v", "b.q"]
 
     def adapter():
         return {name: LoraPair(torch.randn(2, 16, generator=generator), torch.randn(24, 2, generator=generator), 1.0) for name in modules}
 
-    options = {"icm": {"task_vector": "parameters", "inner_steps": 0, "meta_steps": 0, "warm_start_steps": 1, "channel_divisor": 8}}
-    report = fuse([TaskAdapter("x", adapter()), TaskAdapter("y", adapter())], "icm", options).report
-    lora_values = len(modules) * (2 * 16 + 24 * 2)
-    expected = report["vae_params"] + 2 * report["task_vector_dim"] + 2 * (2 * len(modules)) + lora_values
-    assert report["storage_floats"] == expected
+    adapters = [TaskAdapter("x", adapter()), TaskAdapter("y", adapter())]
+    icm = {"task_vector": "parameters", "inner_steps": 0, "meta_steps": 0, "warm_start_steps": 1, "channel_divisor": 256, "latent_dim": 2}
+    report = fuse(adapters, "icm", {"icm": icm}).report
+    assert (report["vae_params"], report["task_vector_dim"], report["lora_params"]) == (312, 9, 240)
+    assert report["storage_floats"] == 312 + 18 + 12 + 240
+    centred = fuse(adapters, "icm", {"icm": {**icm, "centre": True}}).report
+    assert centred["storage_floats"] == 312 + 18 + 12 + 240 + 240  # the offset: one value per LoRA position
+
+
+class _IdentityVAE(torch.nn.Module):
+    """Stands in for the F-VAE: a flat vector encodes to itself with (practically) zero variance and a latent decodes
+    to itself, so the in-context steps start from exactly the weight sample that was drawn."""
+
+    def __init__(self, length, condition_dim, latent_dim=256, channel_divisor=1):
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.ones(()))
+
+    def encode(self, flat, condition):
+        return flat * self.gain, torch.full_like(flat, -100.0)
+
+    def decode(self, latent, condition):
+        return latent
+
+    sample = staticmethod(FusionVAE.sample)
+
+
+class _RecordingHost:
+    """A host that records every LoRA it is asked for a task gradient of, and answers a zero gradient."""
+
+    device = torch.device("cpu")
+
+    def __init__(self):
+        self.seen = []
+
+    def loss_and_grads(self, adapter, support):
+        self.seen.append(adapter)
+        return 0.0, {m: LoraPair(torch.zeros_like(p.lora_A), torch.zeros_like(p.lora_B), 1.0) for m, p in adapter.items()}
+
+
+def test_per_sample_in_context_steps_take_the_gradient_on_the_lora_the_sample_stands_for(monkeypatch):
+    """per_sample: a weight sample is z-scored with its own statistics, so the in-context steps must de-normalise it
+    with those too; with the averaged statistics the task gradient was taken on another LoRA than the decoded one."""
+    import loracl.fusion.icm_fusion as icm_module
+
+    def scaled(seed, scale, shift):
+        return {m: LoraPair(p.lora_A * scale + shift, p.lora_B * scale - shift, 2.0) for m, p in random_adapter(seed).items()}
+
+    support = TaskSupport({"input_ids": torch.zeros(1, 2, dtype=torch.long)}, torch.zeros(1, dtype=torch.long), torch.nn.Identity())
+    tasks = [
+        FusionTask("small", scaled(0, 1.0, 0.0), support, [scaled(1, 0.5, 0.1)]),
+        FusionTask("large", scaled(2, 4.0, 1.0), support, [scaled(3, 3.0, -0.5)]),
+    ]
+    real = [adapter for task in tasks for adapter in [task.final, *task.samples]]
+    options = IcmFusionOptions(
+        task_vector="parameters", normalisation="per_sample", warm_start_steps=0, meta_steps=4, meta_batch_size=2,
+        inner_steps=1, min_samples=1, kl_weight=0.0,
+    )
+    host = _RecordingHost()
+    monkeypatch.setattr(icm_module, "FusionVAE", _IdentityVAE)
+    IcmFusion(options, host).fuse(tasks)
+    assert len(host.seen) == 4 * 2  # one in-context step per drawn row
+
+    def same(first, second):
+        return all(
+            torch.allclose(first[m].lora_A, second[m].lora_A, atol=1e-4) and torch.allclose(first[m].lora_B, second[m].lora_B, atol=1e-4)
+            for m in MODULES
+        )
+
+    for adapter in host.seen:
+        assert any(same(adapter, lora) for lora in real), "the in-context step ran on a LoRA that is no weight sample"
+    # a jittered row (fewer samples than min_samples) carries its source row's statistics
+    jittery = IcmFusion(options.model_copy(update={"min_samples": 4, "noise_std": 0.01}), host)
+    per_task, _, _, row_stats = jittery.weight_data(tasks, FlatLayout.of(tasks[0].final))
+    for stack, stats in zip(per_task, row_stats):
+        assert len(stats) == len(stack) == 4 and stats[2] is stats[0] and stats[3] is stats[1]
+
+
+def test_parameter_task_vectors_of_a_conv_lora_by_hand():
+    """task_vector parameters on a conv LoRA (lora_A [r, c_in, kh, kw], lora_B [c_out, r, 1, 1]): dW is the matrix
+    [c_out, c_in kh kw]. Here r = 1, c_in = 1, 2 x 2 kernel, c_out = 2, s = 0.5: dW = 0.5 [[1, 2, 3, 4], [-1, -2, -3, -4]],
+    mean |dW| = 0.5 * 2.5 and its one singular value 0.5 * sqrt(2) * sqrt(30)."""
+    from loracl.fusion.adapters import delta_weights
+    from loracl.fusion.icm_fusion import parameter_task_vector
+
+    pair = LoraPair(torch.tensor([1.0, 2.0, 3.0, 4.0]).reshape(1, 1, 2, 2), torch.tensor([1.0, -1.0]).reshape(2, 1, 1, 1), 0.5)
+    vector = parameter_task_vector({"conv": pair})
+    torch.testing.assert_close(vector, torch.tensor([1.25, 0.5 * 60**0.5]))
+    expected = 0.5 * torch.tensor([[1.0, 2.0, 3.0, 4.0], [-1.0, -2.0, -3.0, -4.0]])
+    torch.testing.assert_close(delta_weights({"conv": pair})["conv"], expected)
+
+
+def test_icm_fusion_of_conv_loras_with_parameter_task_vectors_on_the_tiny_vit():
+    """Fusing the tiny ViT's patch-embedding conv LoRAs (and a Linear one) with task_vector parameters and an
+    in-context step: conv-shaped fused LoRA, a task vector of 1 + r values per module."""
+    from loracl.data.sources.digits import load_digits_tasks
+
+    backbone = load_backbone("tiny-vit", seed=0)
+    conv_module, linear_module = "embeddings.patch_embeddings.projection", "layers.0.attention.q_proj"
+    host = LoraHost(backbone, [conv_module, linear_module])
+    generator = torch.Generator().manual_seed(0)
+
+    def adapter():
+        return {
+            conv_module: LoraPair(torch.randn(2, 1, 2, 2, generator=generator), torch.randn(32, 2, 1, 1, generator=generator) * 0.1, 1.0),
+            linear_module: LoraPair(torch.randn(2, 32, generator=generator), torch.randn(32, 2, generator=generator) * 0.1, 1.0),
+        }
+
+    images = [pixels for pixels, _ in load_digits_tasks(classes_per_task=2)[0].train[:4]]
+    supports = [TaskSupport(backbone.collate(images), torch.tensor([0, 1, 0, 1]), torch.nn.Linear(32, 2)) for _ in range(2)]
+    adapters = [TaskAdapter(f"t{i}", adapter()) for i in range(2)]
+    options = {"icm": {**QUICK, "task_vector": "parameters"}}
+    outcome = fuse(adapters, "icm", options, host=host, supports=supports)
+    assert outcome.report["task_vector_dim"] == 2 * (1 + 2)
+    assert outcome.adapter[conv_module].lora_A.shape == (2, 1, 2, 2) and outcome.adapter[conv_module].lora_B.shape == (32, 2, 1, 1)
+    assert all(torch.isfinite(pair.lora_A).all() and torch.isfinite(pair.lora_B).all() for pair in outcome.adapter.values())

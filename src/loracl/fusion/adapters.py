@@ -75,5 +75,8 @@ def check_compatible(adapters: list[TaskAdapter]) -> None:
 
 
 def delta_weights(pairs: dict[str, LoraPair]) -> dict[str, torch.Tensor]:
-    """scaling * B A per module (Linear layout [d_out, d_in])."""
-    return {module: (pair.lora_B.float() @ pair.lora_A.float().flatten(1)) * pair.scaling for module, pair in pairs.items()}
+    """scaling * B A per module as a matrix: [d_out, d_in] for a Linear LoRA, [c_out, c_in kh kw] for a conv LoRA
+    (lora_A [r, c_in, kh, kw], lora_B [c_out, r, 1, 1]; its merged kernel is this matrix reshaped)."""
+    return {
+        module: (pair.lora_B.float().flatten(1) @ pair.lora_A.float().flatten(1)) * pair.scaling for module, pair in pairs.items()
+    }

@@ -18,6 +18,7 @@ from pydantic import Field, model_validator
 from loracl.adapters.peft_io import LoraPair
 from loracl.config import Float, StrictModel
 from loracl.errors import LoraclError
+from loracl.fusion.adapters import delta_weights
 from loracl.fusion.flat import (
     FlatLayout,
     TensorStats,
@@ -130,12 +131,13 @@ def adapter_on(adapter: Adapter, device: torch.device) -> Adapter:
 
 
 def parameter_task_vector(adapter: Adapter) -> torch.Tensor:
-    """Eq. (3b) compressed [D]: per module, mean |delta W| and the leading r singular values of delta W."""
+    """Eq. (3b) compressed [D]: per module, mean |delta W| and the leading r singular values of delta W (a conv
+    LoRA's delta W as the matrix [c_out, c_in kh kw], the shape its merged kernel flattens to)."""
     parts = []
+    deltas = delta_weights(adapter)
     for module in sorted(adapter):
-        pair = adapter[module]
-        delta = (pair.lora_B.float() @ pair.lora_A.float().flatten(1)) * pair.scaling
-        rank = pair.lora_A.shape[0]
+        delta = deltas[module]
+        rank = adapter[module].lora_A.shape[0]
         parts += [delta.abs().mean().reshape(1), torch.linalg.svdvals(delta)[:rank]]
     return torch.cat(parts)
 
@@ -161,36 +163,47 @@ class IcmFusion:
         assert self.host is not None
         return torch.stack([self.host.task_vector(task.final, task.support.inputs) for task in tasks])
 
-    def weight_data(self, tasks: list[FusionTask], layout: FlatLayout) -> tuple[list[torch.Tensor], list[torch.Tensor], TensorStats]:
-        """Flat samples per task [n_i, N_pad], the flat final LoRAs [N_pad], and the stats used to decode."""
+    def weight_data(
+        self, tasks: list[FusionTask], layout: FlatLayout
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], TensorStats, list[list[TensorStats]] | None]:
+        """Flat samples per task [n_i, N_pad], the flat final LoRAs [N_pad], the stats used to decode a fused
+        vector, and under per_sample each row's own stats (per task, in row order; a jittered row has its
+        source's), the stats that turn that row back into its LoRA (None under shared: every row uses the first)."""
         pooled = [sample for task in tasks for sample in [task.final, *task.samples]]
         shared = tensor_stats(layout, pooled)
         if self.options.centre:
             offset = torch.stack([flatten(layout, sample, shared)[0] for sample in pooled]).mean(0)
             shared = TensorStats(shared.mean, shared.std, offset)
-        per_task, finals = [], []
+        per_sample = self.options.normalisation == "per_sample"
+        per_task, finals, row_stats = [], [], []
         for task in tasks:
-            own = None if self.options.normalisation == "per_sample" else shared
-            flats = [flatten(layout, sample, own)[0] for sample in [*task.samples, task.final]]
+            encoded = [flatten(layout, sample, None if per_sample else shared) for sample in [*task.samples, task.final]]
+            flats = [flat for flat, _ in encoded]
+            stats_of_rows = [stats for _, stats in encoded]
             stack = torch.stack(flats)
             if len(flats) < self.options.min_samples and self.options.noise_std > 0:
                 jitter = torch.randn((self.options.min_samples - len(flats), layout.padded), generator=self.generator).to(stack.device)
-                noisy = stack[torch.arange(len(jitter)) % len(flats)] + self.options.noise_std * jitter
+                sources = torch.arange(len(jitter)) % len(flats)
+                noisy = stack[sources] + self.options.noise_std * jitter
                 noisy[:, layout.numel :] = 0.0  # the padding stays zero
                 stack = torch.cat([stack, noisy])
+                stats_of_rows += [stats_of_rows[source] for source in sources.tolist()]
             per_task.append(stack)
             finals.append(flats[-1])
+            row_stats.append(stats_of_rows)
         if self.options.normalisation == "per_sample":
             # a fused vector has no own statistics: decode with the mean of the final LoRAs' statistics [D]
             own_stats = [tensor_stats(layout, [task.final]) for task in tasks]
             shared = TensorStats(torch.stack([s.mean for s in own_stats]).mean(0), torch.stack([s.std for s in own_stats]).mean(0))
-        return per_task, finals, shared
+        return per_task, finals, shared, (row_stats if per_sample else None)
 
-    def draw(self, per_task: list[torch.Tensor], count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tasks uniformly (long-tail: tail tasks are seen as often as head tasks), then a sample uniformly."""
+    def draw(self, per_task: list[torch.Tensor], count: int) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+        """Tasks uniformly (long-tail: tail tasks are seen as often as head tasks), then a sample uniformly;
+        returns the task ids, each drawn row's index within its task, and the rows."""
         task_ids = torch.randint(len(per_task), (count,), generator=self.generator)
-        rows = [per_task[t][torch.randint(len(per_task[t]), (1,), generator=self.generator)] for t in task_ids.tolist()]
-        return task_ids, torch.cat(rows)
+        indices = [int(torch.randint(len(per_task[t]), (1,), generator=self.generator)) for t in task_ids.tolist()]
+        rows = [per_task[t][index : index + 1] for t, index in zip(task_ids.tolist(), indices)]
+        return task_ids, indices, torch.cat(rows)
 
     # ----- training ----------------------------------------------------------------------------------
     def in_context_adapt(self, flat: torch.Tensor, support: TaskSupport, layout: FlatLayout, stats: TensorStats, steps: int) -> torch.Tensor:
@@ -209,15 +222,20 @@ class IcmFusion:
         conditions: torch.Tensor,
         supports: list[TaskSupport],
         layout: FlatLayout,
-        stats: TensorStats,
+        stats: TensorStats | list[TensorStats],
     ) -> torch.Tensor:
-        """Eqs. (6)-(12); with K = 0 it is the plain CVAE loss on the real samples (ICM-LoRA, invariant 9)."""
+        """Eqs. (6)-(12); with K = 0 it is the plain CVAE loss on the real samples (ICM-LoRA, invariant 9).
+        `stats`: one TensorStats for every row, or one per row (per_sample: each target's own, so the in-context
+        steps take the task gradient on the LoRA that row's decoding stands for)."""
         if self.options.inner_steps == 0:
             reconstruction, mean, logvar = vae(targets, conditions)
             return cvae_loss(targets, reconstruction, mean, logvar, self.options.kl_weight)
         with torch.no_grad():  # first order: (6)-(7) get no gradient, they only produce l_init
             initial = vae.decode(vae.sample(*vae.encode(targets, conditions)), conditions)
-        adapted = torch.stack([self.in_context_adapt(initial[i], supports[i], layout, stats, self.options.inner_steps) for i in range(len(supports))])
+        row_stats = stats if isinstance(stats, list) else [stats] * len(supports)
+        adapted = torch.stack(
+            [self.in_context_adapt(initial[i], supports[i], layout, row_stats[i], self.options.inner_steps) for i in range(len(supports))]
+        )
         adapted[:, layout.numel :] = 0.0
         mean, logvar = vae.encode(adapted, conditions)  # (9)
         reconstruction = vae.decode(vae.sample(mean, logvar), conditions)  # (10)
@@ -228,15 +246,23 @@ class IcmFusion:
         return loss
 
     def train(
-        self, vae: FusionVAE, per_task: list[torch.Tensor], vectors: torch.Tensor, tasks: list[FusionTask], layout: FlatLayout, stats: TensorStats
+        self,
+        vae: FusionVAE,
+        per_task: list[torch.Tensor],
+        vectors: torch.Tensor,
+        tasks: list[FusionTask],
+        layout: FlatLayout,
+        stats: TensorStats,
+        row_stats: list[list[TensorStats]] | None = None,
     ) -> dict[str, float]:
-        """Warm start (plain CVAE) then the meta phase; returns the last losses."""
+        """Warm start (plain CVAE) then the meta phase; returns the last losses. `row_stats` (per_sample): each
+        row's own statistics, which its in-context steps de-normalise with instead of `stats`."""
         optimizer = torch.optim.AdamW(vae.parameters(), lr=self.options.outer_lr, weight_decay=0.0)
         vae.train()
         losses = {"warm_start_loss": float("nan"), "meta_loss": float("nan")}
         with seeded_rng(self.options.seed):  # the reparameterisation noise may come from a GPU's generator
             for _ in range(self.options.warm_start_steps):
-                task_ids, targets = self.draw(per_task, self.options.batch_size)
+                task_ids, _, targets = self.draw(per_task, self.options.batch_size)
                 reconstruction, mean, logvar = vae(targets, vectors[task_ids])
                 loss = cvae_loss(targets, reconstruction, mean, logvar, self.options.kl_weight)
                 optimizer.zero_grad(set_to_none=True)
@@ -244,9 +270,12 @@ class IcmFusion:
                 optimizer.step()
                 losses["warm_start_loss"] = float(loss.detach())
             for _ in range(self.options.meta_steps):
-                task_ids, targets = self.draw(per_task, self.options.meta_batch_size)
+                task_ids, indices, targets = self.draw(per_task, self.options.meta_batch_size)
                 supports = [tasks[t].support for t in task_ids.tolist()]
-                loss = self.meta_loss(vae, targets, vectors[task_ids], supports, layout, stats)
+                drawn_stats: TensorStats | list[TensorStats] = stats
+                if row_stats is not None:
+                    drawn_stats = [row_stats[t][index] for t, index in zip(task_ids.tolist(), indices)]
+                loss = self.meta_loss(vae, targets, vectors[task_ids], supports, layout, drawn_stats)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -306,11 +335,11 @@ class IcmFusion:
             identities: dict[tuple, torch.Tensor] = {}  # one I per width, shared by every view
             tasks = [FusionTask(t.name, full_rank_view(t.final, identities), t.support, [full_rank_view(s, identities) for s in t.samples]) for t in tasks]
         layout = FlatLayout.of(tasks[0].final, identity_down=delta)
-        per_task, finals, stats = self.weight_data(tasks, layout)
+        per_task, finals, stats, row_stats = self.weight_data(tasks, layout)
         with seeded_rng(self.options.seed):
             vae = FusionVAE(layout.padded, vectors.shape[1], self.options.latent_dim, self.options.channel_divisor)
         vae.to(self.device)
-        losses = self.train(vae, per_task, vectors, tasks, layout, stats)
+        losses = self.train(vae, per_task, vectors, tasks, layout, stats, row_stats)
         with torch.no_grad():
             latents, _ = vae.encode(torch.stack(finals), vectors)  # (15): posterior means
         if self.options.fusion_weights == "learned":
