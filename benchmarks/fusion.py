@@ -77,7 +77,7 @@ def train_task(host: LoraHost, task, train_size: int, args) -> tuple[dict, nn.Li
     every = max(1, (steps - harvest_from) // args.checkpoints)
     samples, step = [], 0
     for _ in range(args.epochs):
-        for start, chunk in batches(order, args.batch_size):
+        for _start, chunk in batches(order, args.batch_size):
             batch = host.backbone.collate([inputs[i] for i in chunk])
             loss = F.cross_entropy(head(host.features(batch)), torch.tensor([labels[i] for i in chunk], device=host.device))
             optimizer.zero_grad(set_to_none=True)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import platform
 import statistics
 import subprocess
@@ -126,7 +125,6 @@ def peft_sequential(experiment: dict[str, Any], seed: int, keep: dict[str, Any] 
     from loracl import metrics
     from loracl.config import validate_config
     from loracl.data.build import load_stream
-    from loracl.engine.loaders import SplitLoader
     from loracl.engine.runner import MethodRun
     from loracl.seeding import derived_seed
 

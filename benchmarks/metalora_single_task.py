@@ -22,7 +22,6 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_section  # noqa: E402
-
 from stream_benchmark import wait_for_the_machine  # noqa: E402
 
 from loracl.backbones.classifier import ContinualClassifier  # noqa: E402

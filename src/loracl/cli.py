@@ -81,8 +81,9 @@ def command_run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     entries_before = {entry.name for entry in out.iterdir()} if out.is_dir() else None
     _check_writable(out)
-    lock = _lock(out)
-    handler = _log_to(out)
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under `accelerate launch` the other ranks write nothing
+    lock = _lock(out) if main_process else None
+    handler = _log_to(out) if main_process else logging.NullHandler()
     try:
         results = run_experiment(config, out)
     except LoraclError:

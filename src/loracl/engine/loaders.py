@@ -28,6 +28,7 @@ class SplitLoader:
         split_name: str = "train",
         task_name: str = "",
         collate: Callable[[Split, list[int]], dict[str, Any]] | None = None,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         self.split = split
         self.backbone = backbone
@@ -42,6 +43,9 @@ class SplitLoader:
         self.epoch = 0
         # the task model's collation (a language model also needs the task's instruction and answers)
         self.collate = collate
+        # (this process, processes): each global batch is split between processes, so N processes see the batches
+        # one process would see; a last batch smaller than N is topped up from its start (accelerate's even_batches)
+        self.shard = shard
 
     def __len__(self) -> int:
         return (len(self.split) + self.batch_size - 1) // self.batch_size
@@ -60,6 +64,11 @@ class SplitLoader:
         self.epoch += 1
         for start in range(0, len(order), self.batch_size):
             indices = order[start : start + self.batch_size]
+            rank, processes = self.shard
+            if processes > 1:
+                if len(indices) < processes:
+                    indices = np.resize(indices, processes)
+                indices = indices[rank::processes]
             if self.collate is not None:
                 inputs = self.collate(self.split, [int(i) for i in indices])
             else:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
 from tqdm.auto import tqdm
 
 from loracl import metrics
@@ -128,6 +129,23 @@ def _joint_task(stream: Stream) -> Task:
     return Task("joint", 0, class_ids, Split(inputs, labels, targets, headers), Split([], []))
 
 
+class TrainingStep(torch.nn.Module):
+    """One training step's forward as a module: the method's outputs, its task loss and extra losses. Wrapped by
+    accelerate (DDP) under several processes; holds the task model so every parameter is the module's."""
+
+    def __init__(self, method: Method, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.method = [method]  # a list, so the method is not registered as a submodule
+        self.model = model
+
+    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        method = self.method[0]
+        outputs = method.forward(batch)
+        loss = method.task_loss(outputs, batch)
+        extra = method.extra_loss(batch, outputs)
+        return loss, loss if extra is None else loss + extra
+
+
 class MethodRun:
     """Everything one method entry needs during its run; small helpers for each phase."""
 
@@ -138,9 +156,11 @@ class MethodRun:
         self.run_dir = run_dir
         self.train = config.train
         self.head = config.head_for(entry)
+        # find_unused_parameters: a task trains only its own branches and head rows, and the set changes per task
         self.accelerator = Accelerator(
             cpu=config.train.cpu or not torch.cuda.is_available(),
             mixed_precision=config.train.mixed_precision,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
         self.device = self.accelerator.device
         self.progress = config.train.progress and self.accelerator.is_local_main_process
@@ -181,16 +201,10 @@ class MethodRun:
             split_name=split_name or ("train" if train else "test"),
             task_name=task.name,
             collate=collate,
+            shard=(self.accelerator.process_index, self.accelerator.num_processes) if train else (0, 1),
         )
 
     # ----- training ----------------------------------------------------------------------------------
-    def _sync_gradients(self, parameters: list[torch.nn.Parameter]) -> None:
-        # Methods call their own (unwrapped) model, so DDP's hooks never fire; average gradients by hand.
-        if self.accelerator.num_processes > 1:
-            for parameter in parameters:
-                if parameter.grad is not None:
-                    parameter.grad = self.accelerator.reduce(parameter.grad, reduction="mean")
-
     def train_task(self, method: Method, task: Task, epochs: int, lr: float, description: str) -> dict[str, Any]:
         """The optimisation loop for one task; returns samples, steps and seconds."""
         torch.manual_seed(derived_seed(self.config.seed, task.index))  # dropout and any sampling inside methods
@@ -200,6 +214,11 @@ class MethodRun:
             return {"train_samples": 0, "steps": 0, "train_s": 0.0, "trainable_params": 0}
         optimizer = torch.optim.AdamW(groups, weight_decay=self.train.weight_decay)
         optimizer = self.accelerator.prepare_optimizer(optimizer)
+        # the whole training step is one module, so under several processes the module the method runs is the one
+        # accelerate prepared (DDP) and its gradient hooks average every parameter's gradient, extra losses included
+        step = TrainingStep(method, self.model)
+        if self.accelerator.num_processes > 1:
+            step = self.accelerator.prepare_model(step)
         loader = self.loader(task.train, task, train=True)
         self.model.train_adapters()
         accumulation = self.train.gradient_accumulation_steps
@@ -214,23 +233,19 @@ class MethodRun:
             bar = tqdm(loader, desc=f"{description} epoch {epoch + 1}/{epochs}", disable=not self.progress, leave=False)
             for batch_index, batch in enumerate(bar):
                 with self.accelerator.autocast():
-                    logits = method.forward(batch)
-                    loss = method.task_loss(logits, batch)
-                    extra = method.extra_loss(batch, logits)
-                    total = loss if extra is None else loss + extra
+                    loss, total = step(batch)
                 if not torch.isfinite(total):
                     raise TrainingDiverged(
                         f"{description}: the loss became {total.item()} (lower train.lr or train.head_lr); finished tasks stay checkpointed"
                     )
                 self.accelerator.backward(total / accumulation)
-                samples += len(batch["labels"])
+                samples += len(batch["labels"]) * self.accelerator.num_processes  # the global batch
                 last_batch = batch_index + 1 == len(loader)
                 if (batch_index + 1) % accumulation == 0 or last_batch:
                     if self.train.lr_schedule == "cosine":  # step `steps` of total_steps: lr x (1 + cos(pi s / S)) / 2
                         decay = 0.5 * (1.0 + math.cos(math.pi * steps / total_steps))
                         for group, base_lr in zip(optimizer.param_groups, base_lrs):
                             group["lr"] = base_lr * factor * decay
-                    self._sync_gradients(parameters)
                     method.after_backward()
                     if self.train.max_grad_norm is not None:
                         torch.nn.utils.clip_grad_norm_(parameters, self.train.max_grad_norm)
@@ -351,6 +366,11 @@ class MethodRun:
             backbone_state = join_part_states(self.base_backbone_state, record["fused_layouts"], prefix="model.")
         save_checkpoint(self.run_dir, task_index, method.state_dict(), record, backbone_state)
 
+    def wait_for_checkpoint(self) -> None:
+        """Every process waits for the main one's checkpoint, so all of them resume from the same task."""
+        if self.accelerator.num_processes > 1:
+            self.accelerator.wait_for_everyone()
+
     def task_record(self, method: Method, task: Task, row: list[float], train: dict, evaluation: tuple, wall_s: float) -> dict:
         _, eval_samples, eval_s = evaluation
         return {
@@ -414,6 +434,7 @@ class MethodRun:
         self.records.append(self.task_record(method, task, row, train_stats, evaluation, time.perf_counter() - started))
         logger.info("%s: after task %s accuracy %s", self.entry.run_label, task.name, [round(a, 4) for a in evaluation[0]])
         self.checkpoint(method, task.index, with_backbone=base_session and task.index == 0)
+        self.wait_for_checkpoint()
 
     def _run_joint(self, method: Method, base_session: bool) -> None:
         started = time.perf_counter()
@@ -600,10 +621,15 @@ def run_method(config: RunConfig, entry: MethodConfig, stream: Stream, run_dir: 
 
 def run_experiment(config: RunConfig, out_dir: str | Path | None = None, stream: Stream | None = None) -> list[RunResult]:
     """Every method entry of the config on one stream; writes OUT/ (results, report, plots) when given."""
+    from accelerate import PartialState
+
     from loracl.report import write_run_outputs, write_summary_outputs
 
     stream = stream if stream is not None else load_stream(config.stream, config.seed)
     out = Path(out_dir) if out_dir is not None else None
+    # under several processes only the main one writes; the same cpu flag as MethodRun's Accelerator, since the
+    # first state built decides for the whole process (without it a CPU machine is taken as one process)
+    main_process = PartialState(cpu=config.train.cpu or not torch.cuda.is_available()).is_main_process
     check_entries(config, stream)
     results = []
     for entry in config.method:
@@ -617,10 +643,10 @@ def run_experiment(config: RunConfig, out_dir: str | Path | None = None, stream:
             if created and run_dir is not None and not any(run_dir.iterdir()):
                 run_dir.rmdir()  # refused before writing anything (e.g. a stream the backbone cannot read)
             raise
-        if run_dir is not None:
+        if run_dir is not None and main_process:
             write_run_outputs(result.results, run_dir)
         results.append(result)
-    if out is not None:
+    if out is not None and main_process:
         write_summary_outputs([result.results for result in results], out, config_to_dict(config))
     return results
 
