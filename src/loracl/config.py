@@ -49,12 +49,16 @@ class StrictModel(BaseModel):
 
 
 class BackboneConfig(StrictModel):
-    name: str = "minilm-l6"  # registry name, Hugging Face id, or local directory
+    name: str = Field(default="minilm-l6", description="The backbone: a registry name, a Hugging Face id, or a local directory.")
     pooling: Literal["auto", "mean", "cls"] = "auto"
-    local_files_only: bool = True  # never reach a hub unless the user asks for it
-    # fused projections split into named parts that methods target (adapters/fused.py): "auto" (qkv / Wqkv /
-    # qkv_proj with out = 3 x in -> q, k, v), "off", or {module: [parts]} / {module: {part: rows}}
-    split_fused: Literal["auto", "off"] | dict[str, list[str] | dict[str, int]] = "auto"
+    local_files_only: bool = Field(
+        default=True, description="Load the backbone from local files only: never reach a hub unless the user asks for it."
+    )
+    split_fused: Literal["auto", "off"] | dict[str, list[str] | dict[str, int]] = Field(
+        default="auto",
+        description="Fused projections split into named parts that methods can target (adapters/fused.py): `auto` (a `qkv` / "
+        "`Wqkv` / `qkv_proj` with out = 3 × in becomes q, k, v), `off`, or {module: [parts]} / {module: {part: rows}}.",
+    )
 
     # a model without fused projections is the same under "auto": runs made before the key existed still resume
     inert_defaults: ClassVar[dict[str, Any]] = {"split_fused": "auto"}
@@ -69,27 +73,39 @@ class StreamConfig(StrictModel):
     max_train_per_task: int | None = Field(default=None, ge=1)
     max_test_per_task: int | None = Field(default=None, ge=1)
     shuffle_task_order: bool = False
-    max_tasks: int | None = Field(default=None, ge=1)  # keep only the first N tasks (after ordering)
-    classes_per_task: int = Field(default=2, ge=1)  # for sources without named tasks (digits)
-    test_fraction: Float = Field(default=0.2, gt=0.0, lt=1.0)  # for sources without a test split
-    text_column: str = "text"  # hf source
-    label_column: str = "label"  # hf source
-    image_size: int | None = Field(default=None, ge=1)  # image_folder: expected side length
+    max_tasks: int | None = Field(default=None, ge=1, description="Keep only the first N tasks (after ordering).")
+    classes_per_task: int = Field(default=2, ge=1, description="Classes per task, for sources without named tasks (digits).")
+    test_fraction: Float = Field(default=0.2, gt=0.0, lt=1.0, description="Share of examples held out for testing, for sources without a test split.")
+    text_column: str = Field(default="text", description="The `hf` source's text column.")
+    label_column: str = Field(default="label", description="The `hf` source's label column.")
+    image_size: int | None = Field(default=None, ge=1, description="The `image_folder` source's expected image side length.")
 
 
 class HeadConfig(StrictModel):
     type: Literal["linear", "cosine", "prototype"] = "linear"
-    metric: Literal["cosine", "euclidean"] = "cosine"  # prototype head only
-    cosine_scale: Float = Field(default=16.0, gt=0.0)  # cosine head only: logits = scale * cos [D]
-    freeze_old: bool = True  # earlier tasks' head rows stop training when a new task begins
-    loss_scope: Literal["current_task", "seen"] = "current_task"  # classes the training loss sees
-    # [D] classifier alignment (backbones/alignment.py): after every task but the first, re-train all head rows
-    # on pseudo-features from per-class Gaussians stored when each class was learned; LoRAC-IPC's TAP settings
-    align: bool = False
-    align_epochs: int = Field(default=50, ge=1)
-    align_lr: Float = Field(default=0.005, gt=0.0)
-    align_centroids: int = Field(default=10, ge=1)  # k-means clusters per class, each a diagonal Gaussian
-    align_samples_per_cluster: int = Field(default=320, ge=1)
+    metric: Literal["cosine", "euclidean"] = Field(default="cosine", description="Prototype head only: the distance to the class means.")
+    cosine_scale: Float = Field(
+        default=16.0, gt=0.0, description="Cosine head only: logits = scale · cos. Source: our design (not in the paper or code)."
+    )
+    freeze_old: bool = Field(default=True, description="Earlier tasks' head rows stop training when a new task begins.")
+    loss_scope: Literal["current_task", "seen"] = Field(
+        default="current_task", description="The classes the training loss sees: the current task's, or every class seen so far."
+    )
+    align: bool = Field(
+        default=False,
+        description="Classifier alignment (backbones/alignment.py): after every task but the first, re-train all head rows on "
+        "pseudo-features from per-class Gaussians stored when each class was learned. Source: our design (not in the paper or code).",
+    )
+    align_epochs: int = Field(default=50, ge=1, description="Classifier alignment: epochs. Source: official code (LoRAC-IPC's TAP).")
+    align_lr: Float = Field(default=0.005, gt=0.0, description="Classifier alignment: learning rate. Source: official code (LoRAC-IPC's TAP).")
+    align_centroids: int = Field(
+        default=10,
+        ge=1,
+        description="Classifier alignment: k-means clusters per class, each a diagonal Gaussian. Source: official code (LoRAC-IPC's TAP).",
+    )
+    align_samples_per_cluster: int = Field(
+        default=320, ge=1, description="Classifier alignment: pseudo-features drawn per cluster. Source: official code (LoRAC-IPC's TAP)."
+    )
 
     @model_validator(mode="after")
     def _align_needs_a_trained_head(self) -> HeadConfig:
@@ -128,23 +144,28 @@ class TrainConfig(StrictModel):
     batch_size: int = Field(default=16, ge=1)
     eval_batch_size: int = Field(default=64, ge=1)
     lr: Float = Field(default=1.0e-3, gt=0.0)
-    # within each task: "constant", or "cosine" from lr to 0 over the task's optimizer steps, no warm-up (FM-LoRA's
-    # protocol, spec 8); multiplies any per-epoch factor a method applies (InfLoRA's code schedules)
-    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        default="constant",
+        description="Learning rate within each task: `constant`, or `cosine` from lr to 0 over the task's optimizer steps, no "
+        "warm-up (FM-LoRA's protocol); multiplies any per-epoch factor a method applies (InfLoRA's code schedules).",
+    )
     head_lr: Float | None = Field(default=None, gt=0.0)
     weight_decay: Float = Field(default=0.0, ge=0.0)
     max_length: int = Field(default=128, ge=2)
     gradient_accumulation_steps: int = Field(default=1, ge=1)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     max_grad_norm: Float | None = Field(default=1.0, gt=0.0)
-    base_session_epochs: int = Field(default=0, ge=0)  # >0: task 0 trains the whole backbone first
-    # score each task once before training it (a[j-1][j]) and on the initial model (b[j]), for FWT; only tasks
-    # whose classes the model already knows can be scored (domain-incremental streams, shared label names)
-    eval_next_task: bool = False
+    base_session_epochs: int = Field(default=0, ge=0, description="Above 0: task 0 first trains the whole backbone for this many epochs.")
+    eval_next_task: bool = Field(
+        default=False,
+        description="Score each task once before training it (a[j−1][j]) and on the initial model (b[j]), for forward "
+        "transfer; only tasks whose classes the model already knows can be scored (domain-incremental streams, shared "
+        "label names).",
+    )
     base_session_lr: Float = Field(default=1.0e-3, gt=0.0)
     deterministic: bool = False
     progress: bool = True
-    cpu: bool = False  # force CPU even when an accelerator is present
+    cpu: bool = Field(default=False, description="Force the CPU even when an accelerator is present.")
 
     inert_defaults: ClassVar[dict[str, Any]] = {"lr_schedule": "constant"}  # runs made before it existed resume
 

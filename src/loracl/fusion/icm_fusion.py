@@ -39,36 +39,148 @@ Adapter = dict[str, LoraPair]
 class IcmFusionOptions(StrictModel):
     """ICM-Fusion knobs; [C] ICM-LoRA code, [A] the paper's Algorithm 1 as transcribed, [D] ours (spec 6, 8)."""
 
-    task_vector: Literal["features", "parameters"] = "features"  # [D] G2: (a) hidden-state vector, (b) parameter delta
-    # [D] G6: what the F-VAE encodes: the LoRA factors (A, B), ICM-LoRA's encoding, or each module's whole update
-    # dW = s B A (no factor ambiguity between tasks), cut back to rank `delta_rank` (None: the adapters' r) by SVD
-    target: Literal["factors", "delta"] = "factors"
-    delta_rank: int | None = Field(default=None, ge=1)
-    latent_dim: int = Field(default=256, ge=1)  # [C]
-    channel_divisor: int = Field(default=1, ge=1)  # [D] 1 = ICM-LoRA's conv widths; k thins every conv layer k-fold
-    kl_weight: Float = Field(default=0.005, ge=0.0)  # [C]
-    normalisation: Literal["shared", "per_sample"] = "shared"  # [D] G5
-    # [D] subtract the pooled weight samples' mean vector (per position) after z-scoring and add it back after
-    # decoding, so the F-VAE models what differs between the LoRAs; per-task LoRAs from one init seed share
-    # their barely-trained A factors, a fixed random pattern a conv decoder cannot reproduce (shared only)
-    centre: bool = False
-    warm_start_steps: int = Field(default=300, ge=0)  # [D] plain-CVAE steps (K = 0) before the meta phase
-    meta_steps: int = Field(default=30, ge=0)  # [D] outer steps of Algorithm 1
-    batch_size: int = Field(default=16, ge=2)  # [D] weight samples per VAE step (tasks drawn uniformly)
-    meta_batch_size: int = Field(default=4, ge=2)  # [D] tasks (with replacement) per meta step
-    inner_steps: int = Field(default=2, ge=0)  # K [D] G3
-    inner_lr: Float = Field(default=1e-3, gt=0.0)  # beta on the normalised scale [D] G3
-    outer_lr: Float = Field(default=1e-3, gt=0.0)  # gamma, AdamW [D] G3
-    meta_gradient: Literal["first_order"] = "first_order"  # [D] G3: stop-gradient on l_adapt
-    align_weight: Float = Field(default=0.0, ge=0.0)  # [D] G8, ablation only: lambda ||mu(l, v) - mu(l_adapt, v)||^2
-    fusion_weights: Literal["uniform", "learned"] = "uniform"  # [D] G1
-    learned_weight_steps: int = Field(default=50, ge=1, le=50)  # [D] G1: <= 50 Adam steps
-    learned_weight_lr: Float = Field(default=0.05, gt=0.0)  # [D] G1
-    balance_directions: bool = False  # [D] eq. (16'): equal-norm task vectors before the weighted sum
-    refine_steps: int = Field(default=0, ge=0)  # [D] eq. (18): in-context steps on the fused LoRA, union of supports
-    noise_std: Float = Field(default=0.01, ge=0.0)  # [D] G7: jitter added to tasks with fewer than 5 samples
-    min_samples: int = Field(default=5, ge=1)  # [D] G7
-    seed: int = 0
+    task_vector: Literal["features", "parameters"] = Field(
+        default="features",
+        description="The condition v_i of each task: `features` = the mean-pooled last hidden state over the task's examples with its "
+        "LoRA active (what the authors' ICM-LoRA code uses); `parameters` = per module the mean |ΔW| and the top-r "
+        "singular values of ΔW (the data-free variant). Source: our design (not in the paper or code), after the "
+        "ICM-LoRA code (`features`) and the paper's Algorithm 1 as transcribed (`parameters`).",
+    )
+    target: Literal["factors", "delta"] = Field(
+        default="factors",
+        description="What the F-VAE encodes: `factors` = the LoRA factors (A, B), ICM-LoRA's encoding; `delta` = each module's whole "
+        "update ΔW = s·B·A (Linear LoRAs only; no factor ambiguity between tasks), cut back to rank `delta_rank` by SVD. "
+        "The flat vector is then d_out·d_in per module instead of r·(d_in + d_out), and an F-VAE step costs about that "
+        "much more. Source: our design (not in the paper or code).",
+    )
+    delta_rank: int | None = Field(
+        default=None,
+        ge=1,
+        description="`target: delta` only: the rank of the SVD cut of the decoded ΔW; null = the adapters' r (in the stream method it "
+        "must equal the branch rank). Source: our design (not in the paper or code).",
+    )
+    latent_dim: int = Field(
+        default=256,
+        ge=1,
+        description="Latent size of the F-VAE. Source: official code (ICM-LoRA's, the authors' precursor).",
+    )
+    channel_divisor: int = Field(
+        default=1,
+        ge=1,
+        description="1 = ICM-LoRA's conv widths; k thins every conv layer of the F-VAE k-fold (for small budgets). Source: our design "
+        "(not in the paper or code).",
+    )
+    kl_weight: Float = Field(
+        default=0.005,
+        ge=0.0,
+        description="λ_KL, the weight of the KL term in the F-VAE loss. Source: official code (ICM-LoRA's, the authors' precursor).",
+    )
+    normalisation: Literal["shared", "per_sample"] = Field(
+        default="shared",
+        description="How weight vectors are z-scored per tensor: `shared` = one set of statistics for every weight sample (a fused "
+        "vector has no statistics of its own); `per_sample` = ICM-LoRA's round trip (fusion then de-normalises with the "
+        "mean of the final LoRAs' statistics). Source: our design (not in the paper or code).",
+    )
+    centre: bool = Field(
+        default=False,
+        description="Subtract the pooled weight samples' mean vector (per position) after z-scoring and add it back after decoding, "
+        "so the F-VAE models what differs between the LoRAs (per-task LoRAs from one init seed share their barely-trained "
+        "A factors, a fixed random pattern a conv decoder cannot reproduce); needs `normalisation: shared`. Source: our "
+        "design (not in the paper or code).",
+    )
+    warm_start_steps: int = Field(
+        default=300,
+        ge=0,
+        description="Plain-CVAE training steps (no in-context steps) before the meta phase. Source: our design (not in the paper or "
+        "code).",
+    )
+    meta_steps: int = Field(
+        default=30,
+        ge=0,
+        description="Outer steps of the meta phase (the paper's Algorithm 1). Source: our design (not in the paper or code).",
+    )
+    batch_size: int = Field(
+        default=16,
+        ge=2,
+        description="Weight samples per warm-start VAE step (tasks drawn uniformly, then a sample). Source: our design (not in the "
+        "paper or code).",
+    )
+    meta_batch_size: int = Field(
+        default=4,
+        ge=2,
+        description="Tasks (drawn with replacement) per meta step. Source: our design (not in the paper or code).",
+    )
+    inner_steps: int = Field(
+        default=2,
+        ge=0,
+        description="K, the in-context steps l ← l − β·∇_l L_task on the task's few examples inside each meta step. Source: our "
+        "design (not in the paper or code).",
+    )
+    inner_lr: Float = Field(
+        default=1e-3,
+        gt=0.0,
+        description="β, the in-context step size, on the normalised scale. Source: our design (not in the paper or code).",
+    )
+    outer_lr: Float = Field(
+        default=1e-3,
+        gt=0.0,
+        description="γ, the F-VAE's AdamW learning rate in the meta phase. Source: our design (not in the paper or code).",
+    )
+    meta_gradient: Literal["first_order"] = Field(
+        default="first_order",
+        description="The meta gradient stops at the in-context-adapted LoRA (first order); second order is not implemented. Source: "
+        "our design (not in the paper or code).",
+    )
+    align_weight: Float = Field(
+        default=0.0,
+        ge=0.0,
+        description="Ablation only: λ of a latent alignment term λ·‖μ(l, v) − μ(l_adapt, v)‖² between a real LoRA's code and its "
+        "in-context-adapted decode's; needs `inner_steps` > 0. Source: our design (not in the paper or code).",
+    )
+    fusion_weights: Literal["uniform", "learned"] = Field(
+        default="uniform",
+        description="The weights w_i of the fusion z_f = Σ w_i z_i, v_f = Σ w_i v_i: `uniform` = 1/T; `learned` = softmax weights "
+        "fitted by Adam on the summed few-shot loss through the frozen decoder. Source: our design (not in the paper or "
+        "code).",
+    )
+    learned_weight_steps: int = Field(
+        default=50,
+        ge=1,
+        le=50,
+        description="`fusion_weights: learned`: the Adam steps (at most 50). Source: our design (not in the paper or code).",
+    )
+    learned_weight_lr: Float = Field(
+        default=0.05,
+        gt=0.0,
+        description="`fusion_weights: learned`: the Adam learning rate. Source: our design (not in the paper or code).",
+    )
+    balance_directions: bool = Field(
+        default=False,
+        description="Give the task vectors equal norms before the weighted sum (our eq. 16'). Source: our design (not in the paper or "
+        "code).",
+    )
+    refine_steps: int = Field(
+        default=0,
+        ge=0,
+        description="In-context steps on the fused LoRA over the union of the tasks' examples (our eq. 18). Source: our design (not "
+        "in the paper or code).",
+    )
+    noise_std: Float = Field(
+        default=0.01,
+        ge=0.0,
+        description="Standard deviation of the jitter with which tasks with fewer than `min_samples` weight samples are topped up. "
+        "Source: our design (not in the paper or code).",
+    )
+    min_samples: int = Field(
+        default=5,
+        ge=1,
+        description="Weight samples per task below which jittered copies are added. Source: our design (not in the paper or code).",
+    )
+    seed: int = Field(
+        default=0,
+        description="Seed of the fusion's own random draws (task and sample order, jitter, the VAE's noise). Source: our design (not "
+        "in the paper or code).",
+    )
     inert_defaults: ClassVar[dict[str, Any]] = {"centre": False, "target": "factors", "delta_rank": None, "align_weight": 0.0}
 
     @model_validator(mode="after")

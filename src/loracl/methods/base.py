@@ -50,12 +50,33 @@ class LoraOptions(MethodOptions):
     inc_lora are O-LoRA with its regularisers off): rank 8, alpha 32 (scale 4), dropout 0.1 on the input, one mask
     shared by every branch of a layer."""
 
-    rank: int = Field(default=8, ge=1)
-    alpha: Float = 32.0
-    dropout: Float = Field(default=0.1, ge=0.0, lt=1.0)
-    target_modules: str | list[str] = "auto"  # "auto": query and value where they exist, else all-linear
-    use_rslora: bool = False
-    init: Literal["kaiming", "gaussian"] = "kaiming"
+    rank: int = Field(
+        default=8, ge=1, description="Rank r of each LoRA pair (per task where the method adds one per task). Source: official code (O-LoRA's `lora_dim`)."
+    )
+    alpha: Float = Field(
+        default=32.0, description="LoRA alpha: each branch is scaled by s = alpha / r (4 at the defaults). Source: official code (O-LoRA)."
+    )
+    dropout: Float = Field(
+        default=0.1,
+        ge=0.0,
+        lt=1.0,
+        description="Dropout on the adapted layer's input, one mask shared by every branch of the layer. Source: official code (O-LoRA).",
+    )
+    target_modules: str | list[str] = Field(
+        default="auto",
+        description="Which modules get adapters, with PEFT's semantics (a list of name suffixes, a regex or `all-linear`); "
+        "`auto` = the query and value projections where they exist (`query`/`value`, `q_proj`/`v_proj`, `q`/`v`, or the "
+        "q and v parts of a fused projection), else every linear layer. Source: official code (O-LoRA adapts query and value).",
+    )
+    use_rslora: bool = Field(
+        default=False,
+        description="Rank-stabilised scaling s = alpha / √r instead of alpha / r (PEFT's `use_rslora`). Source: neighbouring code (PEFT).",
+    )
+    init: Literal["kaiming", "gaussian"] = Field(
+        default="kaiming",
+        description="Initialisation of the down-projection A: `kaiming` = Kaiming-uniform (PEFT's default), `gaussian` = "
+        "N(0, 1/r²); B always starts at zero, so the model starts as the base model. Source: official code (PEFT's default, as O-LoRA).",
+    )
 
 
 class RoutedLoraOptions(LoraOptions, RoutedBranchOptions):
@@ -333,6 +354,12 @@ class Method:
                     predictions = self.model.restrict(self.score(group), classes)
             parts.append((rows, predictions))
         return scatter_rows(parts, len(routes), self.model.prediction_fill)
+
+    def multi_process_refusal(self) -> str | None:
+        """Why the method cannot train with several processes as configured (None: it can). The engine averages
+        every parameter's gradient and gives every process the whole data for prepare_task and end_task, so only
+        what a method computes from rank-local tensors outside the parameters' gradients needs refusing."""
+        return None
 
     # ----- export ----------------------------------------------------------------------------------
     def export_refusal(self) -> str | None:

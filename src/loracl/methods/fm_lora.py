@@ -37,43 +37,199 @@ DEFAULT_PROMPT_LAYERS = 5  # the deep prompt's blocks 0-4 (spec 2.5, DualPrompt'
 class FmLoraOptions(MethodOptions, RoutedInferenceOptions):
     """FM-LoRA's knobs; [D] defaults are specs/fm-lora.md section 6 (docs/methods/fm_lora.md explains each)."""
 
-    rank: int = Field(default=8, ge=1)  # shared rank r
-    alpha: Float | None = Field(default=None, gt=0.0)  # scale s = alpha / r; None: r (orthonormal bases) or 2r (learned)
-    target_modules: str | list[str] = "auto"  # auto: query and value (query/value or q_proj/v_proj)
-    shared_basis: Literal["svd", "svd_minor", "random_orthogonal", "learn_first_task", "learn_every_task"] = "svd"
+    rank: int = Field(
+        default=8,
+        ge=1,
+        description="Shared rank r of every adapted layer's subspace (the A and B bases); our design suggests 16 for ViT-B "
+        "and 8 for text streams. Source: our design (not in the paper or code).",
+    )
+    alpha: Float | None = Field(
+        default=None,
+        gt=0.0,
+        description="Scale s = alpha / r of every update; null = r with orthonormal (SVD or random) bases, 2r with learned bases. "
+        "Source: our design (not in the paper or code).",
+    )
+    target_modules: str | list[str] = Field(
+        default="auto",
+        description="Which modules get adapters, with PEFT's semantics (a list of name suffixes or a regex); `auto` = the query and "
+        "value projections (`query`/`value` or `q_proj`/`v_proj`). Source: our design (not in the paper or code).",
+    )
+    shared_basis: Literal["svd", "svd_minor", "random_orthogonal", "learn_first_task", "learn_every_task"] = Field(
+        default="svd",
+        description="Where the shared bases A and B come from: `svd` = the top-r right/left singular vectors of the pre-trained "
+        "weight W0, frozen; `svd_minor` = the r smallest; `random_orthogonal` = a seeded QR draw, frozen; "
+        "`learn_first_task` = LoRA init, A and B train on the first task (cores fixed at identity, DRS off) and then "
+        "freeze; `learn_every_task` = the same init, A and B keep training in every task. Source: our design (not in the "
+        "paper or code).",
+    )
     # DRS
-    drs: Literal["gumbel", "deterministic", "off"] = "gumbel"
-    drs_granularity: Literal["global", "per_layer"] = "global"  # per_layer: own logits b and rank r_t per adapted module
-    candidate_ranks: list[int] | None = None  # None: {r/4, r/2, 3r/4, r}
-    drs_beta: Float = Field(default=10.0, ge=0.0)
-    tau_start: Float = Field(default=1.0, gt=0.0)
-    tau_min: Float = Field(default=0.1, gt=0.0)
-    anneal_fraction: Float = Field(default=0.5, gt=0.0, le=1.0)
-    commit_fraction: Float = Field(default=0.1, ge=0.0, lt=1.0)
-    rank_loss_weight: Float = Field(default=0.01, ge=0.0)
-    drs_lr_multiplier: Float = Field(default=10.0, gt=0.0)
-    complexity_samples: int = Field(default=1024, ge=2)  # n_H
-    similarity_dim: int = Field(default=8, ge=1)  # k_sim
-    spectral_weight: Float = Field(default=0.5, ge=0.0)
-    similarity_weight: Float = Field(default=0.5, ge=0.0)
+    drs: Literal["gumbel", "deterministic", "off"] = Field(
+        default="gumbel",
+        description="Dynamic rank selector: `gumbel` = a straight-through Gumbel-Softmax over the candidate ranks picks the task's "
+        "rank r_t; `deterministic` = the candidate whose share of r is closest to the complexity score H, no "
+        "sampling; `off` = r_t = r. Source: paper (the Gumbel-Softmax); the logits, the other modes and every detail are our design (not in the "
+        "paper or code).",
+    )
+    drs_granularity: Literal["global", "per_layer"] = Field(
+        default="global",
+        description="`global`: one selector and one rank r_t per task for every layer (the paper's summary speaks of one rank per "
+        "task); `per_layer`: each adapted module has its own selector logits, Gumbel noise and committed r_t, the rank "
+        "cost averaged over modules, and `chosen_ranks` maps each task to {module: r_t}; needs `drs: gumbel`. Source: our design (not in the paper or code).",
+    )
+    candidate_ranks: list[int] | None = Field(
+        default=None,
+        description="The candidate ranks R the selector chooses from, strictly increasing in [1, rank]; null = {r/4, r/2, 3r/4, r} "
+        "rounded up. Source: our design (not in the paper or code).",
+    )
+    drs_beta: Float = Field(
+        default=10.0,
+        ge=0.0,
+        description="β in the selector's logits z_k = −β(ρ_k − H)² + b_k (ρ_k the candidate's share of r, H the task's complexity, "
+        "b_k a learned bias). Source: our design (not in the paper or code).",
+    )
+    tau_start: Float = Field(
+        default=1.0,
+        gt=0.0,
+        description="Gumbel-Softmax temperature at the start of each task (annealed geometrically to `tau_min`). Source: our design "
+        "(not in the paper or code).",
+    )
+    tau_min: Float = Field(
+        default=0.1,
+        gt=0.0,
+        description="Gumbel-Softmax temperature at the end of the annealing; must not exceed `tau_start`. Source: our design (not in "
+        "the paper or code).",
+    )
+    anneal_fraction: Float = Field(
+        default=0.5,
+        gt=0.0,
+        le=1.0,
+        description="Fraction of a task's steps over which the temperature anneals from `tau_start` to `tau_min`. Source: our design "
+        "(not in the paper or code).",
+    )
+    commit_fraction: Float = Field(
+        default=0.1,
+        ge=0.0,
+        lt=1.0,
+        description="Fraction of a task's last steps that use the noise-free arg-max rank mask (committed r_t); `anneal_fraction + "
+        "commit_fraction` ≤ 1. Source: our design (not in the paper or code).",
+    )
+    rank_loss_weight: Float = Field(
+        default=0.01,
+        ge=0.0,
+        description="λ_rank of the rank cost λ_rank·Σ_k π_k ρ_k, which keeps the selector from drifting to the full rank r. Source: "
+        "our design (not in the paper or code).",
+    )
+    drs_lr_multiplier: Float = Field(
+        default=10.0,
+        gt=0.0,
+        description="The selector's bias b trains at the run's learning rate × this (its own optimizer group). Source: our design "
+        "(not in the paper or code).",
+    )
+    complexity_samples: int = Field(
+        default=1024,
+        ge=2,
+        description="n_H, the number of training inputs (a seeded draw) whose frozen features give the task's complexity score H. "
+        "Source: our design (not in the paper or code).",
+    )
+    similarity_dim: int = Field(
+        default=8,
+        ge=1,
+        description="k_sim, the dimension of each task's feature basis U_t against which later tasks' novelty is measured. Source: "
+        "our design (not in the paper or code).",
+    )
+    spectral_weight: Float = Field(
+        default=0.5,
+        ge=0.0,
+        description="w_spec in H = clip(w_spec·h_spec + w_sim·h_sim, 0, 1): the weight of the spectral entropy of the task's "
+        "features. Source: our design (not in the paper or code).",
+    )
+    similarity_weight: Float = Field(
+        default=0.5,
+        ge=0.0,
+        description="w_sim in H = clip(w_spec·h_spec + w_sim·h_sim, 0, 1): the weight of the task's novelty against earlier tasks' "
+        "feature subspaces. Source: our design (not in the paper or code).",
+    )
     # DMP
-    prompt_len: int = Field(default=8, ge=0)  # 0 turns DMP off
-    prompt_depth: Literal["shallow", "deep"] = "shallow"  # deep: prefix keys/values in the first prompt_layers blocks
-    prompt_layers: int | None = Field(default=None, ge=1)  # deep only: blocks 0..n-1 get a prefix; None: 0-4 (fewer if the model has fewer)
-    prompt_components: int = Field(default=1, ge=1)  # J > 1: input-conditioned mixture of J prompts
-    prompt_key_temperature: Float = Field(default=10.0, gt=0.0)  # kappa in softmax(kappa * cos(q, k_j))
-    prompt_init_std: Float = Field(default=0.02, gt=0.0)
-    prompt_anchor_weight: Float = Field(default=0.1, ge=0.0)  # lambda_P (0 on the first trained task)
-    meta_step: Float = Field(default=1.0, ge=0.0, le=1.0)  # epsilon of the Reptile-style prompt update (0: P fixed after task 1)
+    prompt_len: int = Field(
+        default=8,
+        ge=0,
+        description="L_p, the number of tokens of the dynamic meta-prompt (DMP); 0 turns DMP off. Source: paper (a learnable prompt "
+        "matrix); its size is our design (not in the paper or code).",
+    )
+    prompt_depth: Literal["shallow", "deep"] = Field(
+        default="shallow",
+        description="`shallow`: L_p prompt tokens inserted after [CLS] at the input; `deep`: L_p key and L_p value tokens prefixed "
+        "inside each of the first `prompt_layers` attention blocks (prefix tuning; refused on a language model). The "
+        "anchor loss sums over all prompt values, so at equal weight it pulls a deep prompt harder. Source: our design "
+        "(not in the paper or code).",
+    )
+    prompt_layers: int | None = Field(
+        default=None,
+        ge=1,
+        description="`prompt_depth: deep` only: blocks 0..n−1 get a prefix; null = blocks 0-4 (DualPrompt's placement; all blocks of "
+        "a model with fewer). Source: our design (not in the paper or code).",
+    )
+    prompt_components: int = Field(
+        default=1,
+        ge=1,
+        description="J; above 1, an input-conditioned mixture of J prompts, P(x) = Σ_j softmax(κ·cos(q(x), k_j))·P_j with q(x) the "
+        "mean embedded input (shallow prompts only). Source: our design (not in the paper or code).",
+    )
+    prompt_key_temperature: Float = Field(
+        default=10.0,
+        gt=0.0,
+        description="κ in the mixture weights softmax(κ·cos(q(x), k_j)) when `prompt_components` > 1. Source: our design (not in the "
+        "paper or code).",
+    )
+    prompt_init_std: Float = Field(
+        default=0.02,
+        gt=0.0,
+        description="Standard deviation of the prompt's normal initialisation. Source: our design (not in the paper or code).",
+    )
+    prompt_anchor_weight: Float = Field(
+        default=0.1,
+        ge=0.0,
+        description="λ_P of the anchor loss λ_P·‖P − P̄_{t−1}‖² that pulls the prompt towards its value after the previous task (0 on "
+        "the first trained task). Source: our design (not in the paper or code).",
+    )
+    meta_step: Float = Field(
+        default=1.0,
+        ge=0.0,
+        le=1.0,
+        description="ε of the Reptile-style prompt update P̄_t = P̄_{t−1} + ε·(P_end − P̄_{t−1}) at the end of a task; 0 keeps the "
+        "prompt fixed after the first task. Source: our design (not in the paper or code).",
+    )
     # cores, head, regularisers
-    core_form: Literal["double", "single"] = "double"  # single: one r x r core N_t per task (M = I), r^2 parameters
-    keep_task_cores: bool = True
-    core_orth_weight: Float = Field(default=0.0, ge=0.0)  # lambda_orth; needs keep_task_cores
-    head_init: Literal["zero", "uniform"] = "zero"
-    # [D] with routed_inference, which cores serve an example routed to task t: `off` the final K; `as_of_task` the
-    # kept cores of tasks <= t (its model as of task t, like routed_branches); `own_task` task t's cores alone (the
-    # spec's task-incremental diagnostic of a single increment, 8.3)
-    routed_cores: Literal["off", "as_of_task", "own_task"] = "off"
+    core_form: Literal["double", "single"] = Field(
+        default="double",
+        description="`double`: Δ_t = s·B N_t diag(m_t) M_t A, two r × r cores and 2r² values per layer (the paper's count); `single`: "
+        "one core, Δ_t = s·B N_t diag(m_t) A, r² values per layer (the ablation of the over-parameterised product). "
+        "Source: our design (not in the paper or code).",
+    )
+    keep_task_cores: bool = Field(
+        default=True,
+        description="Keep each task's trimmed cores (N_t[:, :r_t], M_t[:r_t, :]) for analysis, `core_orth_weight` and `routed_cores`; "
+        "the forward pass uses only the accumulated core K. Source: our design (not in the paper or code).",
+    )
+    core_orth_weight: Float = Field(
+        default=0.0,
+        ge=0.0,
+        description="λ_orth of a penalty Σ_τ ‖(diag(m̃) M_t)(diag(m_τ) M_τ)ᵀ‖² between the new task's core and earlier tasks' kept "
+        "cores; needs `keep_task_cores` and `core_form: double`. Source: our design (not in the paper or code).",
+    )
+    head_init: Literal["zero", "uniform"] = Field(
+        default="zero",
+        description="New head rows start at `zero`, or with nn.Linear's `uniform` init (the foundation's); with `head.type: cosine` "
+        "only the unused biases are zeroed, since a zero row has no direction. Source: our design (not in the paper or "
+        "code).",
+    )
+    routed_cores: Literal["off", "as_of_task", "own_task"] = Field(
+        default="off",
+        description="With `routed_inference`, which cores serve an example routed to task t: `off` = the final K; `as_of_task` = the "
+        "sum of the kept cores of tasks ≤ t (its model as of task t, like `routed_branches`); `own_task` = task t's cores "
+        "alone (a task-incremental diagnostic of a single increment). Needs `routed_inference` and `keep_task_cores`. "
+        "Source: our design (not in the paper or code).",
+    )
     inert_defaults: ClassVar[dict[str, Any]] = {
         "routed_cores": "off",
         "drs_granularity": "global",

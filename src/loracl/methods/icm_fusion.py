@@ -30,13 +30,44 @@ class IcmFusionMethodOptions(LoraOptions):
     LoRA defaults are icm-fusion.md 8.2's per-task LoRAs [D] (r 8, alpha 16, dropout 0.05), not LoraOptions'.
     """
 
-    alpha: Float = 16.0
-    dropout: Float = Field(default=0.05, ge=0.0, lt=1.0)
+    rank: int = Field(default=8, ge=1, description="Rank r of each task's LoRA branch. Source: our design (not in the paper or code).")
+    alpha: Float = Field(
+        default=16.0,
+        description="LoRA alpha of each task's branch: scale s = alpha / r (2 at the defaults). Source: our design (not in the paper or code).",
+    )
+    dropout: Float = Field(
+        default=0.05,
+        ge=0.0,
+        lt=1.0,
+        description="Dropout on the adapted layer's input, one mask shared by every branch of the layer (0 until 2026-11-22). "
+        "Source: our design (not in the paper or code).",
+    )
 
-    mode: Literal["end", "online", "continue"] = "end"
-    harvest_checkpoints: int = Field(default=8, ge=0)  # weight samples per task over the second half [D] G7
-    support_per_task: int = Field(default=16, ge=1)  # [D] G10: kept per task, counted as exemplar memory
-    fusion: IcmFusionOptions = Field(default_factory=IcmFusionOptions)
+    mode: Literal["end", "online", "continue"] = Field(
+        default="end",
+        description="When the stream fuses: `end` = once after the last task (earlier rows use the sum of the task LoRAs); "
+        "`online` = after every task, then each stored past LoRA is replaced by the F-VAE's regeneration from its posterior "
+        "mean (generative weight replay); `continue` = after every task, and the next task's LoRA starts from the fused one "
+        "(an ablation). Source: paper (`end`); `online` and `continue` are our design (not in the paper or code).",
+    )
+    harvest_checkpoints: int = Field(
+        default=8,
+        ge=0,
+        description="Weight samples (checkpoints of the task's LoRA) harvested per task over the second half of its training, "
+        "as the F-VAE's training data. Source: official code (ICM-LoRA trains on harvested checkpoints); the count is our "
+        "design (not in the paper or code).",
+    )
+    support_per_task: int = Field(
+        default=16,
+        ge=1,
+        description="Training examples kept per task for the in-context steps, counted as exemplar memory in the stored bytes. "
+        "Source: our design (not in the paper or code).",
+    )
+    fusion: IcmFusionOptions = Field(
+        default_factory=IcmFusionOptions,
+        description="The ICM-Fusion knobs (the F-VAE, the meta phase and the fusion rule), the keys `loracl fuse` takes as "
+        "`icm.<key>`. Source: see each key.",
+    )
 
     @model_validator(mode="after")
     def _fused_rank_is_the_branch_rank(self) -> IcmFusionMethodOptions:

@@ -38,18 +38,52 @@ BASIS_PREFIX = "inflora_basis."
 class InfLoraOptions(MethodOptions, RoutedBranchOptions):
     """Defaults: the official CIFAR-100 / DomainNet config (rank 10, lamb 0.95, lame 1.0, DualGPM)."""
 
-    rank: int = Field(default=10, ge=1)
-    target_modules: str | list[str] = "auto"  # auto: key and value projections, as the official code
-    lamb: Float = Field(default=0.95, gt=0.0, le=1.0)  # threshold at the first task
-    lame: Float = Field(default=1.0, gt=0.0, le=1.0)  # threshold the schedule rises towards
-    basis_update: Literal["dual_gpm", "gpm"] = "dual_gpm"  # gpm: the DomainNet config's plain GPM
-    # cov_proj: SVD of (I - M M^T) C (code); sym: P C P; random: [D] ablation, a seeded random orthonormal A of the
-    # same scale, not designed from the data (the memory of old subspaces is still kept, but A ignores it)
-    design: Literal["cov_proj", "sym", "random"] = "cov_proj"
-    energy: Literal["code", "gpm"] = "code"  # code: squared eigenvalues of C; gpm: eigenvalues
-    # per-epoch schedule [C]: cosine lr·cos(99πe / (200(E-1))) (CIFAR / ImageNet-R configs, ends at ~1.6 % of
-    # lr), multistep ×0.1 after epoch 4 (DomainNet), or constant; with one epoch all three are the same
-    lr_schedule: Literal["cosine", "multistep", "constant"] = "cosine"
+    rank: int = Field(default=10, ge=1, description="Rank r of each task's branch. Source: official code (CIFAR / ImageNet-R configs).")
+    target_modules: str | list[str] = Field(
+        default="auto",
+        description="Which modules get adapters, with PEFT's semantics; `auto` = the key and value projections (`key`/`value`, "
+        "`k_proj`/`v_proj`, or the k and v parts of a fused `qkv` split by `backbone.split_fused`, as the code's slices). "
+        "Source: official code.",
+    )
+    lamb: Float = Field(
+        default=0.95,
+        gt=0.0,
+        le=1.0,
+        description="Energy threshold of the subspace memory at the first task (λ_b; the threshold then rises towards `lame`). "
+        "Source: official code (CIFAR-100 config; ImageNet-R uses 0.98).",
+    )
+    lame: Float = Field(
+        default=1.0,
+        gt=0.0,
+        le=1.0,
+        description="Energy threshold the schedule ε_t = λ_b + (λ_e − λ_b)(t − 1)/T rises towards (λ_e); must be ≥ `lamb`. "
+        "Source: official code.",
+    )
+    basis_update: Literal["dual_gpm", "gpm"] = Field(
+        default="dual_gpm",
+        description="How the memory of old subspaces is updated after each task: `dual_gpm` stores whichever of M and its "
+        "complement M⊥ is smaller; `gpm` = plain GPM, always M (the DomainNet config). Source: official code.",
+    )
+    design: Literal["cov_proj", "sym", "random"] = Field(
+        default="cov_proj",
+        description="How the new branch's down-projection A is designed: `cov_proj` = top singular vectors of (I − MMᵀ) C "
+        "(the code); `sym` = eigenvectors of (I − MMᵀ) C (I − MMᵀ); `random` = a seeded random A with orthonormal rows / √3 "
+        "(the designed A's scale), ignoring the data and the memory (which is still kept): the ablation that isolates "
+        "InfLoRA's designed down-projection. Source: official code (`cov_proj`); `sym` and `random` are our design "
+        "(not in the paper or code).",
+    )
+    energy: Literal["code", "gpm"] = Field(
+        default="code",
+        description="What the energy threshold is applied to: `code` = the squared eigenvalues of the input covariance C "
+        "(the code); `gpm` = the eigenvalues, as GPM. Source: official code (`code`); `gpm` is our design (not in the "
+        "paper or code).",
+    )
+    lr_schedule: Literal["cosine", "multistep", "constant"] = Field(
+        default="cosine",
+        description="Per-epoch learning-rate factor: `cosine` = cos(99π·e / (200·(E − 1))) for epoch e of E (CIFAR / "
+        "ImageNet-R configs; ends at about 1.6 % of the learning rate), `multistep` = ×0.1 from epoch index 4 on "
+        "(DomainNet), `constant`; with one epoch all three are the same. Source: official code.",
+    )
 
     @model_validator(mode="after")
     def _threshold_rises(self) -> InfLoraOptions:

@@ -36,40 +36,145 @@ from loracl.task_models.base import TaskModel
 class LoracIpcOptions(MethodOptions):
     """Defaults follow the official code's Sup-21K* CIFAR run (spec §6, §8 item 9) unless marked [D]."""
 
-    rank: int = Field(default=16, ge=1)
-    alpha: Float = Field(default=1.0, gt=0.0)  # scaling γ = alpha / rank = 1/r [C]
-    target_modules: str | list[str] = "all-linear"  # q, k, v, o, fc1, fc2 in every block [C]
-    ortho_weight: Float = Field(default=0.5, ge=0.0)  # λ_orth [C]
-    ortho_target: Literal["A", "Q"] = "A"  # [D] "A": raw A's as the code; "Q": QR factors as the paper figure
-    ortho_squared: bool = False  # [D] the code's Frobenius norm is not squared
-    omega_lr_scale: Float = Field(default=1.0, gt=0.0)  # lr of ω = lr × this [C]
-    first_session_lr: Float | None = Field(default=None, gt=0.0)  # [C] lr of the first adapted task
-    ipc_threshold: Float = Field(default=0.05, ge=0.0, le=1.0)  # τ; 0 turns IPC off (plain LoRAC) [C]
-    ipc_beta1: Float = Field(default=0.85, ge=0.0, lt=1.0)  # [C]
-    ipc_beta2: Float = Field(default=0.85, ge=0.0, lt=1.0)  # [C]
-    ipc_importance: Literal["effective_weight", "lora_factors"] = "effective_weight"  # [D] item 7
-    ipc_score: Literal["last_ema", "task_mean"] = "last_ema"  # [D] item 8
-    ipc_count: Literal["all", "free"] = "all"  # [D] item 6: k = ⌊τ·|S|⌋, or ⌊τ·#free⌋ (`--new_mask`)
-    ipc_selection: Literal["top_k", "threshold"] = "top_k"  # [D] item 6: top_k, or the code's ≥-threshold
-    tii: bool = True  # route each test example to its task's model; False = newest model for all [C]
-    tii_clusters: int = Field(default=4, ge=1)  # K per class [C]
-    tii_ridge: Float = Field(default=1.0e-4, ge=0.0)  # [C]
-    # [D] item 16: diag for memory-bound runs; shared: one within-cluster covariance pooled over every class
-    # (LDA-style, shrunk like the code's per-cluster ones), d x d floats in all instead of d x d per cluster
-    tii_cov: Literal["full", "diag", "shared"] = "full"
-    head_realign: bool = True  # TAP after every task but the first [C]
-    tap_centroids: int = Field(default=10, ge=1)  # [C]
-    tap_epochs: int = Field(default=50, ge=0)  # [C, scripts]
-    tap_lr: Float = Field(default=0.005, gt=0.0)  # [C]
-    tap_momentum: Float = Field(default=0.9, ge=0.0, lt=1.0)  # [C]
-    tap_batch_size: int = Field(default=320, ge=1)  # 5 × batch size 64 [C]
-    tap_samples_per_cluster: int = Field(default=320, ge=1)  # [C]
-    tap_iters_per_epoch: int | None = Field(default=None, ge=1)  # [D] item 14: None = number of old classes [C]
-    tap_ridge: Float = Field(default=1.0e-4, ge=0.0)  # variance added when sampling [C]
-    measure_without_tii: bool = True  # [D] with tii on, also score the newest model (one extra eval forward)
-    # [D] with tii on, score only the classes of the task TII chose (the code scores every seen class with the
-    # routed model); off by default, as the code
-    restrict_to_routed_task: bool = False
+    rank: int = Field(default=16, ge=1, description="Rank r of each task's LoRA pair. Source: official code (the Sup-21K* CIFAR run).")
+    alpha: Float = Field(
+        default=1.0, gt=0.0, description="Scaling γ = alpha / r (1/r at the defaults). Source: official code (`lora_alpha=1`)."
+    )
+    target_modules: str | list[str] = Field(
+        default="all-linear",
+        description="Which modules get adapters, with PEFT's semantics; the default adapts q, k, v, o, fc1 and fc2 in every "
+        "block as separate slots (a fused `qkv` / `Wqkv` is split into q, k, v parts by `backbone.split_fused: auto`, the "
+        "code's three slots on one fused linear). Source: official code.",
+    )
+    ortho_weight: Float = Field(
+        default=0.5,
+        ge=0.0,
+        description="λ_orth, the weight of the loss Σ_free slots ‖ÃᵀÃ − I‖_F over the stacked down-projections; 0 is the "
+        "orthogonality-off ablation. Source: official code.",
+    )
+    ortho_target: Literal["A", "Q"] = Field(
+        default="A",
+        description="What the orthogonality loss stacks: `A` = the raw down-projections (the code); `Q` = their reduced-QR "
+        "factors (the paper's figure). "
+        "Source: our design (not in the paper or code); it switches between the official code (`A`) and the paper (`Q`).",
+    )
+    ortho_squared: bool = Field(
+        default=False,
+        description="Square the Frobenius norm of the orthogonality loss; the code's norm is not squared. "
+        "Source: our design (not in the paper or code).",
+    )
+    omega_lr_scale: Float = Field(
+        default=1.0, gt=0.0, description="The composition coefficients ω learn at lr × this. Source: official code."
+    )
+    first_session_lr: Float | None = Field(
+        default=None,
+        gt=0.0,
+        description="Learning rate of the first adapted task; null = the run's `train.lr`. Source: official code.",
+    )
+    ipc_threshold: Float = Field(
+        default=0.05,
+        ge=0.0,
+        le=1.0,
+        description="τ, the fraction of slots IPC freezes after each task (the top ⌊τ·|S|⌋ by importance); 0 turns IPC off "
+        "(plain LoRAC). Source: official code.",
+    )
+    ipc_beta1: Float = Field(
+        default=0.85,
+        ge=0.0,
+        lt=1.0,
+        description="β1, the EMA factor of the smoothed importance Ī ← β1·Ī + (1 − β1)·I. Source: official code.",
+    )
+    ipc_beta2: Float = Field(
+        default=0.85,
+        ge=0.0,
+        lt=1.0,
+        description="β2, the EMA factor of the uncertainty Ū ← β2·Ū + (1 − β2)·|I − Ī|. Source: official code.",
+    )
+    ipc_importance: Literal["effective_weight", "lora_factors"] = Field(
+        default="effective_weight",
+        description="What a slot's importance I is measured on: `effective_weight` = mean|W ⊙ ∂L/∂W| on the whole "
+        "effective weight (the code); `lora_factors` = the older mean|A ⊙ ∇A| + mean|B ⊙ ∇B| score. "
+        "Source: official code (`effective_weight`); `lora_factors` is our design (not in the paper or code).",
+    )
+    ipc_score: Literal["last_ema", "task_mean"] = Field(
+        default="last_ema",
+        description="The score S that ranks slots after a task: `last_ema` = Ī·Ū after the task's last step (the code); "
+        "`task_mean` = Ī·Ū averaged over the task's steps. Source: official code (`last_ema`); `task_mean` is our design "
+        "(not in the paper or code).",
+    )
+    ipc_count: Literal["all", "free"] = Field(
+        default="all",
+        description="How many slots are frozen after a task: `all` = k = ⌊τ·|S|⌋; `free` = ⌊τ·#free⌋ (the code's "
+        "`--new_mask` counts non-zero scores). "
+        "Source: our design (not in the paper or code).",
+    )
+    ipc_selection: Literal["top_k", "threshold"] = Field(
+        default="top_k",
+        description="Which slots are frozen: `top_k` = exactly the top k free slots (stable order on ties); `threshold` = "
+        "the code's S ≥ θ rule, which can freeze more (and everything once k exceeds the non-zero scores). "
+        "Source: our design (`top_k`, not in the paper or code); official code (`threshold`).",
+    )
+    tii: bool = Field(
+        default=True,
+        description="Task-identity inference: route each test example to its task's composed model; false = the newest "
+        "model serves every example (the paper's w/o-TII variant). Source: official code.",
+    )
+    tii_clusters: int = Field(
+        default=4, ge=1, description="K, the k-means clusters per class that TII keeps. Source: official code (2 for ImageNet-R)."
+    )
+    tii_ridge: Float = Field(
+        default=1.0e-4, ge=0.0, description="Ridge added to each TII cluster's covariance. Source: official code."
+    )
+    tii_cov: Literal["full", "diag", "shared"] = Field(
+        default="full",
+        description="TII covariances: `full` = one per cluster (the code); `diag` = inverse shrunk variances only (no "
+        "correlation step), H instead of H² floats per cluster, for memory-bound runs; `shared` = one within-cluster "
+        "covariance pooled over every class and cluster (LDA-style, through the code's ridge, shrinkage and correlation "
+        "steps), H² floats in all instead of H² per cluster (metalora's router showed shared covariances route better on "
+        "this repository's streams). Source: official code (`full`); `diag` and `shared` are our "
+        "design (not in the paper or code).",
+    )
+    head_realign: bool = Field(
+        default=True,
+        description="TAP: re-align the linear head on Gaussian pseudo-features after every task but the first; false is the "
+        "head-re-alignment-off ablation. Source: official code.",
+    )
+    tap_centroids: int = Field(
+        default=10, ge=1, description="k-means centroids per class stored for TAP, each with per-dimension variances. Source: official code."
+    )
+    tap_epochs: int = Field(default=50, ge=0, description="TAP epochs. Source: official code (its scripts).")
+    tap_lr: Float = Field(
+        default=0.005, gt=0.0, description="TAP learning rate (SGD, cosine per epoch, weight decay 0). Source: official code."
+    )
+    tap_momentum: Float = Field(default=0.9, ge=0.0, lt=1.0, description="TAP SGD momentum. Source: official code.")
+    tap_batch_size: int = Field(
+        default=320, ge=1, description="TAP mini-batch size (5 × the code's batch size 64). Source: official code."
+    )
+    tap_samples_per_cluster: int = Field(
+        default=320, ge=1, description="Pseudo-features drawn per TAP cluster. Source: official code."
+    )
+    tap_iters_per_epoch: int | None = Field(
+        default=None,
+        ge=1,
+        description="TAP mini-batches per epoch; null = the number of old classes (the code). "
+        "Source: official code (null); a number is our design (not in the paper or code).",
+    )
+    tap_ridge: Float = Field(
+        default=1.0e-4, ge=0.0, description="Variance added when sampling TAP pseudo-features. Source: official code."
+    )
+    measure_without_tii: bool = Field(
+        default=True,
+        description="With `tii` on, also score every test batch through the newest model (one extra forward per evaluated "
+        "batch), so one run reports the w/o-TII scores on the same weights; measurement only. "
+        "Source: our design (not in the paper or code).",
+    )
+    # the code scores every seen class with the routed model, hence off by default
+    restrict_to_routed_task: bool = Field(
+        default=False,
+        description="With `tii` on, score each example only over the classes of the task TII inferred for it (the code "
+        "scores every seen class with the routed model; the masking metalora uses). "
+        "Source: our design (not in the paper or code).",
+    )
 
 
 class ClassStatistics(nn.Module):
@@ -590,6 +695,15 @@ class LoracIpc(Method):
         self.tii_history = [float(value) for value in rounds.get("tii_accuracy", [])]
         self.newest_rows = [[float(value) for value in row] for row in rounds.get("without_tii_rows", [])]
         self.tii_counts, self.newest_counts = [0, 0], {}
+
+    def multi_process_refusal(self) -> str | None:
+        if self.options.ipc_threshold > 0 and self.options.ipc_importance == "effective_weight":
+            return (
+                "IPC's effective_weight importance reads each process's own gradient of the composed weight, so the"
+                " processes would freeze different slots; use ipc_importance: factors (from the averaged factor"
+                " gradients) or ipc_threshold: 0"
+            )
+        return None
 
     def export_refusal(self) -> str | None:
         if self.options.tii and not self.serves_newest_only and len(self.seen_tasks) > 1:

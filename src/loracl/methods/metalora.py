@@ -46,36 +46,131 @@ _NON_BLOCK_CONV = re.compile(r"(^|\.)(embedder|stem|shortcut|downsample|patch_em
 class MetaLoraOptions(MethodOptions):
     """Knobs of spec section 6; every default is the spec's."""
 
-    decomposition: Literal["cp", "tr"] = "cp"
-    cp_rank: int = Field(default=8, ge=1)
-    tr_rank: int = Field(default=3, ge=1)
-    alpha: Float | None = Field(default=None, gt=0.0)  # None: alpha = R, so gamma = 1
-    tr_seed: Literal["full", "diag"] = "full"
-    cp_conv_modes: Literal[3, 4] = 4
-    init: Literal["zero_out", "zero_seed"] = "zero_out"
-    mapping_width: int = Field(default=64, ge=1)
-    generate: bool = True  # False: no mapping net, the static CP/TR-LoRA control of spec 7.2
-    target_modules: str | list[str] = "auto"
-    cl_mode: Literal["expand", "shared", "naive", "joint", "single"] = "expand"
-    lambda_sd: Float = Field(default=1.0, ge=0.0)  # shared mode only
-    # [D] spec G12 names cosine first; mahalanobis (LDA-style, shared shrunk within-class covariance) is the default
-    # after it routed better on both measured streams (docs/methods/metalora.md, section metalora_routers_*)
-    router: RouterMetric = "mahalanobis"
-    mahalanobis_shrinkage: Float = Field(default=0.1, ge=0.0, le=1.0)
-    restrict_to_routed_task: bool = True
-    warm_start: bool = False
-    cache_features: bool = True  # training-time cache of f(x) per example (never used by predict)
-    # [D] spec 2.2: `base` = pooled output of the frozen backbone (one extra full pass per input); `embed` = the
-    # embedding layer's output, mean-pooled (almost free, weaker); `blocks` = token states after the first
-    # `extractor_blocks` frozen blocks, mean-pooled (the rest of the stack never runs). Routing reads the same f(x).
-    extractor: Literal["base", "embed", "blocks"] = "base"
-    extractor_blocks: int | None = Field(default=None, ge=1)  # `blocks` only; None: a third of the stack, rounded up
-    # [D] serving cost: adapt the target modules of the last N blocks only (None: every block). With extractor
-    # `base`, predict then starts each adapted pass after the frozen blocks below the first adapted one, replaying
-    # the extractor pass's output there (exact: those blocks hold no adapter); share_frozen_prefix=false turns the
-    # replay off (same scores, slower).
-    adapted_blocks: int | None = Field(default=None, ge=1)
-    share_frozen_prefix: bool = True
+    decomposition: Literal["cp", "tr"] = Field(
+        default="cp",
+        description="The tensor form of each adapted layer's update: `cp` = CP decomposition with a diagonal seed, ΔW = γ·U diag(s) "
+        "Vᵀ; `tr` = tensor ring closed by an R × R seed core. Source: secondary source (the two variants); the default is "
+        "our design (not in the paper or code): CP has exactly LoRA-8's factor budget.",
+    )
+    cp_rank: int = Field(
+        default=8,
+        ge=1,
+        description="R of the CP decomposition. Source: our design (not in the paper or code).",
+    )
+    tr_rank: int = Field(
+        default=3,
+        ge=1,
+        description="R of the tensor ring (the ring's bond dimension). Source: our design (not in the paper or code).",
+    )
+    alpha: Float | None = Field(
+        default=None,
+        gt=0.0,
+        description="Scale γ = alpha / R of the update; null = alpha = R, so γ = 1. Source: our design (not in the paper or code).",
+    )
+    tr_seed: Literal["full", "diag"] = Field(
+        default="full",
+        description="Tensor ring only: the seed is a full R × R condition core, or `diag` = diag(s). Source: our design (not in the "
+        "paper or code).",
+    )
+    cp_conv_modes: Literal[3, 4] = Field(
+        default=4,
+        description="CP on Conv2d: 4 modes (separate k_h and k_w factors) or 3 (one k_h·k_w factor). Source: our design (not in the "
+        "paper or code).",
+    )
+    init: Literal["zero_out", "zero_seed"] = Field(
+        default="zero_out",
+        description="How ΔW ≡ 0 at initialisation: `zero_out` = the mapping net's last layer is zero and the seed is s₀ + σ with s₀ = "
+        "1 (or I); `zero_seed` = the seed is σ itself. Both start exactly at the base model. Source: our design (not in "
+        "the paper or code).",
+    )
+    mapping_width: int = Field(
+        default=64,
+        ge=1,
+        description="Hidden width h of the mapping net LN → Linear(d_feat, h) → GELU → Linear(h, D_seed). Source: our design (not in "
+        "the paper or code).",
+    )
+    generate: bool = Field(
+        default=True,
+        description="False: no mapping net, a static CP / TR-LoRA with the same routing (the control that isolates the generated "
+        "seed). Source: our design (not in the paper or code).",
+    )
+    target_modules: str | list[str] = Field(
+        default="auto",
+        description="Which modules get adapters, with PEFT's semantics; `auto` = the query and value projections where they exist "
+        "(also the q and v parts of a fused `qkv` split by `backbone.split_fused`), else every Conv2d inside residual "
+        "blocks (not the stem, shortcuts or patch embedding). Source: our design (not in the paper or code).",
+    )
+    cl_mode: Literal["expand", "shared", "naive", "joint", "single"] = Field(
+        default="expand",
+        description="Continual-learning mode: `expand` = a new block and mapping net per task, frozen after it, examples routed to a "
+        "task's block at test time; `shared` = one block and mapping net for every task plus seed distillation against "
+        "the previous task's mapping net; `naive` = `shared` without distillation; `joint` = one block trained once on "
+        "all tasks' data; `single` = the paper's single-task setting (one block, no routing). Source: our design (not in "
+        "the paper or code).",
+    )
+    lambda_sd: Float = Field(
+        default=1.0,
+        ge=0.0,
+        description="`cl_mode: shared` only: weight of the seed distillation λ_sd·mean_b‖σ_b − σ_b^old‖² against a frozen copy of the "
+        "previous task's mapping net. Source: our design (not in the paper or code).",
+    )
+    # cosine was named first; mahalanobis became the default after it routed better on both measured streams
+    # (docs/methods/metalora.md, sections metalora_routers_*)
+    router: RouterMetric = Field(
+        default="mahalanobis",
+        description="How `expand` mode routes an example to a task: the nearest class mean of normalised frozen features by "
+        "`mahalanobis` distance under one shared, shrunk within-class covariance (LDA-style), or by `cosine` similarity. "
+        "Source: our design (not in the paper or code).",
+    )
+    mahalanobis_shrinkage: Float = Field(
+        default=0.1,
+        ge=0.0,
+        le=1.0,
+        description="Shrinkage λ of the Mahalanobis router's shared covariance: Σ ← (1 − λ)Σ + λ·tr(Σ)/d·I. Source: our design (not "
+        "in the paper or code).",
+    )
+    restrict_to_routed_task: bool = Field(
+        default=True,
+        description="Score each routed example only over the classes of the task it was routed to. Source: our design (not in the "
+        "paper or code).",
+    )
+    warm_start: bool = Field(
+        default=False,
+        description="Start each new task's block (and mapping net) as a copy of the previous one. Source: our design (not in the "
+        "paper or code).",
+    )
+    cache_features: bool = Field(
+        default=True,
+        description="Cache the frozen features f(x) per training example (never used by predict, so serving cost is measured "
+        "honestly). Source: our design (not in the paper or code).",
+    )
+    extractor: Literal["base", "embed", "blocks"] = Field(
+        default="base",
+        description="The frozen features f(x) the mapping net and the router read: `base` = the frozen backbone's pooled output (one "
+        "extra full forward per input); `embed` = the embedding layer's output, mean-pooled (almost free, weaker); "
+        "`blocks` = the token states after the first `extractor_blocks` frozen blocks, mean-pooled (the later blocks "
+        "never run). Backbones without an `embeddings` module refuse `embed` and those without a transformer block stack "
+        "refuse `blocks`, both at attach. Source: our design (not in the paper or code).",
+    )
+    extractor_blocks: int | None = Field(
+        default=None,
+        ge=1,
+        description="`extractor: blocks` only: how many frozen blocks the extractor runs; null = a third of the stack, rounded up "
+        "(2 of MiniLM-L6's 6, 4 of ViT-B's 12), chosen for serving cost, not accuracy. "
+        "Source: our design (not in the paper or code).",
+    )
+    adapted_blocks: int | None = Field(
+        default=None,
+        ge=1,
+        description="Adapt the target modules of the last N transformer blocks only (null = every block): a shorter adapted pass at "
+        "the price of capacity; backbones without a block stack refuse it at attach. Source: our design (not in the paper or code).",
+    )
+    share_frozen_prefix: bool = Field(
+        default=True,
+        description="With extractor `base` and adapters only from block k > 0 on, predict replays the frozen pass's output after "
+        "blocks 0..k−1 instead of running them again (same scores, those blocks hold no adapter); false runs the full "
+        "passes (slower). Source: our design (not in the paper or code).",
+    )
 
     @model_validator(mode="after")
     def _blocks_only_with_blocks_extractor(self) -> MetaLoraOptions:

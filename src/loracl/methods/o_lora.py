@@ -19,10 +19,28 @@ class OLoraOptions(RoutedLoraOptions):
     """Defaults are the official code's: LoraOptions' rank 8, alpha 32 (s = 4), shared dropout 0.1; lambda_1 0.5,
     lambda_2 0."""
 
-    lambda_orth: Float = Field(default=0.5, ge=0.0)  # lambda_1
-    lambda_l2: Float = Field(default=0.0, ge=0.0)  # lambda_2
-    orth_penalty: Literal["abs", "squared"] = "abs"  # code: sum |entries|; "squared" as some paper summaries
-    orth_reduction: Literal["sum", "mean"] = "sum"  # code: raw sum over layers and entries
+    lambda_orth: Float = Field(
+        default=0.5,
+        ge=0.0,
+        description="λ1, the weight of the orthogonality loss between the new task's down-projection A_t and every earlier "
+        "one (0.5 on the standard benchmark). Source: official code (its scripts).",
+    )
+    lambda_l2: Float = Field(
+        default=0.0,
+        ge=0.0,
+        description="λ2, the weight of the L2 term Σ_layers (‖A_t‖_F + ‖B_t‖_F) on the new pair; it exists only in the code "
+        "and is off on the standard benchmark. Source: official code.",
+    )
+    orth_penalty: Literal["abs", "squared"] = Field(
+        default="abs",
+        description="Form of the orthogonality loss on the overlap O = A_old A_tᵀ: `abs` = Σ |O| (the code), `squared` = Σ O² "
+        "(as some paper summaries render it). Source: official code (`abs`); `squared` is our design (not in the paper or code).",
+    )
+    orth_reduction: Literal["sum", "mean"] = Field(
+        default="sum",
+        description="How the orthogonality loss is reduced: `sum` = raw sum over layers and entries (the code), `mean` = "
+        "divided by the number of entries. Source: official code (`sum`); `mean` is our design (not in the paper or code).",
+    )
 
 
 class OLora(LoraMethod):

@@ -34,22 +34,92 @@ logger = logging.getLogger("loracl")
 class OaAdapterOptions(MethodOptions, RoutedBranchOptions):
     """OA-Adapter knobs; defaults are the spec's (§6 "Our defaults", §8)."""
 
-    rank: int = Field(default=8, ge=1)  # r_max, the maximal bottleneck ("budget") per site
-    target_modules: str | list[str] = "auto"  # auto: query and value (spec §2.1, §8.A)
-    dropout: Float = Field(default=0.1, ge=0.0, lt=1.0)  # on the adapter input [S]
-    gate_init: Float = 1.0e-2  # g0 [D]; must exceed tau_init so every dimension starts active
-    tau_init: Float = Field(default=1.0e-3, ge=0.0)  # τ0 [S grid {1e-3, 1e-4, 1e-5}]
-    tau_scope: Literal["site", "layer", "global"] = "site"  # one τ per adapter module [D]
-    train_threshold: bool = True  # False: the fixed-τ ablation [S]
-    clamp_threshold: bool = True  # keep τ >= 0 after each step [D]: a negative threshold thresholds nothing
-    budget: Literal["adaptive", "fixed"] = "adaptive"  # fixed: τ = 0 and frozen, all r_max dims stay open (ablation)
-    orth_lambda: Float = Field(default=0.5, ge=0.0)  # λ_orth [D]; 0 is the "orthogonality off" ablation
-    orth_normalize: bool = False  # unit-normalise the historical columns (direction only) [D]
-    orth_current: Literal["all", "active_scaled"] = "all"  # current side of the penalty [S: all columns]
-    down_init: Literal["kaiming", "gaussian"] = "kaiming"  # W1 init [D]; W2 always starts at 0
-    scaling: Float = Field(default=1.0, gt=0.0)  # no α/r in OA-Adapter [D]
-    gate_lr_scale: Float = Field(default=1.0, gt=0.0)  # lr of g and τ relative to train.lr [D]
-    inference: Literal["sum", "task_oracle"] = "sum"  # task_oracle: only the test task's branch (diagnostic)
+    rank: int = Field(
+        default=8,
+        ge=1,
+        description="r_max, the maximal bottleneck (the budget) of each site's adapter (16 on T5-large in the paper). "
+        "Source: our design (not in the paper or code).",
+    )
+    target_modules: str | list[str] = Field(
+        default="auto",
+        description="Which modules get adapters, with PEFT's semantics; `auto` = the query and value projections, fixed by "
+        "the paper's 4.72 M parameter match. Source: our design (not in the paper or code).",
+    )
+    dropout: Float = Field(
+        default=0.1,
+        ge=0.0,
+        lt=1.0,
+        description="Dropout on the adapter input, one mask shared by all branches of a layer. Source: secondary source.",
+    )
+    gate_init: Float = Field(
+        default=1.0e-2,
+        description="g0, the initial value of every gate; must exceed `tau_init` in absolute value (validated), or every "
+        "dimension starts inactive and never receives a gradient. Source: our design (not in the paper or code).",
+    )
+    tau_init: Float = Field(
+        default=1.0e-3,
+        ge=0.0,
+        description="τ0, the initial threshold below which a gate's dimension is inactive. "
+        "Source: secondary source (grid {1e-3, 1e-4, 1e-5}).",
+    )
+    tau_scope: Literal["site", "layer", "global"] = Field(
+        default="site",
+        description="Which dimensions share one threshold τ: `site` = one per adapter module, `layer` = one per transformer "
+        "block, `global` = one for the model. Source: our design (not in the paper or code).",
+    )
+    train_threshold: bool = Field(
+        default=True,
+        description="Whether τ trains; false is the fixed-threshold ablation. Source: secondary source.",
+    )
+    clamp_threshold: bool = Field(
+        default=True,
+        description="Clamp τ at ≥ 0 after each optimizer step: a negative threshold no longer thresholds anything. "
+        "Source: our design (not in the paper or code).",
+    )
+    budget: Literal["adaptive", "fixed"] = Field(
+        default="adaptive",
+        description="`adaptive`: the gates and thresholds decide how many of the r_max dimensions stay open; `fixed`: the "
+        "fixed-budget ablation (τ = 0 and frozen: all r_max dimensions stay open, g still learns its scale). "
+        "Source: secondary source.",
+    )
+    orth_lambda: Float = Field(
+        default=0.5,
+        ge=0.0,
+        description="λ_orth, the weight of the orthogonality penalty between the new task's up-projection columns and the "
+        "columns earlier tasks reserved (O-LoRA's λ1); 0 is the orthogonality-off ablation. "
+        "Source: our design (not in the paper or code).",
+    )
+    orth_normalize: bool = Field(
+        default=False,
+        description="Unit-normalise the historical columns in the penalty (direction only, so λ_orth is scale-free). "
+        "Source: our design (not in the paper or code).",
+    )
+    orth_current: Literal["all", "active_scaled"] = Field(
+        default="all",
+        description="The current task's side of the penalty: `all` = every column of W2_t; `active_scaled` = W2_t·diag(γ_t), "
+        "the columns scaled by their gates. Source: secondary source (its formula uses all columns).",
+    )
+    down_init: Literal["kaiming", "gaussian"] = Field(
+        default="kaiming",
+        description="Initialisation of the down-projection W1 (`kaiming` = PEFT's LoRA-A default); W2 always starts at 0, so "
+        "the model starts as the base model. Source: our design (not in the paper or code).",
+    )
+    scaling: Float = Field(
+        default=1.0,
+        gt=0.0,
+        description="Constant factor on every branch's output (OA-Adapter has no α/r). "
+        "Source: our design (not in the paper or code).",
+    )
+    gate_lr_scale: Float = Field(
+        default=1.0,
+        gt=0.0,
+        description="The gates g and thresholds τ learn at train.lr × this. Source: our design (not in the paper or code).",
+    )
+    inference: Literal["sum", "task_oracle"] = Field(
+        default="sum",
+        description="`sum`: every task's branch is summed at test time (no task id); `task_oracle`: only the test task's own "
+        "branch (a diagnostic that needs the task id). Source: neighbouring code and secondary source.",
+    )
 
     @model_validator(mode="after")
     def _gates_start_open(self) -> OaAdapterOptions:

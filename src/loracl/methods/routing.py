@@ -28,12 +28,32 @@ class RoutedInferenceOptions(StrictModel):
     features, serve it by the model as of that task (`routed_branches`, for methods with one branch per task)
     and score only that task's classes. Off by default; docs/methods/routed_inference.md."""
 
-    routed_inference: bool = False
-    router: RouterMetric = "mahalanobis"
-    # base: the frozen backbone's pooled output (one extra forward per example); embed: the mean of the embedding
-    # layer's output (nearly free; identifies text tasks well, image tasks poorly)
-    router_features: Literal["base", "embed"] = "base"
-    router_shrinkage: Float = Field(default=0.1, ge=0.0, le=1.0)  # (1-λ)Σ + λ tr(Σ)/d I
+    routed_inference: bool = Field(
+        default=False,
+        description="Infer each test example's task from frozen features and serve it by the model as of that task, "
+        "scoring only that task's classes (docs/methods/routed_inference.md). "
+        "Source: our design (not in the paper or code).",
+    )
+    router: RouterMetric = Field(
+        default="mahalanobis",
+        description="How a test example is matched to the stored class means of normalised frozen features: "
+        "`mahalanobis` under one shared, shrunk within-class covariance (linear discriminant analysis), or "
+        "`cosine` similarity. Source: our design (not in the paper or code).",
+    )
+    router_features: Literal["base", "embed"] = Field(
+        default="base",
+        description="The frozen features the router reads: `base` = the frozen backbone's pooled output (one extra "
+        "forward pass per test example, and per training example at the end of each task); `embed` = the mean of "
+        "the embedding layer's output (nearly free; identifies text tasks well, image tasks poorly). "
+        "Source: our design (not in the paper or code).",
+    )
+    router_shrinkage: Float = Field(
+        default=0.1,
+        ge=0.0,
+        le=1.0,
+        description="Shrinkage λ of the Mahalanobis router's shared covariance: Σ ← (1 − λ)Σ + λ·tr(Σ)/d·I. "
+        "Source: our design (not in the paper or code).",
+    )
 
     def fingerprint_dump(self) -> dict[str, Any]:
         """The routing keys count only when routing is on: turning it on changes a run's fingerprint, and runs
@@ -49,7 +69,12 @@ class RoutedBranchOptions(RoutedInferenceOptions):
     """Routed inference for methods with one adapter branch per task: `routed_branches` also switches off the
     branches of tasks after the routed one, so each example meets the adapters its task was trained with."""
 
-    routed_branches: bool = True
+    routed_branches: bool = Field(
+        default=True,
+        description="With `routed_inference`, also switch off the branches of tasks after the routed one, so each "
+        "example meets the adapters its task was trained with (methods with one branch per task). "
+        "Source: our design (not in the paper or code).",
+    )
 
 
 class TaskRouter(nn.Module):

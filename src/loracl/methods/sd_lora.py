@@ -31,30 +31,67 @@ MAGNITUDES_MODULE = "sd_lora_magnitudes"
 class SdLoraOptions(MethodOptions, RoutedBranchOptions):
     """Defaults follow the official code: rank 10, scale 1, magnitudes 0.8, factor-norm, magnitudes reset."""
 
-    rank: int = Field(default=10, ge=1)
-    # SD-LoRA-RR: rank of task t's branch = rank_schedule[min(t, len - 1)]; the official code's (commented-out)
-    # RR schedule is [10, 10, 10, 10, 8, 8, 8, 8, 6]. None: `rank` for every task
-    rank_schedule: list[Annotated[int, Field(ge=1)]] | None = Field(default=None, min_length=1)
-    target_modules: str | list[str] = "auto"  # auto: query and value projections, as the official code
-    init: Literal["kaiming", "gaussian"] = "kaiming"
-    magnitude_init: Float = 0.8
-    norm: Literal["factor", "product"] = "factor"  # code: ||B|| ||A||; paper: ||B A||
-    reset_magnitudes: bool = True  # code: old magnitudes back to magnitude_init at every task start
+    rank: int = Field(default=10, ge=1, description="Rank r of each task's branch. Source: official code.")
+    rank_schedule: list[Annotated[int, Field(ge=1)]] | None = Field(
+        default=None,
+        min_length=1,
+        description="SD-LoRA-RR: the rank of task t's branch is rank_schedule[min(t, len − 1)] (the list's last entry for "
+        "later tasks); null = `rank` for every task. The official repository's RR schedule, left commented out in "
+        "`models/sdlora.py`, is [10, 10, 10, 10, 8, 8, 8, 8, 6]. Source: official code (commented out there).",
+    )
+    target_modules: str | list[str] = Field(
+        default="auto",
+        description="Which modules get adapters, with PEFT's semantics; `auto` = the query and value projections (or the q "
+        "and v parts of a fused `qkv` split by `backbone.split_fused`, as the code's slices). Source: official code.",
+    )
+    init: Literal["kaiming", "gaussian"] = Field(
+        default="kaiming",
+        description="Initialisation of the down-projection A: `kaiming` = Kaiming-uniform, `gaussian` = N(0, 1/r²); B "
+        "starts at zero. Source: official code.",
+    )
+    magnitude_init: Float = Field(
+        default=0.8, description="Initial value of every magnitude α_i (scalars shared by all adapted layers). Source: official code."
+    )
+    norm: Literal["factor", "product"] = Field(
+        default="factor",
+        description="How a finished direction B_i A_i is normalised: `factor` = by n_i = ‖B_i‖_F ‖A_i‖_F (the code), "
+        "`product` = by n_i = ‖B_i A_i‖_F (the paper). Source: official code (`factor`); paper (`product`).",
+    )
+    reset_magnitudes: bool = Field(
+        default=True,
+        description="True: the old magnitudes go back to `magnitude_init` at every task start (the code rebuilds the "
+        "backbone); false: they carry over (the paper). Source: official code (true); paper (false).",
+    )
     train_magnitudes: bool = Field(
         default=True,
-        description="[D] ablation switch: False keeps every magnitude at magnitude_init (frozen), so only the new "
-        "direction trains; isolates the learnable magnitudes that are SD-LoRA's mechanism.",
+        description="Ablation switch: false keeps every magnitude at `magnitude_init` (frozen), so only the new direction "
+        "trains; isolates the learnable magnitudes that are SD-LoRA's mechanism. "
+        "Source: our design (not in the paper or code).",
     )
-    # SD-LoRA-KD [X]: absorb a new direction whose least-squares fit by the earlier ones leaves a squared residual
-    # below this (LibContinual's SD-LoRA-KD configs: 9e-4); None: off
-    kd_threshold: Float | None = Field(default=None, gt=0.0)
-    # [X] "direction": the earlier magnitudes gain the fit's coefficients c_i (LibContinual); [D] "function":
-    # c_i times the new task's magnitude, so the layer's update is kept up to the residual
-    kd_update: Literal["direction", "function"] = "direction"
-    # [X] "absolute": the threshold bounds ||fit - D_t||^2 (LibContinual); [D] "relative": it bounds that divided by
-    # ||D_t||^2, the share of the new direction the earlier ones leave unexplained (scale-free: the code's factor
-    # norm leaves ||D_t|| anywhere in (0, 1], so an absolute residual is small whenever D_t itself is)
-    kd_residual: Literal["absolute", "relative"] = "absolute"
+    kd_threshold: Float | None = Field(
+        default=None,
+        gt=0.0,
+        description="SD-LoRA-KD: after each task t > 0, per adapted layer, the new direction D_t = B_t A_t / n_t is fitted by "
+        "least squares on the earlier non-zero directions; if the squared residual is below this threshold, B_t and A_t "
+        "are zeroed and the fit goes to the earlier directions' per-layer assimilated magnitudes β_i (the layer then uses "
+        "α_i + β_i). null = off; LibContinual's SD-LoRA-KD configs use 9e-4. Source: neighbouring code (LibContinual's "
+        "reproduction).",
+    )
+    kd_update: Literal["direction", "function"] = Field(
+        default="direction",
+        description="How an absorbed direction is assimilated: `direction` = β_i += c_i, the fit's coefficients "
+        "(LibContinual); `function` = β_i += α_t·c_i, so the layer's update (with every direction normalised, as the next "
+        "task sees it) is kept up to the residual. Needs `kd_threshold`. Source: neighbouring code (`direction`, "
+        "LibContinual); `function` is our design (not in the paper or code).",
+    )
+    kd_residual: Literal["absolute", "relative"] = Field(
+        default="absolute",
+        description="What `kd_threshold` bounds: `absolute` = ‖fit − D_t‖²_F (LibContinual); `relative` = that divided by "
+        "‖D_t‖²_F, the share of the new direction the earlier ones leave unexplained (scale-free: with the code's factor "
+        "norm ‖D_t‖ can be anywhere in (0, 1], so an absolute residual is small whenever D_t itself is). Needs "
+        "`kd_threshold`. Source: neighbouring code (`absolute`, LibContinual); `relative` is our design (not in the paper "
+        "or code).",
+    )
 
     inert_defaults: ClassVar[dict[str, Any]] = {"train_magnitudes": True, "kd_threshold": None, "kd_update": "direction", "kd_residual": "absolute"}
 
