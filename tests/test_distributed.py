@@ -73,10 +73,42 @@ def test_only_the_main_process_writes(two_process_run: Path) -> None:
 
 
 def test_a_killed_two_process_run_resumes_to_the_uninterrupted_result(two_process_run: Path, tmp_path: Path) -> None:
-    killed = launch(tmp_path, "0")
+    killed = launch(tmp_path, "0")  # killed right after task 0's checkpoint
     assert killed.returncode != 0
     assert sorted(p.name for p in (tmp_path / "run" / "inc_lora" / "checkpoints").iterdir()) == ["task_0"]
     resumed = launch(tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     expected = json.loads((two_process_run / "rank0.json").read_text())["matrix"]
     assert json.loads((tmp_path / "rank0.json").read_text())["matrix"] == expected
+
+
+CLASSIFIER_METHODS = ["seq_lora", "inc_lora", "joint", "o_lora", "inflora", "sd_lora", "oa_adapter", "lorac_ipc", "fm_lora", "metalora", "icm_fusion", "probe"]
+
+
+def test_every_classifier_method_trains_under_two_processes_with_identical_parameters(tmp_path: Path) -> None:
+    from loracl.methods.registry import available_methods, method_class
+
+    assert set(CLASSIFIER_METHODS) == {name for name in available_methods() if "classifier" in method_class(name).task_models}
+    finished = launch(tmp_path, "-1", ",".join(CLASSIFIER_METHODS))
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    rank0 = json.loads((tmp_path / "rank0.json").read_text())
+    rank1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert rank0["digests"] == rank1["digests"]
+    trained = {digest.split(":")[0] for digest in rank0["digests"]}
+    assert trained == set(CLASSIFIER_METHODS) - {"probe"} | ({"probe"} if any(d.startswith("probe:") for d in rank0["digests"]) else set())
+    assert rank0["matrices"] == rank1["matrices"]
+
+
+def test_lorac_ipc_default_importance_is_refused_under_several_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from accelerate import Accelerator
+    from helpers import tiny_config, tiny_text_stream
+
+    from loracl.engine.runner import MethodRun
+    from loracl.errors import ConfigError
+
+    config = tiny_config("lorac_ipc")
+    run = MethodRun(config, config.method[0], tiny_text_stream(2, train=4, test=2), None)
+    method = run.build()
+    monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
+    with pytest.raises(ConfigError, match="ipc_importance: lora_factors"):
+        run.check_distribution(method)

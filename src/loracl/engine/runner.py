@@ -366,6 +366,18 @@ class MethodRun:
             backbone_state = join_part_states(self.base_backbone_state, record["fused_layouts"], prefix="model.")
         save_checkpoint(self.run_dir, task_index, method.state_dict(), record, backbone_state)
 
+    def check_distribution(self, method: Method) -> None:
+        """Refuse, in one line, a strategy the engine or the method does not support (before anything trains)."""
+        kind = self.accelerator.distributed_type.value
+        if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA"):
+            raise ConfigError(
+                f"accelerate strategy {kind}: not supported yet (methods read and merge whole weight matrices);"
+                " launch with plain data parallelism (accelerate launch --multi_gpu)"
+            )
+        reason = method.multi_process_refusal() if self.accelerator.num_processes > 1 else None
+        if reason is not None:
+            raise ConfigError(f"method `{self.entry.name}` with {self.accelerator.num_processes} processes: {reason}")
+
     def wait_for_checkpoint(self) -> None:
         """Every process waits for the main one's checkpoint, so all of them resume from the same task."""
         if self.accelerator.num_processes > 1:
@@ -393,6 +405,7 @@ class MethodRun:
         if self.train.deterministic:
             torch.use_deterministic_algorithms(True)
         method = self.build()
+        self.check_distribution(method)
         tasks = self.stream.tasks
         base_session = self.train.base_session_epochs > 0
         if self.train.eval_next_task:

@@ -700,7 +700,7 @@ class LoracIpc(Method):
         if self.options.ipc_threshold > 0 and self.options.ipc_importance == "effective_weight":
             return (
                 "IPC's effective_weight importance reads each process's own gradient of the composed weight, so the"
-                " processes would freeze different slots; use ipc_importance: factors (from the averaged factor"
+                " processes would freeze different slots; use ipc_importance: lora_factors (from the averaged factor"
                 " gradients) or ipc_threshold: 0"
             )
         return None
