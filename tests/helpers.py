@@ -128,3 +128,22 @@ def train_method_task(method: Any, task: Any, batches: Any, steps: int = 2, lr: 
         method.after_step()
     method.model.eval()
     method.end_task(task, batches(False))
+
+
+@torch.no_grad()
+def accuracy_by_hand(method: Any, task: Any, eval_batch_size: int = 16) -> float:
+    """A class-incremental task's test accuracy recomputed outside the engine: the method's predictions on the
+    engine's evaluation batches (same order and padding), argmax against the labels."""
+    from loracl.engine.loaders import SplitLoader
+
+    model = method.model
+    device = next(model.parameters()).device
+    loader = SplitLoader(
+        task.test, model.backbone, eval_batch_size, task.index, device=device, sort_by_length=True, split_name="test",
+        task_name=task.name, collate=lambda split, indices: model.collate(split, indices, task, False),
+    )
+    model.eval()
+    correct = 0
+    for batch in loader:
+        correct += int((method.predict(batch).argmax(dim=1) == batch["labels"]).sum())
+    return correct / len(task.test)

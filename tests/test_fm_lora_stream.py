@@ -26,8 +26,19 @@ def test_text_stream_records_ranks_and_reports(text_run):
     results = result.results
     assert len(results["accuracy_matrix"]) == 3
     ranks = [record["method_state"]["chosen_ranks"] for record in results["per_task"]]
-    assert [len(r) for r in ranks] == [1, 2, 3] and all(rank in (1, 2, 3, 4) for rank in ranks[-1])
-    assert list(results["method_metrics"]["chosen_ranks"].values()) == ranks[-1]
+    final = ranks[-1]
+    assert ranks == [final[:1], final[:2], final]  # r_t is committed once, at the end of task t, and kept
+    assert list(results["method_metrics"]["chosen_ranks"].values()) == final
+    # the recorded r_t is the rank the task was folded with: its kept cores are trimmed to r_t directions
+    # (N_t [r, r_t], M_t [r_t, r]) and the served core K is exactly the sum of the kept N_t M_t
+    method = result.method
+    assert method.trained_task_names == ["0", "1", "2"]
+    for layer in method.layers.values():
+        for key, rank in zip(method.trained_task_names, final):
+            assert tuple(getattr(layer.kept_cores, f"N_{key}").shape) == (4, rank)
+            assert tuple(getattr(layer.kept_cores, f"M_{key}").shape) == (rank, 4)
+        kept = sum(layer.kept_task_core(key) for key in method.trained_task_names)
+        torch.testing.assert_close(layer.accumulated_core, kept, atol=1e-6, rtol=1e-5)
     saved = json.loads((out / "results.json").read_text())
     assert saved["runs"][0]["method_metrics"]["chosen_ranks"] == results["method_metrics"]["chosen_ranks"]
 

@@ -3,7 +3,8 @@
 import json
 import shutil
 
-from helpers import tiny_config, tiny_digits_stream, tiny_text_stream
+import pytest
+from helpers import accuracy_by_hand, tiny_config, tiny_digits_stream, tiny_text_stream
 
 from loracl.engine import run_experiment
 
@@ -18,10 +19,19 @@ def test_tiny_text_stream_records_budgets_is_deterministic_and_resumes(tmp_path,
     assert all(f"of {4 * 4} over 4 sites" in line for line in lines)  # r_max 4 x 4 sites of tiny-bert
     results = first.results
     matrix = results["accuracy_matrix"]
-    assert len(matrix) == 3 and all(0.0 <= matrix[i][j] <= 1.0 for i in range(3) for j in range(i + 1))
+    assert len(matrix) == 3 and all(matrix[i][j] is None for i in range(3) for j in range(i + 1, 3))
+    assert matrix[-1] == pytest.approx([accuracy_by_hand(first.method, task) for task in stream.tasks])
     metrics = results["method_metrics"]
     assert list(metrics["r_eff"]) == ["t0", "t1", "t2"]
-    assert all(len(budget) == len(metrics["sites"]) and all(0 <= r <= 4 for r in budget) for budget in metrics["r_eff"].values())
+    # each recorded r_eff is the width the task's branch was pruned to and is served with at that site, and the
+    # active parameter count is what those pruned tensors hold (+ one threshold per site)
+    layers = first.method.layers
+    assert metrics["sites"] == list(layers)
+    for index, (task_name, budget) in enumerate(metrics["r_eff"].items()):
+        branches = [layers[site].branches[f"task_{index}"] for site in metrics["sites"]]
+        assert budget == [branch.gate.shape[0] for branch in branches] == [branch.down.shape[0] for branch in branches]
+        held = sum(branch.down.numel() + branch.up.numel() + branch.gate.numel() + 1 for branch in branches)
+        assert metrics["active_adapter_params_per_task"][index] == held, task_name
     assert results["per_task"][-1]["method_state"]["r_eff"]["t2"] == dict(zip(metrics["sites"], metrics["r_eff"]["t2"]))
     assert all(active <= metrics["max_adapter_params_per_task"] for active in metrics["active_adapter_params_per_task"])
     saved = json.loads((tmp_path / "a" / "oa_adapter" / "results.json").read_text())
