@@ -129,6 +129,48 @@ def test_drs_masks_temperature_commit_and_bias_gradient(granularity):
         assert layer.kept_cores.N_0.shape == (method.options.rank, rank)
 
 
+@pytest.mark.parametrize("drs", ["gumbel", "off"])
+def test_task_loss_alone_trains_the_drs_bias_through_the_straight_through_mask(drs):
+    """The hard rank mask is hard - sg(pi) + pi: forward uses the one-hot choice, backward sends the task loss's
+    gradient w.r.t. the mask into the selector bias b. With no rank loss and no prompt, the task loss alone gives b
+    exactly d/db of (g_mask . (pi @ C)) = (g_mask C^T)(diag(pi) - pi pi^T) / tau (C: the candidates' prefix masks);
+    with drs off the mask is fixed and b gets nothing."""
+    method, model = _method(drs=drs, prompt_len=0, rank_loss_weight=0.0, head_init="uniform")
+    task = STREAM.tasks[0]
+    method.begin_task(task)
+    method.prepare_task(task, [])
+    method.total_steps = 20
+    with torch.no_grad():  # N_t = 0 at the start would make the output independent of the mask
+        for layer in method.layers.values():
+            layer.core_N.normal_(generator=torch.Generator().manual_seed(1))
+    captured = {}
+    sample = method.sample_mask
+
+    def keep_mask():
+        masks = sample()
+        if masks.requires_grad:
+            masks.retain_grad()
+        captured["masks"] = masks
+        return masks
+
+    method.sample_mask = keep_mask
+    model.train()
+    batch = _batch(model, task)
+    logits = method.forward(batch)
+    assert method.extra_loss(batch, logits) is None  # the first task, no rank loss: only the task loss trains b
+    method.task_loss(logits, batch).backward()
+    bias = method.state.drs_bias
+    if drs == "off":
+        assert not bias.requires_grad and bias.grad is None and not captured["masks"].requires_grad
+        return
+    soft = method._soft_probs.detach()[0]
+    nested = torch.stack([method.prefix_mask(rank) for rank in method.candidate_ranks])
+    through = captured["masks"].grad[0] @ nested.T  # d loss / d (one-hot choice), per candidate
+    expected = through @ (torch.diag(soft) - torch.outer(soft, soft)) / method.temperature()
+    assert bias.grad is not None and bias.grad.abs().sum() > 0
+    torch.testing.assert_close(bias.grad, expected, atol=1e-7, rtol=1e-4)
+
+
 def test_deterministic_drs_picks_the_nearest_rank_and_off_uses_r():
     method, _ = _method(drs="deterministic")
     task = STREAM.tasks[0]

@@ -199,8 +199,10 @@ def test_importance_formula_on_a_toy_linear():
     torch.testing.assert_close(layer.weight_value, weight.detach())
 
 
-def test_ema_update_order():
-    run, method, stream = build()
+@pytest.mark.parametrize("betas", [{}, {"ipc_beta1": 0.5, "ipc_beta2": 0.0}, {"ipc_beta1": 0.2, "ipc_beta2": 0.9}])
+def test_ema_update_order(betas):
+    """ipc_beta1 smooths the sensitivity, ipc_beta2 the uncertainty (distinct values: a swap would show)."""
+    run, method, stream = build(betas)
     task = stream.tasks[0]
     method.begin_task(task)
     batches = iter(run.loader(task.train, task, train=True))
@@ -303,20 +305,60 @@ def test_tii_distance_zero_at_a_cluster_mean_and_routes_to_its_task(trained):
     assert method.class_tasks()[distances.argmin(dim=1).cpu()].item() == 1
 
 
-def test_tii_with_a_single_task_returns_the_first_task():
-    run, method, stream = build()
-    learn(run, method, stream.tasks[0])
-    tasks, _ = method.infer_tasks(probe_inputs(run, stream))
-    assert set(tasks.tolist()) == {0}
+def test_tii_routes_each_example_to_the_task_of_its_nearest_cluster(trained):
+    """infer_tasks on planted statistics: one valid cluster per chosen class, placed at an example's normalised
+    routing-model features (identity precisions); each example goes to the task owning its cluster's class."""
+    run, method, stream, inputs, _, _ = trained
+    memory = method.memory
+    probe = {key: value[:3] for key, value in inputs.items()}
+    routing = F.normalize(features(run, method, probe, method.routing_model).float(), dim=-1)
+    owners = [stream.tasks[2].class_ids[1], stream.tasks[0].class_ids[0], stream.tasks[1].class_ids[1]]
+    saved = {name: getattr(memory, name).clone() for name in ("tii_means", "tii_precisions", "tii_valid")}
+    try:
+        memory.tii_valid.zero_()
+        memory.tii_precisions.copy_(torch.eye(routing.shape[1]).expand_as(memory.tii_precisions))
+        for row, class_id in zip(routing, owners):
+            memory.tii_means[class_id, 0] = row
+            memory.tii_valid[class_id, 0] = True
+        tasks, _ = method.infer_tasks(probe)
+    finally:
+        for name, value in saved.items():
+            getattr(memory, name).copy_(value)
+        method.set_model(TRAINING)
+    assert tasks.tolist() == [2, 0, 1]
 
 
-def test_tii_precision_is_the_inverse_shrunk_correlation():
-    members = torch.randn(20, 3, dtype=torch.float64)
-    cov = torch.cov(members.T) + 1e-4 * torch.eye(3, dtype=torch.float64)
-    cov = cov + torch.diagonal(cov).mean() * torch.eye(3, dtype=torch.float64)
-    std = torch.diagonal(cov).sqrt()
-    expected = torch.linalg.inv(cov / torch.outer(std, std)).float()
-    torch.testing.assert_close(tii_precision(members, 1e-4, full=True), expected, atol=1e-5, rtol=1e-5)
+def test_mahalanobis_distances_on_a_hand_computed_case():
+    """Two classes of two clusters in 2-D (class 1's second cluster invalid), queries (1, 1) and (0, 2):
+    d_c = min_k (z - mu_ck)^T P_ck (z - mu_ck), worked out by hand for full, diagonal and shared precisions."""
+    means = torch.tensor([[[0.0, 0.0], [1.0, 0.0]], [[0.0, 2.0], [5.0, 5.0]]])
+    valid = torch.tensor([[True, True], [True, False]])
+    queries = torch.tensor([[1.0, 1.0], [0.0, 2.0]])
+    coupled = torch.tensor([[2.0, 1.0], [1.0, 2.0]])
+    full = torch.stack([torch.stack([torch.diag(torch.tensor([1.0, 4.0])), torch.eye(2)]), torch.stack([coupled, torch.eye(2)])])
+    # (1,1): class 0 min(1 + 4, 0 + 1) = 1, class 1 (1,-1) P (1,-1) = 2; (0,2): class 0 min(16, 1 + 4) = 5, class 1 0
+    torch.testing.assert_close(mahalanobis_to_classes(queries, means, full, valid), torch.tensor([[1.0, 2.0], [5.0, 0.0]]))
+    diagonal = torch.tensor([[[1.0, 4.0], [1.0, 1.0]], [[2.0, 2.0], [1.0, 1.0]]])
+    torch.testing.assert_close(mahalanobis_to_classes(queries, means, diagonal, valid), torch.tensor([[1.0, 4.0], [5.0, 0.0]]))
+    # shared P = [[2, 1], [1, 2]]: (1,1): class 0 min(6, 2) = 2, class 1 2; (0,2): class 0 min(8, 6) = 6, class 1 0
+    torch.testing.assert_close(mahalanobis_to_classes(queries, means, coupled, valid), torch.tensor([[2.0, 2.0], [6.0, 0.0]]))
+
+
+@pytest.mark.parametrize(
+    "ridge, full, expected",
+    [
+        (0.0, True, torch.tensor([[1.0, -0.3], [-0.3, 1.0]]) / 0.91),
+        (2.0 / 3.0, True, torch.tensor([[1.0, -0.25], [-0.25, 1.0]]) * 16.0 / 15.0),
+        (0.0, False, torch.tensor([3.0 / 20.0, 3.0 / 20.0])),
+        (2.0 / 3.0, False, torch.tensor([1.0 / 8.0, 1.0 / 8.0])),
+    ],
+)
+def test_tii_precision_on_a_hand_computed_case(ridge, full, expected):
+    """Members (2,2), (-2,-2), (1,-1), (-1,1): covariance [[10/3, 2], [2, 10/3]]. + ridge I, + mean(diag) I:
+    ridge 0 -> [[20/3, 2], [2, 20/3]], correlation 0.3; ridge 2/3 -> [[8, 2], [2, 8]], correlation 0.25.
+    The inverse of [[1, c], [c, 1]] is [[1, -c], [-c, 1]] / (1 - c^2); diag keeps 1 / the shrunk variances."""
+    members = torch.tensor([[2.0, 2.0], [-2.0, -2.0], [1.0, -1.0], [-1.0, 1.0]], dtype=torch.float64)
+    torch.testing.assert_close(tii_precision(members, ridge, full=full), expected, atol=1e-6, rtol=1e-6)
 
 
 # ----- state and determinism -----------------------------------------------------------------------
@@ -432,3 +474,216 @@ def test_shared_tii_covariance_pools_every_cluster_and_routes_like_its_definitio
     torch.testing.assert_close(distances, brute.min(-1).values, rtol=1e-4, atol=1e-4)
     tasks, _ = method.infer_tasks(probe_inputs(run, stream))
     assert set(tasks.tolist()) <= {task.index for task in stream.tasks}
+
+
+# ----- switches: each option changes what it should -------------------------------------------------
+
+
+def _finish_without_training(run, method, task):
+    method.begin_task(task)
+    method.end_task(task, train_loader(run, task))
+
+
+@pytest.mark.parametrize(
+    "options, per_slot", [({}, math.sqrt(292.0)), ({"ortho_squared": True}, 292.0), ({"ortho_target": "Q"}, 0.0)]
+)
+def test_orthogonality_target_and_square_on_hand_set_factors(options, per_slot):
+    """A_1 = 2 [e_1..e_4], A_2 = 3 [e_5..e_8] in every slot: the stacked Gram minus I is diag(3 x4, 8 x4), so
+    ||.||_F = sqrt(4*9 + 4*64) = sqrt(292) per slot (292 squared); their QR factors are orthonormal: 0."""
+    run, method, stream = build({"ipc_threshold": 0.0, **options})
+    _finish_without_training(run, method, stream.tasks[0])
+    method.begin_task(stream.tasks[1])
+    with torch.no_grad():
+        for layer in method.layers.values():
+            first, second = torch.zeros(layer.fan_in, 4), torch.zeros(layer.fan_in, 4)
+            first[:4] = 2.0 * torch.eye(4)
+            second[4:8] = 3.0 * torch.eye(4)
+            layer.factors_A[0].copy_(first)
+            layer.factors_A[1].copy_(second)
+    assert len(method.free_layers()) == 12
+    assert method.orthogonality_loss().item() == pytest.approx(12 * per_slot, rel=1e-6, abs=1e-4)
+
+
+@pytest.mark.parametrize("options", [{}, {"omega_lr_scale": 3.0}, {"first_session_lr": 0.5}])
+def test_omega_and_first_session_learning_rates(options):
+    """first_session_lr sets the lr of the first adapted task only; omega_lr_scale multiplies the lr of the ω's."""
+    run, method, stream = build({"ipc_threshold": 0.0, **options})
+    method.begin_task(stream.tasks[0])
+    assert [group["lr"] for group in method.parameter_groups(0.01, None)] == [options.get("first_session_lr", 0.01)] * 2
+    method.end_task(stream.tasks[0], train_loader(run, stream.tasks[0]))
+    method.begin_task(stream.tasks[1])
+    groups = method.parameter_groups(0.01, None)
+    omegas = {id(layer.omega[0]) for layer in method.layers.values()}
+    assert [len(group["params"]) for group in groups] == [2 * 12, 12, 2]  # new pairs, old ω's, the new head rows
+    assert {id(parameter) for parameter in groups[1]["params"]} == omegas
+    assert [group["lr"] for group in groups] == pytest.approx([0.01, 0.01 * options.get("omega_lr_scale", 1.0), 0.01])
+
+
+def test_lora_factor_importance_reads_the_current_pairs_gradients():
+    """ipc_importance lora_factors: no effective-weight gradient is tracked; I = mean|A * dA| + mean|B * dB| of the
+    current pair (with ipc_beta1 0 the sensitivity is this step's I)."""
+    run, method, stream = build({"ipc_importance": "lora_factors", "ipc_beta1": 0.0})
+    task = stream.tasks[0]
+    method.begin_task(task)
+    assert not any(layer.track_weight_gradient for layer in method.layers.values())
+    with torch.no_grad():
+        for layer in method.layers.values():
+            layer.factors_B[0].normal_(generator=torch.Generator().manual_seed(0))  # B = 0 would give A no gradient
+    batch = next(iter(run.loader(task.train, task, train=True)))
+    method.task_loss(method.forward(batch), batch).backward()
+    by_hand = {}
+    for name, layer in method.layers.items():
+        A, B = layer.factors_A[0], layer.factors_B[0]
+        by_hand[name] = float((A.detach() * A.grad).abs().mean() + (B.detach() * B.grad).abs().mean())
+        assert layer.weight_gradient is None
+    method.after_backward()
+    assert all(value > 0 for value in by_hand.values())
+    assert {name: float(value) for name, value in method.sensitivity.items()} == pytest.approx(by_hand, rel=1e-5)
+
+
+@pytest.mark.parametrize("score", ["last_ema", "task_mean"])
+def test_ipc_score_is_the_last_product_or_its_mean_over_the_task(score):
+    run, method, stream = build({"ipc_score": score})
+    task = stream.tasks[0]
+    method.begin_task(task)
+    products: dict[str, list[float]] = {name: [] for name in method.layers}
+    for batch in run.loader(task.train, task, train=True):
+        method.task_loss(method.forward(batch), batch).backward()
+        method.after_backward()
+        for name in method.layers:
+            products[name].append(float(method.sensitivity[name] * method.uncertainty[name]))
+    assert all(len(values) == 2 and values[0] != values[1] for values in products.values())
+    pick = (lambda values: values[-1]) if score == "last_ema" else (lambda values: sum(values) / len(values))
+    assert method.importance_scores() == pytest.approx({name: pick(values) for name, values in products.items()}, rel=1e-5)
+
+
+def _set_scores(method, values):
+    for name, value in zip(method.layers, values):
+        method.sensitivity[name] = torch.tensor(float(value))
+        method.uncertainty[name] = torch.tensor(1.0)
+
+
+@pytest.mark.parametrize("selection, frozen", [("top_k", [0, 1, 2]), ("threshold", [0, 1, 2, 3, 4])])
+def test_ipc_selection_top_k_or_every_slot_at_the_threshold(selection, frozen):
+    """Scores 5, 3, 3, 3, 3, 1, 0 ... over 12 slots, tau 0.25 -> k = 3: top_k freezes 3 (ties in model order), the
+    code's threshold rule every slot scoring at least the 3rd largest (3): 5 slots."""
+    run, method, stream = build({"ipc_selection": selection})
+    method.begin_task(stream.tasks[0])
+    _set_scores(method, [5, 3, 3, 3, 3, 1, 0, 0, 0, 0, 0, 0])
+    names = list(method.layers)
+    assert method.select_frozen_slots(1) == [names[i] for i in frozen]
+    assert [i for i, layer in enumerate(method.layers.values()) if layer.is_frozen] == frozen
+
+
+@pytest.mark.parametrize("count, second_round", [("all", [3, 4, 5]), ("free", [3, 4])])
+def test_ipc_count_over_all_slots_or_the_free_ones(count, second_round):
+    """12 slots, tau 0.25: round one freezes floor(0.25 * 12) = 3 either way; round two freezes 3 more (all) or
+    floor(0.25 * 9) = 2 (free)."""
+    run, method, stream = build({"ipc_count": count})
+    method.begin_task(stream.tasks[0])
+    names = list(method.layers)
+    _set_scores(method, range(12, 0, -1))
+    assert method.select_frozen_slots(1) == names[:3]
+    _set_scores(method, range(12, 0, -1))
+    assert method.select_frozen_slots(2) == [names[i] for i in second_round]
+
+
+def _routing_members(run, method, task):
+    """Each class of a finished task: its normalised training features under the routing model."""
+    feats, labels = method._features(train_loader(run, task), method.routing_model)
+    return {class_id: F.normalize(feats[labels == class_id], dim=-1) for class_id in task.class_ids}
+
+
+@pytest.mark.parametrize("clusters", [1, 3])
+def test_tii_clusters_per_class(clusters):
+    """tii_clusters K: K cluster slots per class, all filled (8 members each); with K = 1 the one mean is the class
+    mean of the normalised routing features."""
+    run, method, stream = build({"tii_clusters": clusters, "head_realign": False})
+    task = stream.tasks[0]
+    _finish_without_training(run, method, task)
+    memory = method.memory
+    assert tuple(memory.tii_means.shape) == (2, clusters, 32) and memory.tii_valid.sum(1).tolist() == [clusters] * 2
+    if clusters == 1:
+        for class_id, members in _routing_members(run, method, task).items():
+            torch.testing.assert_close(memory.tii_means[class_id, 0], members.mean(0))
+
+
+@pytest.mark.parametrize("cov", ["full", "diag"])
+def test_tii_covariance_form_and_ridge(cov):
+    """tii_cov full stores a [H, H] precision per cluster, diag [H]; both are tii_precision of the cluster's members
+    (one cluster: the class) with the configured tii_ridge."""
+    run, method, stream = build({"tii_cov": cov, "tii_clusters": 1, "tii_ridge": 0.5, "head_realign": False})
+    task = stream.tasks[0]
+    _finish_without_training(run, method, task)
+    precisions = method.memory.tii_precisions
+    assert tuple(precisions.shape[2:]) == ((32, 32) if cov == "full" else (32,))
+    for class_id, members in _routing_members(run, method, task).items():
+        expected = tii_precision(members, 0.5, full=cov == "full")
+        torch.testing.assert_close(precisions[class_id, 0], expected, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(expected, tii_precision(members, 1e-4, full=cov == "full"), atol=1e-3)  # the ridge counts
+
+
+@pytest.mark.parametrize("options, realigned", [({}, True), ({"head_realign": False}, False), ({"tap_epochs": 0}, False)])
+def test_head_realign_and_tap_epochs_decide_whether_old_head_rows_move(options, realigned):
+    """TAP runs after every task but the first: the old task's head rows change at the end of task 2 only with
+    head_realign on and tap_epochs > 0; head_realign off stores no TAP Gaussians at all."""
+    run, method, stream = build({"tap_epochs": 1, **options})
+    learn(run, method, stream.tasks[0])
+    task = stream.tasks[1]
+    method.begin_task(task)
+    run.train_task(method, task, 1, 2e-2, "test")
+    head = run.model.head
+    before = head.weights[0].detach().clone()
+    method.end_task(task, train_loader(run, task))
+    assert (not torch.equal(head.weights[0], before)) == realigned
+    assert method.memory.tap.means.shape[0] == (0 if options.get("head_realign") is False else 4)
+
+
+@pytest.mark.parametrize("iterations", [None, 3])
+def test_tap_knobs_reach_the_realignment_and_shape_the_gaussians(monkeypatch, iterations):
+    """tap_lr, tap_momentum, tap_batch_size, tap_samples_per_cluster, tap_epochs and tap_iters_per_epoch (None:
+    one batch per old class, 2 here) are what TAP runs with; tap_centroids sets the Gaussians per class and
+    tap_ridge is added to each Gaussian's variance (one centroid: the class's population variance)."""
+    import loracl.methods.lorac_ipc as lorac_module
+
+    calls = []
+    monkeypatch.setattr(lorac_module, "realign_head", lambda head, gaussians, **knobs: calls.append(knobs))
+    options = {
+        "tap_epochs": 3, "tap_lr": 0.2, "tap_momentum": 0.5, "tap_batch_size": 7, "tap_samples_per_cluster": 5,
+        "tap_iters_per_epoch": iterations, "tap_centroids": 1, "tap_ridge": 0.25,
+    }
+    run, method, stream = build(options)
+    _finish_without_training(run, method, stream.tasks[0])
+    assert calls == []  # no TAP after the first task
+    _finish_without_training(run, method, stream.tasks[1])
+    [knobs] = calls
+    expected = {"epochs": 3, "lr": 0.2, "momentum": 0.5, "batch_size": 7, "samples_per_cluster": 5, "iterations_per_epoch": iterations or 2}
+    assert {key: knobs[key] for key in expected} == expected
+    tap = method.memory.tap
+    assert tuple(tap.means.shape) == (4, 1, 32)
+    task = stream.tasks[1]
+    feats, labels = method._features(train_loader(run, task), method.task_model[task.index])
+    for class_id in task.class_ids:
+        members = feats[labels == class_id]
+        torch.testing.assert_close(tap.stds[class_id, 0] ** 2, members.var(dim=0, correction=0) + 0.25, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("measure", [True, False])
+def test_measure_without_tii_scores_the_newest_model_only_when_on(trained, measure):
+    run, method, stream, _, _, _ = trained
+    saved = (method.options, method.tii_counts, method.tii_history, method.newest_counts, method.newest_rows)
+    method.options = method.options.model_copy(update={"measure_without_tii": measure})
+    method.tii_counts, method.tii_history, method.newest_counts, method.newest_rows = [0, 0], [], {}, []
+    try:
+        for task in stream.tasks:
+            method.predict(next(iter(run.loader(task.test, task, train=False))))
+        counted = dict(method.newest_counts)
+        metrics = method.task_metrics()
+    finally:
+        method.options, method.tii_counts, method.tii_history, method.newest_counts, method.newest_rows = saved
+    assert method.tii_counts is saved[1]
+    if measure:
+        assert sorted(counted) == [0, 1, 2] and "without_tii_accuracy_matrix" in metrics
+    else:
+        assert counted == {} and "without_tii_accuracy_matrix" not in metrics
+    assert metrics["tii_accuracy"] is not None  # TII itself is measured either way
