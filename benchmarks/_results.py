@@ -1,4 +1,4 @@
-"""Write one named section of docs/results.md, leaving every other section as it is.
+"""Write one named section of docs/results/legacy.md, leaving every other section as it is.
 
 Each benchmark owns a section delimited by HTML comments, so scripts (and people) never overwrite each
 other's figures. The section records the exact command that produced it.
@@ -13,7 +13,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results.md"
+RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results" / "legacy.md"
 HEADER = (
     '# Measured results\n\n'
     'Every figure on this page was written by a script in `benchmarks/`; the command that produced each\n'
@@ -69,7 +69,7 @@ def machine_line() -> str:
 
 
 def write_section(name: str, title: str, body: str, command: str | None = None) -> Path:
-    """Replace (or append) the section `name` of docs/results.md with `body`, under a lock."""
+    """Replace (or append) the section `name` of docs/results/legacy.md with `body`, under a lock."""
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

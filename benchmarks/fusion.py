@@ -1,4 +1,4 @@
-"""Fuse the text stream's per-task LoRAs with ICM-Fusion and every merge baseline; write docs/results.md `icm_fusion`.
+"""Fuse the text stream's per-task LoRAs with ICM-Fusion and every merge baseline; write docs/results/legacy.md `icm_fusion`.
 
 One LoRA per task (query/value, r = 8, alpha = 16, same initialisation seed for every task) plus that task's own
 linear head, trained for 1 epoch; ICM-LoRA-style checkpoints are harvested over the second half of training as

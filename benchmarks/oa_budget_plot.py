@@ -4,7 +4,7 @@
         --section oa_adapter_budget --plot docs/methods/oa_adapter_budget.png
 
 Writes the heat map (sites x tasks, cell = r_eff) to --plot and a table of r_eff per site and task plus the
-stored adapter parameters per task and cumulative to a section of docs/results.md.
+stored adapter parameters per task and cumulative to a section of docs/results/legacy.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Wall time of the embedded default (`loracl run` with no config), as a new user runs it; writes docs/results.md.
+"""Wall time of the embedded default (`loracl run` with no config), as a new user runs it; writes docs/results/legacy.md.
 
     python benchmarks/quickstart_time.py [--out /tmp/loracl_quickstart]
 """

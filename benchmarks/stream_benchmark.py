@@ -1,4 +1,4 @@
-"""Run method entries on a stream config and write their accuracy matrices and metrics to docs/results.md.
+"""Run method entries on a stream config and write their accuracy matrices and metrics to docs/results/legacy.md.
 
 Every method issue measures with this script, so all numbers come from one harness, same seed and budget:
 
@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument("--config", required=True)
     parser.add_argument("--method", action="append", required=True, help="registry name or YAML mapping")
     parser.add_argument("--set", action="append", default=[], help="config override key=value")
-    parser.add_argument("--section", required=True, help="section id in docs/results.md")
+    parser.add_argument("--section", required=True, help="section id in docs/results/legacy.md")
     parser.add_argument("--title", required=True)
     parser.add_argument("--out", required=True, help="run folder (resumable)")
     parser.add_argument("--reference", default="seq_lora", help="label whose step time is 1.0x")

@@ -1,0 +1,447 @@
+"""Benchmarks as data: an experiment file in benchmarks/experiments/ names a base config, rows (method entries) and
+seeds; every row x seed is one run whose results land as JSON in docs/results/<experiment>/<label>/seed<k>.json
+(metrics, matrices, costs, machine, versions, commit, date); pages are rendered from those files alone.
+
+    python benchmarks/bench.py run     benchmarks/experiments/text_stream.yaml [--only LABEL ...] [--seeds 0 1]
+    python benchmarks/bench.py render  benchmarks/experiments/text_stream.yaml
+    python benchmarks/bench.py summary            # docs/results.md, its figures and the README's headline
+
+`run` skips what is measured and resumes a killed run from its checkpoints under runs/<experiment>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "docs" / "results"
+
+
+def load_experiment(path: str) -> dict[str, Any]:
+    return yaml.safe_load(Path(path).read_text())
+
+
+def row_config(experiment: dict[str, Any], row: dict[str, Any], seed: int) -> dict[str, Any]:
+    """The loracl config of one row and seed (the experiment's base with the row's method entry)."""
+    config = copy.deepcopy(experiment["base"])
+    config["seed"] = seed
+    if "data" in experiment:  # a folder of task folders, relative to the repository root
+        config["stream"]["path"] = str((ROOT / experiment["data"]).resolve())
+    config["method"] = [{"name": row["name"], "label": row["label"], **row.get("options", {})}]
+    return config
+
+
+def machine() -> dict[str, Any]:
+    import transformers
+
+    import loracl
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return {
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {'cuda' if torch.cuda.is_available() else 'cpu'}",
+        "versions": {"loracl": loracl.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        "commit": commit,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def compact(results: dict[str, Any]) -> dict[str, Any]:
+    """What the page needs from a results.json: metrics, matrices, costs (no per-task records)."""
+    keys = [
+        "method", "label", "seed", "accuracy_matrix", "test_sizes", "avg_accuracy", "forgetting", "bwt",
+        "trainable_params_per_task", "stored_bytes_cumulative", "train_samples_per_s", "eval_samples_per_s",
+        "peak_memory_bytes", "wall_s", "method_options",
+    ]
+    out = {key: results.get(key) for key in keys}
+    if any("metric_rows" in record for record in results["per_task"]):
+        out["rouge_l_rows"] = [record.get("metric_rows", {}).get("rouge_l") for record in results["per_task"]]
+    return out
+
+
+def result_path(name: str, label: str, seed: int) -> Path:
+    return RESULTS / name / label / f"seed{seed}.json"
+
+
+def command_run(args: argparse.Namespace) -> None:
+    """Every row x seed without a result file, each in its own process (so peak memory is that run's alone)."""
+    experiment = load_experiment(args.experiment)
+    # seed by seed, so that every row has its first seed before any row has its third; single-seed ablations and
+    # the PEFT comparison after the headline rows' seeds
+    jobs = []
+    for index, row in enumerate(experiment["rows"]):
+        for seed in row["seeds"]:
+            key = (len(row["seeds"]) == 1 and "ablates" in row, seed > 0 and not row.get("priority", False), seed, index)
+            jobs.append((key, row["label"], seed))
+    if experiment.get("peft_row"):  # the PEFT sequential LoRA written as a PEFT user writes it (instruct.py peft)
+        jobs.append(((False, False, 1, -1), "peft_seq_lora", 0))
+    for _, label, seed in sorted(jobs):
+        if (args.only and label not in args.only) or (args.seeds and seed not in args.seeds):
+            continue
+        if result_path(experiment["name"], label, seed).exists():
+            continue
+        script = str(Path(__file__).with_name("instruct.py")) if label == "peft_seq_lora" else __file__
+        verb = "peft" if label == "peft_seq_lora" else "one"
+        command = [sys.executable, script, verb, args.experiment, "--only", label, "--seeds", str(seed)]
+        if args.threads:
+            command += ["--threads", str(args.threads)]
+        if subprocess.run(command).returncode != 0:  # one failing row must not stop the others
+            print(f"{label} seed {seed}: failed (its traceback is above)", flush=True)
+
+
+def command_one(args: argparse.Namespace) -> None:
+    """One row and seed: train, evaluate, write its result file."""
+    from loracl.config import validate_config
+    from loracl.engine import run_experiment
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    experiment = load_experiment(args.experiment)
+    [row] = [row for row in experiment["rows"] if row["label"] == args.only[0]]
+    [seed] = args.seeds
+    config = validate_config(row_config(experiment, row, seed))
+    started = time.perf_counter()
+    [result] = run_experiment(config, ROOT / "runs" / experiment["name"] / f"seed{seed}")
+    target = result_path(experiment["name"], row["label"], seed)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    record = {**compact(result.results), "config": row_config(experiment, row, seed), **machine()}
+    target.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"{row['label']} seed {seed}: {result.results['avg_accuracy']:.3f} ({time.perf_counter() - started:.0f} s)", flush=True)
+
+
+# ----- render ---------------------------------------------------------------------------------------
+def mean_std(values: list[float]) -> str:
+    values = [value for value in values if value is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def spread_rule(first: list[float], second: list[float]) -> tuple[float, str]:
+    """Difference of means and the verdict: a difference only when it exceeds the sum of the two standard
+    deviations (one-sigma bands that do not overlap); one seed on either side decides nothing."""
+    delta = statistics.mean(first) - statistics.mean(second)
+    if len(first) < 2 or len(second) < 2:
+        return delta, "one seed: undecided"
+    spread = statistics.stdev(first) + statistics.stdev(second)
+    return delta, ("beyond the spread" if abs(delta) > spread else f"within the spread (±{spread:.3f})")
+
+
+def setting_line(experiment: dict[str, Any]) -> str:
+    """One sentence naming the stream, its size, the training budget and the model."""
+    base = experiment["base"]
+    stream, train = base["stream"], base["train"]
+    tasks = ", ".join(stream["tasks"]) if "tasks" in stream else f"{stream['source']} tasks"
+    sizes = f"{stream.get('max_train_per_task', 'all')} train / {stream.get('max_test_per_task', 'all')} test per task"
+    session = f", a base session of {train['base_session_epochs']} epochs" if train.get("base_session_epochs") else ""
+    return (
+        f"Stream: {tasks} ({sizes}, {train['epochs']} epoch(s), batch {train['batch_size']}, lr {train['lr']}{session}),"
+        f" `{base['backbone']['name']}`, {experiment.get('metric', 'accuracy')}."
+    )
+
+
+def load_rows(name: str) -> dict[str, list[dict[str, Any]]]:
+    """label -> the result records of every measured seed of an experiment."""
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for path in sorted((RESULTS / name).glob("*/seed*.json")):
+        rows.setdefault(path.parent.name, []).append(json.loads(path.read_text()))
+    return rows
+
+
+def command_render(args: argparse.Namespace) -> None:
+    experiment = load_experiment(args.experiment)
+    name = experiment["name"]
+    folder = RESULTS / name
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for path in sorted(folder.glob("*/seed*.json")):
+        rows.setdefault(path.parent.name, []).append(json.loads(path.read_text()))
+    order = [row["label"] for row in experiment["rows"]] + ["peft_seq_lora"]
+    ablations = {row["label"]: row["ablates"] for row in experiment["rows"] if "ablates" in row}
+    reference = rows.get("seq_lora", [])
+    ref_train = statistics.mean(r["train_samples_per_s"] for r in reference) if reference else None
+    ref_eval = statistics.mean(r["eval_samples_per_s"] for r in reference if r.get("eval_samples_per_s")) if reference else None
+    accuracy = {label: [r["avg_accuracy"] for r in records] for label, records in rows.items()}
+    forgetting = {label: [r["forgetting"] for r in records if r.get("forgetting") is not None] for label, records in rows.items()}
+    lines = [
+        f"# {name}: {experiment.get('title', 'measured')}",
+        "",
+        f"Generated by `python benchmarks/bench.py render {args.experiment}` from the JSON files in",
+        f"`docs/results/{name}/`; nothing here is typed by hand. {setting_line(experiment)}",
+        "",
+    ]
+    if reference and len(reference) > 0:
+        lines += ["## Verdict", ""]
+        verdicts = []
+        for label in order:
+            if label in ("seq_lora", "zero_shot", "joint", "peft_seq_lora") or label in ablations or label not in rows:
+                continue
+            delta, verdict = spread_rule(accuracy[label], accuracy["seq_lora"])
+            halved = (
+                statistics.mean(forgetting[label]) <= 0.5 * statistics.mean(forgetting["seq_lora"])
+                if forgetting.get(label) and forgetting.get("seq_lora") else None
+            )
+            verdicts.append((delta, f"- `{label}`: average accuracy {delta:+.3f} against seq_lora ({verdict}); forgetting "
+                             f"{mean_std(forgetting.get(label, []))} against {mean_std(forgetting['seq_lora'])}"
+                             f"{' (halved)' if halved else ' (not halved)' if halved is not None else ''}."))
+        lines += [text for _, text in sorted(verdicts, key=lambda item: -item[0])]
+        if "joint" in rows and verdicts:
+            best = max((label for label in rows if label not in ablations and label not in ("joint", "peft_seq_lora", "zero_shot")),
+                       key=lambda label: statistics.mean(accuracy[label]))
+            delta, verdict = spread_rule(accuracy[best], accuracy["joint"])
+            lines.append(f"- Best continual row `{best}` against joint (the upper bound): {delta:+.3f} ({verdict}).")
+        lines.append("")
+    lines += [
+        "## Every row",
+        "",
+        "Mean ± standard deviation over the seeds listed (one value: one seed, no spread known). Average accuracy =",
+        "mean of the last row of the accuracy matrix; forgetting and BWT as in loracl.metrics; ROUGE-L of the last row;",
+        "stored bytes after the last task; train and generation samples/s relative to seq_lora's mean; peak RSS.",
+        "",
+        "| row | seeds | avg accuracy | forgetting | BWT | ROUGE-L | stored MB | train x | eval x | peak GB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label in order + sorted(set(rows) - set(order)):
+        records = rows.get(label)
+        if not records:
+            continue
+        rouge = [statistics.mean(r["rouge_l_rows"][-1]) for r in records if r.get("rouge_l_rows") and r["rouge_l_rows"][-1]]
+        stored = [r["stored_bytes_cumulative"][-1] / 1e6 for r in records if r.get("stored_bytes_cumulative")]
+        train_x = [r["train_samples_per_s"] / ref_train for r in records if r.get("train_samples_per_s") and ref_train]
+        eval_x = [r["eval_samples_per_s"] / ref_eval for r in records if r.get("eval_samples_per_s") and ref_eval]
+        memory = [r["peak_memory_bytes"] / 1e9 for r in records if r.get("peak_memory_bytes")]
+        lines.append(
+            f"| {label} | {','.join(str(r['seed']) for r in records)} | {mean_std(accuracy[label])}"
+            f" | {mean_std([r.get('forgetting') for r in records])} | {mean_std([r.get('bwt') for r in records])}"
+            f" | {mean_std(rouge)} | {mean_std(stored)} | {mean_std(train_x)} | {mean_std(eval_x)} | {mean_std(memory)} |"
+        )
+    if ablations:
+        lines += ["", "## Mechanisms switched off", "",
+                  "Each ablation against its full method over the same seeds; the rule above decides.", ""]
+        for label, full in ablations.items():
+            if label in rows and full in rows:
+                seeds = {r["seed"] for r in rows[label]}
+                full_same = [r["avg_accuracy"] for r in rows[full] if r["seed"] in seeds]
+                delta, verdict = spread_rule(full_same, accuracy[label])
+                lines.append(f"- `{full}` minus `{label}`: {delta:+.3f} average accuracy (seeds {sorted(seeds)}; {verdict}).")
+    if "peft_seq_lora" in rows and reference:
+        lines += ["", "## Against PEFT", ""]
+        for record in rows["peft_seq_lora"]:
+            ours = next((r for r in reference if r["seed"] == record["seed"]), None)
+            if ours is not None:
+                same = ours["accuracy_matrix"] == record["accuracy_matrix"]
+                lines.append(f"- seed {record['seed']}: PEFT's sequential LoRA (the same batches and start weights) gives "
+                             f"{'the same accuracy matrix as' if same else 'a different accuracy matrix from'} loracl's seq_lora.")
+    speed = folder / "speed.json"
+    if speed.exists():
+        data = json.loads(speed.read_text())
+        lines += [f"- Training speed, interleaved rounds in one process: loracl seq_lora {data['ours_samples_per_s']:.2f}"
+                  f" samples/s, PEFT {data['peft_samples_per_s']:.2f} samples/s, ratio {data['ratio']:.2f} (median of"
+                  f" {data['rounds']} rounds of {data['steps']} steps, batch {data['batch_size']}, mnli prompts; {data['machine']},"
+                  f" {data['date']}). loracl computes vocabulary logits only at the answer positions."]
+    lines += ["", "## Accuracy matrices (seed 0)", ""]
+    for label in order:
+        for record in rows.get(label, []):
+            if record["seed"] != 0:
+                continue
+            size = len(record["accuracy_matrix"][0])
+            lines += [f"**{label}**", "", "| after \\ on | " + " | ".join(f"task {j}" for j in range(size)) + " |",
+                      "|---" * (size + 1) + "|"]
+            for i, matrix_row in enumerate(record["accuracy_matrix"]):
+                lines.append(f"| task {i} | " + " | ".join("" if v is None else f"{v:.2f}" for v in matrix_row) + " |")
+            lines.append("")
+    target = RESULTS / f"{name}.md"
+    target.write_text("\n".join(lines) + "\n")
+    print("wrote", target)
+
+
+
+
+# ----- the results page: every experiment, verdict first ----------------------------------------------------
+EXPERIMENTS = ROOT / "benchmarks" / "experiments"
+FLOORS = ("zero_shot", "probe", "probe-prototype")
+
+
+def headline_labels(experiment: dict[str, Any], rows: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The rows a reader compares: floors, seq_lora, joint and every method with its defaults (no ablation, no lever)."""
+    return [row["label"] for row in experiment["rows"] if "ablates" not in row and not row.get("lever") and row["label"] in rows]
+
+
+def seen_task_curve(record: dict[str, Any]) -> list[float]:
+    """Mean accuracy over the tasks seen so far, after each task (a joint run has one point)."""
+    return [statistics.mean(value for value in row if value is not None) for row in record["accuracy_matrix"]]
+
+
+def experiment_figures(experiment: dict[str, Any], rows: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The trade-off (accuracy against stored bytes) and the learning curves as PNG files; returns their names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    name = experiment["name"]
+    labels = [label for label in headline_labels(experiment, rows) if rows[label][0].get("stored_bytes_cumulative")]
+    figure, axis = plt.subplots(figsize=(6.4, 4.2))
+    for label in labels:
+        accuracy = [r["avg_accuracy"] for r in rows[label]]
+        stored = statistics.mean(r["stored_bytes_cumulative"][-1] for r in rows[label]) / 1e6
+        error = statistics.stdev(accuracy) if len(accuracy) > 1 else 0.0
+        axis.errorbar(max(stored, 1e-3), statistics.mean(accuracy), yerr=error, fmt="o", capsize=3)
+        axis.annotate(label, (max(stored, 1e-3), statistics.mean(accuracy)), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    axis.set_xscale("log")
+    axis.set_xlabel("stored after the last task (MB, log scale)")
+    axis.set_ylabel("average accuracy (mean ± sd over seeds)")
+    axis.set_title(f"{name}: accuracy against storage")
+    figure.tight_layout()
+    tradeoff = f"{name}_tradeoff.png"
+    figure.savefig(RESULTS / tradeoff, dpi=110)
+    plt.close(figure)
+    figure, axis = plt.subplots(figsize=(6.4, 4.2))
+    for label in headline_labels(experiment, rows):
+        curves = [seen_task_curve(r) for r in rows[label]]
+        if len(curves[0]) < 2:
+            continue
+        mean = [statistics.mean(values) for values in zip(*curves)]
+        axis.plot(range(1, len(mean) + 1), mean, marker="o", label=label)
+    axis.set_xlabel("tasks trained")
+    axis.set_ylabel("mean accuracy over the tasks seen")
+    axis.set_title(f"{name}: accuracy after each task (mean over seeds)")
+    axis.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    curves = f"{name}_curves.png"
+    figure.savefig(RESULTS / curves, dpi=110)
+    plt.close(figure)
+    return [tradeoff, curves]
+
+
+def headline_table(experiment: dict[str, Any], rows: dict[str, list[dict[str, Any]]], labels: list[str] | None = None) -> list[str]:
+    """Mean ± sd of each headline row: accuracy, forgetting, BWT, storage and speed relative to seq_lora."""
+    reference = rows.get("seq_lora", [])
+    ref_train = statistics.mean(r["train_samples_per_s"] for r in reference) if reference else None
+    ref_eval = statistics.mean(r["eval_samples_per_s"] for r in reference) if reference else None
+    lines = ["| row | seeds | avg accuracy | forgetting | BWT | stored MB | train x | eval x |", "|---|---|---|---|---|---|---|---|"]
+    for label in labels or headline_labels(experiment, rows):
+        records = rows[label]
+        train_x = [r["train_samples_per_s"] / ref_train for r in records if r.get("train_samples_per_s") and ref_train]
+        eval_x = [r["eval_samples_per_s"] / ref_eval for r in records if r.get("eval_samples_per_s") and ref_eval]
+        stored = [r["stored_bytes_cumulative"][-1] / 1e6 for r in records if r.get("stored_bytes_cumulative")]
+        lines.append(
+            f"| {label} | {len(records)} | {mean_std([r['avg_accuracy'] for r in records])} | {mean_std([r.get('forgetting') for r in records])}"
+            f" | {mean_std([r.get('bwt') for r in records])} | {mean_std(stored)} | {mean_std(train_x)} | {mean_std(eval_x)} |"
+        )
+    return lines
+
+
+def which_method_when(experiment: dict[str, Any], rows: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Statements derived from the numbers of one setting: the best continual row, what beats sequential LoRA
+    beyond the spread, the cheapest row as good as the best, and what the floor and the upper bound say."""
+    title = experiment.get("title", experiment["name"])
+    labels = headline_labels(experiment, rows)
+    methods = [label for label in labels if label not in FLOORS and label not in ("joint",)]
+    if not methods:
+        return []
+    accuracy = {label: [r["avg_accuracy"] for r in rows[label]] for label in labels}
+    best = max(methods, key=lambda label: statistics.mean(accuracy[label]))
+    low, high = min(len(rows[label]) for label in methods), max(len(rows[label]) for label in methods)
+    seeds = f"{low} seed{'s' if low > 1 else ''} per row" if low == high else f"{low}-{high} seeds per row"
+    lines = [f"**{title}** (`{experiment['name']}`, {seeds}):"]
+    lines.append(f"- Best continual row: `{best}` ({mean_std(accuracy[best])}).")
+    if "seq_lora" in accuracy and best != "seq_lora":
+        beats = [label for label in methods if label != "seq_lora" and "beyond" in spread_rule(accuracy[label], accuracy["seq_lora"])[1]
+                 and statistics.mean(accuracy[label]) > statistics.mean(accuracy["seq_lora"])]
+        lines.append(f"- Beyond the seed spread above sequential LoRA ({mean_std(accuracy['seq_lora'])}): "
+                     f"{', '.join(f'`{label}`' for label in beats) if beats else 'none'}.")
+    tied = [label for label in methods if label == best or "within" in spread_rule(accuracy[label], accuracy[best])[1]]
+    stored = {label: statistics.mean(r["stored_bytes_cumulative"][-1] for r in rows[label]) for label in tied if rows[label][0].get("stored_bytes_cumulative")}
+    if len(tied) > 1 and stored:
+        cheapest = min(stored, key=stored.get)
+        lines.append(f"- Not distinguishable from the best within the spread: {', '.join(f'`{label}`' for label in tied)};"
+                     f" the one storing least is `{cheapest}` ({stored[cheapest] / 1e6:.2f} MB after the last task).")
+    if "joint" in accuracy:
+        delta, verdict = spread_rule(accuracy[best], accuracy["joint"])
+        lines.append(f"- Against joint training (the upper bound, {mean_std(accuracy['joint'])}): {delta:+.3f} ({verdict}).")
+    floors = [label for label in labels if label in FLOORS]
+    for floor in floors:
+        lines.append(f"- Floor `{floor}`: {mean_std(accuracy[floor])}.")
+    return lines
+
+
+def command_summary(args: argparse.Namespace) -> None:
+    """docs/results.md (verdict first, one table and two figures per setting) and the README's headline block."""
+    sections, verdicts, readme = [], [], []
+    for path in sorted(EXPERIMENTS.glob("*.yaml")):
+        experiment = load_experiment(str(path))
+        rows = load_rows(experiment["name"])
+        if not rows:
+            continue
+        name = experiment["name"]
+        figures = experiment_figures(experiment, rows)
+        verdicts += which_method_when(experiment, rows) + [""]
+        sections += [
+            f"## {experiment.get('title', name)}", "", setting_line(experiment), "",
+            *headline_table(experiment, rows), "",
+            f"![accuracy against storage]({'results/' + figures[0]}) ![accuracy after each task]({'results/' + figures[1]})", "",
+            f"Every row, the ablations and the accuracy matrices: [results/{name}.md](results/{name}.md); experiment file:"
+            f" `{path.relative_to(ROOT)}`.", "",
+        ]
+        keep = [label for label in ("zero_shot", "probe", "seq_lora", "joint") if label in rows]
+        best = max((label for label in headline_labels(experiment, rows) if label not in FLOORS + ("joint", "seq_lora")),
+                   key=lambda label: statistics.mean(r["avg_accuracy"] for r in rows[label]), default=None)
+        readme += [f"**{experiment.get('title', name)}**", "", *headline_table(experiment, rows, keep + ([best] if best else [])), ""]
+        args_render = argparse.Namespace(experiment=str(path.relative_to(ROOT)))
+        command_render(args_render)
+    page = [
+        "# Measured results",
+        "",
+        "Generated by `python benchmarks/bench.py summary` from the JSON files under `docs/results/`; nothing here",
+        "is typed by hand. Each setting is an experiment file in `benchmarks/experiments/`, run with",
+        "`python benchmarks/bench.py run <file>`. Numbers are mean ± standard deviation over seeds (data order and",
+        "initialisation); a difference is called one only when it exceeds the sum of the two standard deviations, and",
+        "one seed decides nothing. Speeds are relative to seq_lora in the same setting (runs on a shared 2-core CPU:",
+        "rough). The single-seed history of earlier measurements is in git and in [results/legacy.md](results/legacy.md).",
+        "",
+        "## Which method when",
+        "",
+        *verdicts,
+        *sections,
+    ]
+    (ROOT / "docs" / "results.md").write_text("\n".join(page).rstrip() + "\n")
+    readme_path = ROOT / "README.md"
+    text = readme_path.read_text()
+    begin, end = "<!-- results:begin -->", "<!-- results:end -->"
+    if begin in text and end in text:
+        block = [begin, "", *readme, "![accuracy after each task](docs/results/instruct_stream_curves.png)", "",
+                 "Regenerate with `python benchmarks/bench.py summary`; every row and setting: [docs/results.md](docs/results.md).", "", end]
+        text = text[: text.index(begin)] + "\n".join(block) + text[text.index(end) + len(end):]
+        readme_path.write_text(text)
+    print("wrote docs/results.md")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["run", "one", "render", "summary"])
+    parser.add_argument("experiment", nargs="?")
+    parser.add_argument("--only", nargs="*", default=None)
+    parser.add_argument("--seeds", nargs="*", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per run (runs beside other work)")
+    args = parser.parse_args()
+    if args.command != "summary" and not args.experiment:
+        parser.error(f"{args.command} needs an experiment file")
+    {"run": command_run, "one": command_one, "render": command_render, "summary": command_summary}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
