@@ -291,6 +291,7 @@ def experiment_figures(experiment: dict[str, Any], rows: dict[str, list[dict[str
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     name = experiment["name"]
     labels = [label for label in headline_labels(experiment, rows) if rows[label][0].get("stored_bytes_cumulative")]
@@ -316,6 +317,7 @@ def experiment_figures(experiment: dict[str, Any], rows: dict[str, list[dict[str
             continue
         mean = [statistics.mean(values) for values in zip(*curves)]
         axis.plot(range(1, len(mean) + 1), mean, marker="o", label=label)
+    axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axis.set_xlabel("tasks trained")
     axis.set_ylabel("mean accuracy over the tasks seen")
     axis.set_title(f"{name}: accuracy after each task (mean over seeds)")

@@ -146,11 +146,23 @@ def read_peft_adapter(folder: str | Path) -> tuple[dict, dict[str, LoraPair]]:
     if not config_path.is_file():
         raise LoraclError(f"{folder} is not a PEFT adapter folder (no {CONFIG_FILE})")
     config = read_json_file(config_path)
+    if not isinstance(config, dict):
+        raise LoraclError(f"{config_path} is not a JSON object of LoRA settings")
     if config.get("peft_type", "LORA") != "LORA":
         raise LoraclError(f"{folder}: only LoRA adapters are supported, this one is {config.get('peft_type')}")
+    if config.get("use_dora"):
+        raise LoraclError(
+            f"{folder}: a DoRA adapter (use_dora); its magnitude vector rescales W0 + BA per column, so it is not a sum"
+            " of LoRA deltas and is not read"
+        )
+    if config.get("lora_bias"):
+        raise LoraclError(f"{folder}: an adapter with lora_bias; the bias of lora_B is not a low-rank delta and is not read")
     if not weights_path.is_file():
         raise LoraclError(f"{folder}: missing {WEIGHTS_FILE} (pickled .bin adapters are not read: not safe)")
-    tensors = load_file(str(weights_path))
+    try:
+        tensors = load_file(str(weights_path))
+    except Exception as exc:  # safetensors raises its own error types for truncated or foreign files
+        raise LoraclError(f"{weights_path} is not a readable safetensors file ({str(exc).splitlines()[0][:120]})") from None
     pattern = re.compile(rf"^{re.escape(_PREFIX)}(.+)\.lora_(A|B)(?:\.[^.]+)?\.weight$")
     found: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():

@@ -16,8 +16,9 @@ from loracl.errors import DataError, LoraclError, read_json_file
 from loracl.fusion import FUSION_METHODS, LoraHost, TaskAdapter, TaskSupport, fuse, fuse_options, read_adapter, read_run_branch
 
 
-def read_examples(path: str | Path, count: int) -> list[str]:
-    """The first `count` texts of a JSON list (strings or {"text": ...}) or a JSONL file."""
+def read_examples(path: str | Path, count: int) -> list[str] | list[dict[str, str]]:
+    """The first `count` examples of a JSON list or a JSONL file: texts (strings or {"text": ...}), or, for a
+    language model, {"input": ..., "output": ...} pairs (an optional "instruction" heads the prompt)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"example file {path} does not exist")
@@ -26,12 +27,32 @@ def read_examples(path: str | Path, count: int) -> list[str]:
         items = json.loads(raw) if raw.startswith("[") else [json.loads(line) for line in raw.splitlines() if line.strip()]
     except json.JSONDecodeError as exc:
         raise DataError(f"{path} is neither a JSON list nor JSON lines: {exc.msg}") from None
+    if not items:
+        raise DataError(f"{path} holds no examples: fusion needs a few examples per task")
+    if all(isinstance(item, dict) and isinstance(item.get("input"), str) and isinstance(item.get("output"), str) for item in items):
+        return [{"input": item["input"], "output": item["output"], "instruction": str(item.get("instruction", ""))} for item in items[:count]]
     texts = [item if isinstance(item, str) else item.get("text") if isinstance(item, dict) else None for item in items]
     if any(not isinstance(text, str) for text in texts):
-        raise DataError(f"{path}: every example must be a string or an object with a `text` string")
-    if not texts:
-        raise DataError(f"{path} holds no examples: fusion needs a few examples per task")
+        raise DataError(
+            f"{path}: every example must be a string, an object with a `text` string, or (a language model) an object"
+            " with `input` and `output` strings"
+        )
     return texts[:count]
+
+
+def answer_support(backbone: Any, examples: list[dict[str, str]], name: str) -> TaskSupport:
+    """Prompt + answer batches of a language model's examples, scored by the answer-only loss."""
+    from loracl.backbones.language import LanguageBackbone
+    from loracl.data.stream import Split, Task, prompt_header
+    from loracl.task_models.language import LanguageTaskModel
+
+    if not isinstance(backbone, LanguageBackbone):
+        raise DataError(f"examples for `{name}` are input/output pairs, but the base model is not a language model: give texts")
+    model = LanguageTaskModel(backbone)
+    headers = [prompt_header(example["instruction"], []) if example["instruction"] else "Answer the input." for example in examples]
+    split = Split([example["input"] for example in examples], [0] * len(examples), [example["output"] for example in examples], headers)
+    task = Task(name, 0, [0], split, Split([], []), free_form=True)
+    return TaskSupport(model.collate(split, list(range(len(examples))), task, True), answer_model=model)
 
 
 def collect_adapters(args: argparse.Namespace) -> list[TaskAdapter]:
@@ -76,7 +97,11 @@ def fuse_from_args(args: argparse.Namespace) -> Path:
         host = LoraHost(backbone, sorted(adapters[0].pairs))
         supports = []
         for adapter, path in zip(adapters, args.examples):
-            inputs = backbone.collate(read_examples(path, args.num_examples))
+            examples = read_examples(path, args.num_examples)
+            if isinstance(examples[0], dict):  # a language model's instruction examples: the answer loss
+                supports.append(answer_support(backbone, examples, adapter.name))
+                continue
+            inputs = backbone.collate(examples)
             host.set_adapter(adapter.pairs)
             with torch.no_grad():  # label-free: the fused LoRA should reproduce each task's own features
                 supports.append(TaskSupport(inputs, target_features=host.features(inputs)))

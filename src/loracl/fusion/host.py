@@ -23,12 +23,14 @@ BRANCH = "candidate"
 
 @dataclass
 class TaskSupport:
-    """A task's few examples: collated inputs, and either labels + the task's head or the teacher's features."""
+    """A task's few examples: collated inputs, and either labels + the task's head, a language model's answers
+    (`inputs` then hold prompt + answer with `target_ids`, scored by `answer_model`), or the teacher's features."""
 
     inputs: dict[str, torch.Tensor]
     labels: torch.Tensor | None = None
     head: nn.Module | None = None  # features [B, H] -> this task's logits [B, C_task]
     target_features: torch.Tensor | None = None  # [B, H] pooled features under the task's own LoRA
+    answer_model: nn.Module | None = None  # a LanguageTaskModel on the host's backbone: answer-only cross-entropy
 
     def __post_init__(self) -> None:
         size = next(iter(self.inputs.values())).shape[0] if self.inputs else 0
@@ -91,7 +93,11 @@ class LoraHost:
         return self.backbone(**{key: value.to(self.device) for key, value in inputs.items()})
 
     def loss(self, support: TaskSupport) -> torch.Tensor:
-        """Cross-entropy with the task's head when labels exist, else MSE to the teacher's features."""
+        """A language model's answer loss, cross-entropy with the task's head when labels exist, else MSE to the
+        teacher's features."""
+        if support.answer_model is not None:
+            batch = {"inputs": {key: value.to(self.device) for key, value in support.inputs.items()}}
+            return support.answer_model.loss(support.answer_model(batch), batch, None, None)
         features = self.features(support.inputs)
         if support.head is not None and support.labels is not None:
             head_device = next(support.head.parameters(), features).device
