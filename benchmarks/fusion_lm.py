@@ -1,0 +1,229 @@
+"""Fusion of language-model LoRAs (issue 23): one LoRA per instruction task on SmolLM2-135M-Instruct, fused by every
+merge baseline and by ICM-Fusion, each task scored by greedy exact match with the fused adapter and normalised by
+that task's own LoRA.
+
+    python benchmarks/fusion_lm.py run    [--seeds 0 1 2] [--icm KEY=VALUE ...]
+    python benchmarks/fusion_lm.py render
+
+`run` writes docs/results/fusion_lm/seed<k>.json (skipping seeds already there; the task LoRAs resume from
+runs/fusion_lm/); `render` writes docs/results/fusion_lm.md. Rows: no LoRA, each task's own LoRA, every merge,
+LoRAHub, ICM-Fusion (with the knobs given by --icm, reported on the page).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import RESULTS, ROOT, machine, mean_std, spread_rule  # noqa: E402
+
+NAME = "fusion_lm"
+SETUP: dict[str, Any] = {
+    "data": "../shared/data/cl_benchmark",
+    "tasks": ["sst2", "mnli", "qqp", "wic"],
+    "train": 64,
+    "test": 40,
+    "examples": 16,  # per task, from its training split: the support set of LoRAHub and ICM-Fusion
+    "backbone": "smollm2-135m",
+    "lora": {"name": "seq_lora", "rank": 8, "alpha": 32.0, "dropout": 0.1},
+    "training": {"epochs": 1, "batch_size": 8, "eval_batch_size": 20, "lr": 1.0e-3, "max_length": 160, "progress": False},
+}
+MERGES = ["linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune", "task_arithmetic"]
+
+
+def task_config(task: str, seed: int) -> Any:
+    from loracl.config import validate_config
+
+    return validate_config({
+        "seed": seed,
+        "backbone": {"name": SETUP["backbone"]},
+        "stream": {"source": "json_dir", "path": str((ROOT / SETUP["data"]).resolve()), "tasks": [task],
+                   "max_train_per_task": SETUP["train"], "max_test_per_task": SETUP["test"]},
+        "task_model": {"kind": "language", "scoring": "generate", "max_new_tokens": 8},
+        "train": SETUP["training"],
+        "method": [SETUP["lora"]],
+    })
+
+
+def train_task_loras(seed: int) -> list[Path]:
+    """One seq_lora per task (resumable), exported as PEFT folders."""
+    from loracl.engine import run_experiment
+    from loracl.engine.export import export_run_task
+
+    folders = []
+    for task in SETUP["tasks"]:
+        out = ROOT / "runs" / NAME / f"seed{seed}" / task
+        adapter = out / "adapter"
+        if not (adapter / "adapter_model.safetensors").is_file():
+            run_experiment(task_config(task, seed), out)
+            export_run_task(out / "seq_lora", -1, adapter)
+        folders.append(adapter)
+    return folders
+
+
+def run_seed(seed: int, icm_overrides: dict[str, Any]) -> dict[str, Any]:
+    from loracl.backbones.registry import load_backbone
+    from loracl.config import TaskModelConfig
+    from loracl.data.build import load_stream
+    from loracl.fusion import FUSION_METHODS, LoraHost, TaskSupport, fuse, read_adapter
+    from loracl.task_models.language import LanguageTaskModel
+
+    started = time.perf_counter()
+    folders = train_task_loras(seed)
+    adapters = [read_adapter(folder, name=task) for folder, task in zip(folders, SETUP["tasks"])]
+    config = task_config(SETUP["tasks"][0], seed)
+    stream_config = config.stream.model_copy(update={"tasks": SETUP["tasks"]})
+    stream = load_stream(stream_config, seed)
+    backbone = load_backbone(SETUP["backbone"], max_length=SETUP["training"]["max_length"], seed=seed)
+    model = LanguageTaskModel(backbone, TaskModelConfig(kind="language", max_new_tokens=8)).eval()
+    host = LoraHost(backbone, sorted(adapters[0].pairs))
+    supports = [
+        TaskSupport(model.collate(task.train, list(range(min(SETUP["examples"], len(task.train)))), task, True), answer_model=model)
+        for task in stream.tasks
+    ]
+
+    @torch.no_grad()
+    def score(pairs: dict | None) -> list[float]:
+        """Exact match on every task's test split with `pairs` as the only LoRA (None: the bare model)."""
+        if pairs is None:
+            host.remove()
+            for layer in host.layers.values():
+                layer.disabled_branches = set(layer.branches)
+        else:
+            host.set_adapter(pairs)
+        accuracies = []
+        for task in stream.tasks:
+            correct = 0.0
+            for start in range(0, len(task.test), SETUP["training"]["eval_batch_size"]):
+                indices = list(range(start, min(start + SETUP["training"]["eval_batch_size"], len(task.test))))
+                batch = {
+                    "inputs": model.collate(task.test, indices, task, False),
+                    "labels": torch.tensor([task.test.labels[i] for i in indices]),
+                    "example_keys": [(task.name, "test", i) for i in indices],
+                }
+                predictions = model.predict(batch)
+                correct += float(model.example_scores(predictions, batch, task, stream.scenario)["accuracy"].sum())
+            accuracies.append(correct / len(task.test))
+        host.remove()
+        return accuracies
+
+    rows: dict[str, Any] = {"no_lora": {"per_task": score(None)}}
+    own = [score(adapter.pairs)[index] for index, adapter in enumerate(adapters)]
+    rows["own_lora"] = {"per_task": own}
+    reports = {}
+    methods = [method for method in MERGES if method in FUSION_METHODS] + ["lorahub", "icm"]
+    for method in methods:
+        options = {"icm": icm_overrides} if method == "icm" else {}
+        uses_examples = method in ("lorahub", "icm")
+        outcome = fuse(adapters, method, options, host=host if uses_examples else None, supports=supports if uses_examples else None)
+        rows[method] = {"per_task": score(outcome.adapter), "fusion_s": outcome.report.get("fusion_s")}
+        reports[method] = {key: value for key, value in outcome.report.items() if isinstance(value, (int, float, str)) and key != "method"}
+        print(f"seed {seed} {method}: {rows[method]['per_task']}", flush=True)
+    for row in rows.values():
+        row["normalised"] = [acc / base if base > 0 else None for acc, base in zip(row["per_task"], own)]
+        valid = [value for value in row["normalised"] if value is not None]
+        row["mean_normalised"] = statistics.mean(valid) if valid else None
+        row["mean_accuracy"] = statistics.mean(row["per_task"])
+    return {"seed": seed, "setup": SETUP, "icm_options": icm_overrides, "rows": rows, "reports": reports,
+            "wall_s": time.perf_counter() - started, **machine()}
+
+
+def command_run(args: argparse.Namespace) -> None:
+    from loracl.config import parse_override
+
+    overrides: dict[str, Any] = {}
+    for text in args.icm:
+        path, value = parse_override(text)
+        overrides[path[0]] = value
+    folder = RESULTS / NAME
+    folder.mkdir(parents=True, exist_ok=True)
+    for seed in args.seeds:
+        target = folder / f"seed{seed}.json"
+        if target.exists():
+            continue
+        record = run_seed(seed, overrides)
+        target.write_text(json.dumps(record, indent=1) + "\n")
+
+
+def fusion_table(records: list[dict[str, Any]]) -> list[str]:
+    """Mean ± sd over seeds of each row: mean normalised accuracy, mean raw accuracy, fusion seconds."""
+    labels = list(records[0]["rows"])
+    lines = ["| row | seeds | normalised accuracy | exact match | fusion s |", "|---|---|---|---|---|"]
+    for label in labels:
+        values = [r["rows"][label] for r in records if label in r["rows"]]
+        seconds = [v["fusion_s"] for v in values if v.get("fusion_s") is not None]
+        lines.append(f"| {label} | {len(values)} | {mean_std([v['mean_normalised'] for v in values])} | "
+                     f"{mean_std([v['mean_accuracy'] for v in values])} | {mean_std(seconds) if seconds else '-'} |")
+    return lines
+
+
+def load_records() -> list[dict[str, Any]]:
+    return [json.loads(path.read_text()) for path in sorted((RESULTS / NAME).glob("seed*.json"))]
+
+
+def verdict(records: list[dict[str, Any]]) -> list[str]:
+    """ICM-Fusion against the 0.90 target and against the best merge, by the spread rule."""
+    if not records or "icm" not in records[0]["rows"]:
+        return []
+    normalised = {label: [r["rows"][label]["mean_normalised"] for r in records] for label in records[0]["rows"]}
+    merges = [label for label in normalised if label not in ("no_lora", "own_lora", "icm")]
+    best = max(merges, key=lambda label: statistics.mean(normalised[label]))
+    icm = statistics.mean(normalised["icm"])
+    delta, rule = spread_rule(normalised["icm"], normalised[best])
+    return [
+        f"- ICM-Fusion: {mean_std(normalised['icm'])} of each task's own LoRA (target 0.90: {'reached' if icm >= 0.9 else 'not reached'}).",
+        f"- Best other fusion `{best}`: {mean_std(normalised[best])}; ICM-Fusion minus it: {delta:+.3f} ({rule}).",
+        f"- No LoRA: {mean_std(normalised['no_lora'])}.",
+    ]
+
+
+def command_render(args: argparse.Namespace) -> None:
+    records = load_records()
+    if not records:
+        print("no results yet")
+        return
+    lines = [
+        "# fusion_lm: fusing language-model LoRAs, measured",
+        "",
+        "Generated by `python benchmarks/fusion_lm.py render` from `docs/results/fusion_lm/seed*.json`. One seq_lora per task",
+        f"({', '.join(SETUP['tasks'])}; {SETUP['train']} train / {SETUP['test']} test, rank {SETUP['lora']['rank']} on q/v, 1 epoch) on"
+        f" `{SETUP['backbone']}`; each fused adapter is scored on every task by greedy exact match and divided by that task's",
+        f"own LoRA (normalised accuracy, mean over tasks). LoRAHub and ICM-Fusion see {SETUP['examples']} training examples per task"
+        " (ICM-Fusion's in-context steps on the answer loss).",
+        f"ICM-Fusion options beyond its defaults: {records[0].get('icm_options') or 'none'}.",
+        "",
+        "## Verdict",
+        "",
+        *verdict(records),
+        "",
+        "## Every row",
+        "",
+        *fusion_table(records),
+        "",
+    ]
+    (RESULTS / f"{NAME}.md").write_text("\n".join(lines))
+    print("wrote", RESULTS / f"{NAME}.md")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["run", "render"])
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    parser.add_argument("--icm", nargs="*", default=[], help="ICM-Fusion options as KEY=VALUE (e.g. warm_start_steps=100)")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    {"run": command_run, "render": command_render}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
