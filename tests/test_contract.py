@@ -200,3 +200,32 @@ def test_contract_export_reproduces_the_served_backbone_or_refuses_in_one_line(r
         batch = first_test_batch(result, stream, task_index)
         ours, theirs = _served_features(restored.model, batch), _served_features(peft_side, batch)
         assert torch.allclose(ours, theirs, atol=1e-5, rtol=0), (task_index, (ours - theirs).abs().max())
+
+
+@pytest.mark.parametrize("setting,method", CASES)
+def test_contract_every_adapter_layer_merges_unmerges_and_disables_alike(runs: Runs, setting: str, method: str) -> None:
+    """One switch API on every layer type: merge keeps the outputs, unmerge restores W0 bit for bit, a disabled
+    layer is its frozen base layer."""
+    from loracl.adapters import AdapterLayer, adapter_layers
+
+    result, _, _ = runs.get(setting, method)
+    layers = adapter_layers(result.method.model.backbone.model, AdapterLayer)
+    generator = torch.Generator().manual_seed(0)
+    for name, layer in layers.items():
+        weight = layer.base_layer.weight
+        shape = (2, weight.shape[1], 6, 6) if layer.is_conv else (3, weight.shape[1])
+        x = torch.randn(*shape, generator=generator, dtype=weight.dtype)
+        before = weight.detach().clone()
+        with torch.no_grad():
+            served, bare = layer(x), layer.base_layer(x)
+            layer.disabled = True
+            assert torch.equal(layer(x), bare), name
+            layer.disabled = False
+            if layer.served_delta() is None:  # input-conditioned: merging is refused
+                with pytest.raises(Exception, match="input"):
+                    layer.merge()
+                continue
+            layer.merge()
+            assert torch.allclose(layer(x), served, atol=1e-5), name
+            layer.unmerge()
+        assert torch.equal(weight, before), name

@@ -42,6 +42,7 @@ class AdapterLayer(nn.Module):
         self.base_layer = base_layer
         self.module_name = name
         self.disabled = False  # True: the layer is its base layer alone (PEFT's disable_adapters), merged or not
+        self._weight_before_merge: torch.Tensor | None = None
         for parameter in base_layer.parameters():
             parameter.requires_grad_(False)
 
@@ -77,17 +78,29 @@ class AdapterLayer(nn.Module):
             raise LoraclError(f"module `{self.module_name}`: unmerge before disabling its adapter")
         return self.base_layer(x)
 
+    @torch.no_grad()
     def merge(self) -> None:
-        """Add the mergeable delta into the base weight (outputs unchanged up to rounding)."""
-        raise NotImplementedError
+        """Add the served delta into the base weight (outputs unchanged up to rounding), keeping W0 so that
+        unmerge restores it bit for bit; refused for a delta that depends on the input."""
+        if self.merged:
+            return
+        delta = self.served_delta()
+        if delta is None:
+            raise LoraclError(f"module `{self.module_name}`: its delta depends on the input, so it cannot be merged")
+        self._weight_before_merge = self.base_layer.weight.detach().clone()
+        self.base_layer.weight.add_(delta.to(self.base_layer.weight.dtype))
 
+    @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract a previously merged delta from the base weight."""
-        raise NotImplementedError
+        """Restore W0 from the copy kept at merge time (no subtraction, so no drift)."""
+        if self._weight_before_merge is None:
+            return
+        self.base_layer.weight.copy_(self._weight_before_merge)
+        self._weight_before_merge = None
 
     @property
     def merged(self) -> bool:
-        raise NotImplementedError
+        return self._weight_before_merge is not None
 
 
 class MultiBranchLayer(AdapterLayer):
@@ -101,7 +114,6 @@ class MultiBranchLayer(AdapterLayer):
     """
 
     branch_kind = "adapter"
-    remembers_merged_deltas = False  # True when a branch's delta can change while merged (then unmerge is exact)
 
     def __init__(self, base_layer: nn.Module, name: str = "", dropout: float = 0.0) -> None:
         super().__init__(base_layer, name)
@@ -109,7 +121,6 @@ class MultiBranchLayer(AdapterLayer):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged_branches: list[str] = []
         self.disabled_branches: set[str] = set()
-        self._merged_deltas: dict[str, torch.Tensor] = {}
 
     def register_branch(self, branch_name: str, branch: nn.Module) -> nn.Module:
         """Add a built branch under a new name; refused while merged, since unmerge could not remove it."""
@@ -172,26 +183,22 @@ class MultiBranchLayer(AdapterLayer):
 
     @torch.no_grad()
     def merge(self, branch_names: list[str] | None = None) -> None:
-        """Fold the named (default: all active) branches into W0; inference then costs the base layer's."""
+        """Fold the named (default: all active) branches into W0; inference then costs the base layer's. W0 is
+        kept at the first merge, so unmerge restores it bit for bit however the branches change meanwhile."""
         names = [name for name, _ in self.active_branches()] if branch_names is None else branch_names
         for name in names:
             if name in self.merged_branches:
                 continue
-            delta = self.branch_delta(name).to(self.base_layer.weight.dtype)
-            self.base_layer.weight.add_(delta)
-            if self.remembers_merged_deltas:
-                self._merged_deltas[name] = delta
+            if self._weight_before_merge is None:
+                self._weight_before_merge = self.base_layer.weight.detach().clone()
+            self.base_layer.weight.add_(self.branch_delta(name).to(self.base_layer.weight.dtype))
             self.merged_branches.append(name)
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract merged branches in reverse order (the remembered tensor where deltas can drift)."""
-        while self.merged_branches:
-            name = self.merged_branches.pop()
-            delta = self._merged_deltas.pop(name, None)
-            if delta is None:
-                delta = self.branch_delta(name).to(self.base_layer.weight.dtype)
-            self.base_layer.weight.sub_(delta)
+        """Every merged branch out again: W0 restored from the copy kept at the first merge."""
+        super().unmerge()
+        self.merged_branches = []
 
     @property
     def merged(self) -> bool:

@@ -27,8 +27,6 @@ class MagnitudeLoraLayer(LoraLayer):
     (`assimilated`, 0 unless SD-LoRA-KD folded a later direction into this one) is this layer's own, not trained.
     """
 
-    remembers_merged_deltas = True  # the coefficient changes when another branch starts training
-
     def __init__(self, base_layer: nn.Module, name: str, magnitude_of: Callable[[str], torch.Tensor], norm: DirectionNorm) -> None:
         super().__init__(base_layer, name)
         self.magnitude_of = magnitude_of  # a plain callable, so the shared scalars are not registered per layer

@@ -63,7 +63,6 @@ class FactorizedLoraLayer(AdapterLayer):
         self.register_parameter("core_N", None)
         self.kept_cores = nn.Module()  # buffers M_<task>, N_<task>: trimmed cores of finished tasks
         self.rank_mask: torch.Tensor | None = None  # [r] forward mask for the live cores; None = all ones
-        self._weight_before_merge: torch.Tensor | None = None
         if self.is_conv:
             self.stride, self.padding, self.dilation = base_layer.stride, base_layer.padding, base_layer.dilation
 
@@ -194,27 +193,6 @@ class FactorizedLoraLayer(AdapterLayer):
             coded = z if self.core_M is None else self._mix(z, self.core_M)
             mixed = mixed + self._mix(coded * mask, self.core_N)
         return result + (self.scaling * self._up(mixed)).to(result.dtype)
-
-    # ----- merge -------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Write W0 + delta into the base weight, keeping W0 so unmerge restores it bit for bit."""
-        if self.merged:
-            return
-        self._weight_before_merge = self.base_layer.weight.detach().clone()
-        self.base_layer.weight.add_(self.delta_weight().to(self.base_layer.weight.dtype))
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Restore W0 from the kept copy (no subtraction, so no drift)."""
-        if self._weight_before_merge is None:
-            return
-        self.base_layer.weight.copy_(self._weight_before_merge)
-        self._weight_before_merge = None
-
-    @property
-    def merged(self) -> bool:
-        return self._weight_before_merge is not None
 
     def task_parameter_count(self) -> int:
         """New trainable values a task adds to this layer: 2 r^2 (r^2 when single_core)."""

@@ -47,7 +47,6 @@ class ComposedLoraLayer(AdapterLayer):
         self.weight_gradient: torch.Tensor | None = None  # ∂L/∂W of the effective weight, summed over backwards
         self.weight_value: torch.Tensor | None = None  # the effective weight that gradient belongs to
         self._inference_deltas: dict[int, torch.Tensor] = {}
-        self._merged_original: torch.Tensor | None = None
 
     # ----- structure --------------------------------------------------------------------------------
     @property
@@ -70,7 +69,7 @@ class ComposedLoraLayer(AdapterLayer):
     def add_pair(self) -> int:
         """A new (A, B, ω) at the next position: A Kaiming-uniform on [d_in, r] (fan-in r, as the official
         code), B zero, ω one; the caller seeds the RNG. Returns the position."""
-        if self._merged_original is not None:
+        if self.merged:
             raise LoraclError(f"module `{self.module_name}`: unmerge before adding pairs")
         weight = self.base_layer.weight
         factory = {"device": weight.device, "dtype": weight.dtype}
@@ -149,7 +148,7 @@ class ComposedLoraLayer(AdapterLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled:
             return self.bypassed(x)
-        if self._merged_original is not None:
+        if self.merged:
             return self.base_layer(x)
         delta = self.training_delta() if self.model_index is TRAINING else self.inference_delta(self.model_index)
         if delta is None:
@@ -167,22 +166,14 @@ class ComposedLoraLayer(AdapterLayer):
     @torch.no_grad()
     def merge(self, model_index: int | None = None) -> None:
         """Write model k's weight (default: the newest snapshot) into the base layer; unmerge restores W0 exactly."""
-        if self._merged_original is not None:
+        if self.merged:
             raise LoraclError(f"module `{self.module_name}` is already merged")
-        index = self.omega_bank.shape[0] if model_index is None else model_index
-        delta = self.inference_delta(index)
-        self._merged_original = self.base_layer.weight.detach().clone()
-        self.base_layer.weight.add_(delta.to(self.base_layer.weight.dtype))
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self._merged_original is not None:
-            self.base_layer.weight.copy_(self._merged_original)
-            self._merged_original = None
-
-    @property
-    def merged(self) -> bool:
-        return self._merged_original is not None
+        serving = self.model_index
+        self.model_index = self.omega_bank.shape[0] if model_index is None else model_index
+        try:
+            super().merge()
+        finally:
+            self.model_index = serving
 
     def pair_parameter_count(self) -> int:
         """r·(d_in + d_out): the size of one task's pair at this slot."""

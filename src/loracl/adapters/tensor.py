@@ -229,7 +229,6 @@ class TensorAdapterLayer(AdapterLayer):
         self.active_block: str | None = None
         self.generated_seed: torch.Tensor | None = None  # [B, seed_size], set by the method for one forward
         self._merged_block: str | None = None
-        self._unmerged_weight: torch.Tensor | None = None
 
     def add_block(self, block_name: str, **kwargs) -> TensorBlock:
         """A new block of factors for this slot; its update is zero at creation (spec 2.3)."""
@@ -291,32 +290,22 @@ class TensorAdapterLayer(AdapterLayer):
     @torch.no_grad()
     def merge(self) -> None:
         """Add the active block's static update into W0; refused while its seed is generated per input."""
-        if self._merged_block is not None:
+        if self.merged:
             return
         if self.active_block is None:
             raise LoraclError(f"module `{self.module_name}`: no active tensor block to merge")
-        block = self.blocks[self.active_block]
-        if block.generated:
+        if self.blocks[self.active_block].generated:
             raise LoraclError(
                 f"module `{self.module_name}`: block {self.active_block!r} generates its seed from the input, "
                 "so its update cannot be merged (only a block with generated=False, i.e. a zero mapping net, can)"
             )
-        self._unmerged_weight = self.base_layer.weight.detach().clone()
-        self.base_layer.weight.add_(block.delta_weight(block.static_seed()).to(self.base_layer.weight.dtype))
+        super().merge()
         self._merged_block = self.active_block
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Restore W0 bit-exactly from the copy taken at merge time."""
-        if self._merged_block is None:
-            return
-        self.base_layer.weight.copy_(self._unmerged_weight)
-        self._unmerged_weight = None
+        super().unmerge()
         self._merged_block = None
-
-    @property
-    def merged(self) -> bool:
-        return self._merged_block is not None
 
 
 __all__ = ["TensorAdapterLayer", "TensorBlock"]
