@@ -119,3 +119,54 @@ def test_export_bad_input_is_one_line_and_exit_2(case: str, tmp_path: Path, caps
     assert err.count("\n") == 1
     if case != "out is a file":
         assert not (tmp_path / "adapter").exists()
+
+
+def _inc_lora_run(tmp_path: Path) -> Path:
+    run_experiment(tiny_config("inc_lora"), tmp_path / "run", stream=tiny_text_stream(3, train=8, test=4))
+    return tmp_path / "run" / "inc_lora"
+
+
+@pytest.mark.parametrize("damage", ["record not utf-8", "record is a list", "state truncated"])
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(damage: str, tmp_path: Path) -> None:
+    run_dir = _inc_lora_run(tmp_path)
+    expected = json.loads((run_dir / "results.json").read_text())["accuracy_matrix"]
+    latest = run_dir / "checkpoints" / "task_2"
+    if damage == "record not utf-8":
+        (latest / "record.json").write_bytes(b"\xff\xfe{")
+    elif damage == "record is a list":
+        (latest / "record.json").write_text("[]")
+    else:
+        state = latest / "state.safetensors"
+        state.write_bytes(state.read_bytes()[:64])
+    [resumed] = run_experiment(tiny_config("inc_lora"), tmp_path / "run", stream=tiny_text_stream(3, train=8, test=4))
+    assert resumed.accuracy_matrix == expected  # task 2 redone from task 1's checkpoint
+    assert json.loads((latest / "record.json").read_text())["task_index"] == 2
+
+
+def test_a_truncated_base_session_backbone_is_named_as_such(tmp_path: Path) -> None:
+    from helpers import tiny_digits_stream
+
+    config = tiny_config("seq_lora", "tiny-vit", train={"base_session_epochs": 1})
+    stream = tiny_digits_stream(2, max_train=8, max_test=4)
+    run_experiment(config, tmp_path, stream=stream)
+    backbone = tmp_path / "seq_lora" / "checkpoints" / "task_0" / "backbone.safetensors"
+    backbone.write_bytes(backbone.read_bytes()[:64])
+    with pytest.raises(LoraclError, match="the base session's backbone"):
+        run_experiment(config, tmp_path, stream=stream)
+
+
+@pytest.mark.parametrize("case", ["tasks not numbers", "examples not utf-8", "out is a file"])
+def test_fuse_bad_input_is_one_line_and_exit_2(case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = _inc_lora_run(tmp_path)
+    argv = ["fuse", "--run", str(run_dir), "--method", "linear", "--out", str(tmp_path / "fused")]
+    if case == "tasks not numbers":
+        argv += ["--tasks", "a,b"]
+    elif case == "examples not utf-8":
+        bad = tmp_path / "e.json"
+        bad.write_bytes(b"\xff\xfe[")
+        argv = ["fuse", "--run", str(run_dir), "--tasks", "0", "--method", "icm", "--base", "tiny-bert", "--examples", str(bad), "--out", str(tmp_path / "fused")]
+    else:
+        (tmp_path / "fused").write_text("x")
+    code, err = run_cli(argv, capsys)
+    assert code == EXIT_BAD_INPUT, err
+    assert err.count("\n") == 1

@@ -74,12 +74,18 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return max(finished)[1] if finished else None
 
 
+class CorruptCheckpoint(CheckpointError):
+    """A checkpoint's own files are unreadable (not a fingerprint mismatch): an earlier one may still serve."""
+
+
 def read_checkpoint(folder: Path, fingerprint: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     """Record, method tensors and optional backbone tensors; refuses a folder written by another config."""
     try:
         record = json.loads((folder / RECORD_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"checkpoint {folder} is unreadable: {exc}") from None
+    except (OSError, ValueError) as exc:  # ValueError: malformed JSON or bytes that are not UTF-8
+        raise CorruptCheckpoint(f"checkpoint {folder} is unreadable: {str(exc).splitlines()[0][:160]}") from None
+    if not isinstance(record, dict):
+        raise CorruptCheckpoint(f"checkpoint {folder}: {RECORD_FILE} is not a JSON object")
     if record.get("fingerprint") != fingerprint:
         raise CheckpointError(
             f"checkpoint {folder} was written by another config (fingerprint {record.get('fingerprint')}, "
@@ -87,8 +93,24 @@ def read_checkpoint(folder: Path, fingerprint: str) -> tuple[dict[str, Any], dic
         )
     try:
         state = load_file(str(folder / STATE_FILE))
-        backbone_file = folder.parent / "task_0" / BACKBONE_FILE
-        backbone = load_file(str(backbone_file)) if backbone_file.is_file() else None
     except Exception as exc:  # safetensors raises its own error type for corrupt files
-        raise CheckpointError(f"checkpoint {folder} has unreadable tensors: {exc}") from None
+        raise CorruptCheckpoint(f"checkpoint {folder} has unreadable tensors: {str(exc).splitlines()[0][:160]}") from None
+    backbone_file = folder.parent / "task_0" / BACKBONE_FILE
+    try:
+        backbone = load_file(str(backbone_file)) if backbone_file.is_file() else None
+    except Exception as exc:
+        raise CheckpointError(
+            f"{backbone_file} (the base session's backbone, needed by every later task) is unreadable:"
+            f" {str(exc).splitlines()[0][:160]}; delete the run folder to start again"
+        ) from None
     return record, state, backbone
+
+
+def finished_checkpoints(run_dir: Path) -> list[Path]:
+    """The finished task_<k> folders, newest first."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(child.name[5:]), child) for child in root.iterdir()
+             if child.name.startswith("task_") and child.name[5:].isdigit() and (child / RECORD_FILE).is_file()]
+    return [folder for _, folder in sorted(found, reverse=True)]

@@ -23,7 +23,13 @@ from loracl.backbones.registry import load_backbone
 from loracl.config import MethodConfig, RunConfig, TaskModelConfig, config_to_dict
 from loracl.data.build import load_stream
 from loracl.data.stream import Split, Stream, Task
-from loracl.engine.checkpoint import config_fingerprint, latest_checkpoint, read_checkpoint, save_checkpoint
+from loracl.engine.checkpoint import (
+    CorruptCheckpoint,
+    config_fingerprint,
+    finished_checkpoints,
+    read_checkpoint,
+    save_checkpoint,
+)
 from loracl.engine.loaders import SplitLoader
 from loracl.errors import CheckpointError, ConfigError, LoraclError, TrainingDiverged
 from loracl.methods.base import Method, MethodContext, MethodOptions
@@ -466,8 +472,18 @@ class MethodRun:
         """Load the latest finished task's checkpoint; returns how many tasks are already done."""
         if self.run_dir is None:
             return 0
-        folder = latest_checkpoint(self.run_dir)
+        folder = None
+        for candidate in finished_checkpoints(self.run_dir):  # newest first; a corrupt one falls back to the one before
+            try:
+                read_checkpoint(candidate, self.fingerprint)
+            except CorruptCheckpoint as error:
+                logger.warning("%s: %s; trying the checkpoint before it", self.entry.run_label, error)
+                continue
+            folder = candidate
+            break
         if folder is None:
+            if finished_checkpoints(self.run_dir):
+                raise CheckpointError(f"no readable checkpoint in {self.run_dir}/checkpoints; delete that folder to start again")
             return 0
         record = self.restore(method, folder, base_session)
         self.records = list(record["records"])

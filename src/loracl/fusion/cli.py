@@ -22,7 +22,10 @@ def read_examples(path: str | Path, count: int) -> list[str] | list[dict[str, st
     path = Path(path)
     if not path.is_file():
         raise DataError(f"example file {path} does not exist")
-    raw = path.read_text(encoding="utf-8").strip()
+    try:
+        raw = path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text ({exc.reason})") from None
     try:
         items = json.loads(raw) if raw.startswith("[") else [json.loads(line) for line in raw.splitlines() if line.strip()]
     except json.JSONDecodeError as exc:
@@ -65,7 +68,10 @@ def collect_adapters(args: argparse.Namespace) -> list[TaskAdapter]:
             raise LoraclError(f"no finished checkpoint in {args.run}/checkpoints")
         record = folder / RECORD_FILE
         finished = int(read_json_file(record).get("task_index", -1)) + 1 if record.is_file() else 0
-        indices = [int(part) for part in args.tasks.split(",")] if args.tasks else list(range(finished))
+        try:
+            indices = [int(part) for part in args.tasks.split(",")] if args.tasks else list(range(finished))
+        except ValueError:
+            raise LoraclError(f"--tasks {args.tasks!r}: give task indices separated by commas, e.g. 0,2") from None
         adapters += [read_run_branch(args.run, index) for index in indices]
     if len(adapters) < 1:
         raise LoraclError("give at least one adapter folder or --run")
@@ -81,6 +87,9 @@ def fuse_from_args(args: argparse.Namespace) -> Path:
         path, value = parse_override(text)
         apply_override(data, path, value)
     options = fuse_options(data)
+    out = Path(args.out)
+    if str(args.out) in ("", ".") or (out.exists() and not out.is_dir()):
+        raise LoraclError(f"--out {args.out!r}: name a new folder for the fused adapter")
     adapters = collect_adapters(args)
     host, supports = None, None
     if args.examples:
@@ -106,7 +115,6 @@ def fuse_from_args(args: argparse.Namespace) -> Path:
             with torch.no_grad():  # label-free: the fused LoRA should reproduce each task's own features
                 supports.append(TaskSupport(inputs, target_features=host.features(inputs)))
     outcome = fuse(adapters, args.method, options, host=host, supports=supports)
-    out = Path(args.out)
     # fused per part; on disk one exact LoRA per fused layer, as the unsplit base model names it
     write_peft_adapter(fold_part_pairs(outcome.adapter, adapters[0].layouts), out, args.base or adapters[0].base_model)
     (out / "fusion_report.json").write_text(json.dumps(outcome.report, indent=2, default=str), encoding="utf-8")
