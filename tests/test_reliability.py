@@ -164,7 +164,8 @@ def test_fuse_bad_input_is_one_line_and_exit_2(case: str, tmp_path: Path, capsys
     elif case == "examples not utf-8":
         bad = tmp_path / "e.json"
         bad.write_bytes(b"\xff\xfe[")
-        argv = ["fuse", "--run", str(run_dir), "--tasks", "0", "--method", "icm", "--base", "tiny-bert", "--examples", str(bad), "--out", str(tmp_path / "fused")]
+        argv = ["fuse", "--run", str(run_dir), "--tasks", "0", "--method", "icm", "--base", "tiny-bert", "--examples", str(bad)]
+        argv += ["--out", str(tmp_path / "fused")]
     else:
         (tmp_path / "fused").write_text("x")
     code, err = run_cli(argv, capsys)
