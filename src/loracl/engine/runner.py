@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import resource
 import time
 from dataclasses import dataclass, field
@@ -135,6 +136,23 @@ def _joint_task(stream: Stream) -> Task:
     return Task("joint", 0, class_ids, Split(inputs, labels, targets, headers), Split([], []))
 
 
+def make_accelerator(cpu: bool, mixed_precision: str) -> Accelerator:
+    """The run's Accelerator. accelerate keeps one state per process and refuses a second Accelerator with other
+    settings; in a single process (a notebook, or configs with different train.mixed_precision run one after the
+    other) that state is reset, while under several processes the launcher's settings must be matched."""
+    from accelerate.state import AcceleratorState
+
+    # find_unused_parameters: a task trains only its own branches and head rows, and the set changes per task
+    kwargs = {"cpu": cpu, "mixed_precision": mixed_precision, "kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=True)]}
+    try:
+        return Accelerator(**kwargs)
+    except ValueError:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise
+        AcceleratorState._reset_state(reset_partial_state=True)  # accelerate's own reset (what its test utilities call)
+        return Accelerator(**kwargs)
+
+
 class TrainingStep(torch.nn.Module):
     """One training step's forward as a module: the method's outputs, its task loss and extra losses. Wrapped by
     accelerate (DDP) under several processes; holds the task model so every parameter is the module's."""
@@ -162,12 +180,7 @@ class MethodRun:
         self.run_dir = run_dir
         self.train = config.train
         self.head = config.head_for(entry)
-        # find_unused_parameters: a task trains only its own branches and head rows, and the set changes per task
-        self.accelerator = Accelerator(
-            cpu=config.train.cpu or not torch.cuda.is_available(),
-            mixed_precision=config.train.mixed_precision,
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-        )
+        self.accelerator = make_accelerator(config.train.cpu or not torch.cuda.is_available(), config.train.mixed_precision)
         self.device = self.accelerator.device
         self.progress = config.train.progress and self.accelerator.is_local_main_process
         run_config = config_to_dict(config)
