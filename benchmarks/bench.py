@@ -405,6 +405,24 @@ def command_summary(args: argparse.Namespace) -> None:
         readme += [f"**{experiment.get('title', name)}**", "", *headline_table(experiment, rows, keep + ([best] if best else [])), ""]
         args_render = argparse.Namespace(experiment=str(path.relative_to(ROOT)))
         command_render(args_render)
+    fusion_records = sorted((RESULTS / "fusion_lm").glob("seed*.json"))
+    if fusion_records:
+        import fusion_lm
+
+        records = fusion_lm.load_records()
+        verdicts += ["**Fusing language-model LoRAs** (`fusion_lm`):", *fusion_lm.verdict(records), ""]
+        sections += ["## Fusing language-model LoRAs", "", *fusion_lm.fusion_table(records), "",
+                     "Setup, options and every row: [results/fusion_lm.md](results/fusion_lm.md) (`python benchmarks/fusion_lm.py run`).", ""]
+        fusion_lm.command_render(argparse.Namespace())
+    speed = RESULTS / "multiprocess_speed.json"
+    if speed.exists():
+        data = json.loads(speed.read_text())
+        sections += ["## Several processes (CPU)", "",
+                     f"seq_lora on {', '.join(data['tasks'])} ({data['train_per_task']} train per task, global batch {data['global_batch']}):"
+                     f" {data['processes_1']['train_samples_per_s']:.1f} samples/s in one process, {data['processes_2']['train_samples_per_s']:.1f}"
+                     f" with two (ratio {data['ratio_2_over_1']:.2f}; {data['machine']}, {data['date']}). Two processes on two cores share"
+                     " the cores one process already uses: this is the distributed path's overhead there, not a speed-up."
+                     " (`python benchmarks/multiprocess_speed.py`)", ""]
     page = [
         "# Measured results",
         "",
