@@ -384,7 +384,8 @@ def which_method_when(experiment: dict[str, Any], rows: dict[str, list[dict[str,
 def command_summary(args: argparse.Namespace) -> None:
     """docs/results.md (verdict first, one table and two figures per setting) and the README's headline block."""
     sections, verdicts, readme = [], [], []
-    for path in sorted(EXPERIMENTS.glob("*.yaml")):
+    paths = sorted(EXPERIMENTS.glob("*.yaml"), key=lambda path: (load_experiment(str(path)).get("order", 99), path.name))
+    for path in paths:
         experiment = load_experiment(str(path))
         rows = load_rows(experiment["name"])
         if not rows:
