@@ -372,6 +372,13 @@ def which_method_when(experiment: dict[str, Any], rows: dict[str, list[dict[str,
         cheapest = min(stored, key=stored.get)
         lines.append(f"- Not distinguishable from the best within the spread: {', '.join(f'`{label}`' for label in tied)};"
                      f" the one storing least is `{cheapest}` ({stored[cheapest] / 1e6:.2f} MB after the last task).")
+        reference = rows.get("seq_lora", [])
+        if reference:
+            ref_eval = statistics.mean(r["eval_samples_per_s"] for r in reference)
+            serving = {label: statistics.mean(r["eval_samples_per_s"] for r in rows[label]) / ref_eval for label in tied}
+            fastest = max(serving, key=serving.get)
+            lines.append(f"- Cheapest to serve among those: `{fastest}` (evaluation {serving[fastest]:.2f}x seq_lora's speed;"
+                         f" the slowest, `{min(serving, key=serving.get)}`, {min(serving.values()):.2f}x).")
     if "joint" in accuracy:
         delta, verdict = spread_rule(accuracy[best], accuracy["joint"])
         lines.append(f"- Against joint training (the upper bound, {mean_std(accuracy['joint'])}): {delta:+.3f} ({verdict}).")
