@@ -96,6 +96,8 @@ def command_run(args: argparse.Namespace) -> int:
         _close_log(handler)  # closing twice is harmless
         if lock is not None:
             lock.close()
+    if not main_process:  # the main process prints the one summary
+        return 0
     print(format_summary_table([result.results for result in results]))
     print(f"\nresults: {out / 'results.json'}   report: {out / 'report.md'}   plot: {out / 'accuracy_matrix.png'}")
     return 0
