@@ -171,3 +171,19 @@ def test_fuse_bad_input_is_one_line_and_exit_2(case: str, tmp_path: Path, capsys
     code, err = run_cli(argv, capsys)
     assert code == EXIT_BAD_INPUT, err
     assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("damage", ["runs of an empty object", "string schema_version", "string in a matrix cell"])
+def test_report_on_a_damaged_summary_is_one_line_and_exit_2(damage: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_experiment(tiny_config("seq_lora"), tmp_path, stream=tiny_text_stream(2, train=8, test=4))
+    summary = json.loads((tmp_path / "results.json").read_text())
+    if damage == "runs of an empty object":
+        summary["runs"] = [{}]
+    elif damage == "string schema_version":
+        summary["schema_version"] = "1"
+    else:
+        summary["runs"][0]["accuracy_matrix"][0][0] = "high"
+    (tmp_path / "results.json").write_text(json.dumps(summary))
+    code, err = run_cli(["report", str(tmp_path)], capsys)
+    assert code == EXIT_BAD_INPUT, err
+    assert err.count("\n") == 1

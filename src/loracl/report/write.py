@@ -33,9 +33,31 @@ def load_summary(out: str | Path) -> dict[str, Any]:
     data = read_json_file(path)
     if not isinstance(data, dict) or "runs" not in data or "schema_version" not in data:
         raise LoraclError(f"{path} is not a loracl run summary (no `runs` / `schema_version`)")
+    if not isinstance(data["schema_version"], int) or isinstance(data["schema_version"], bool):
+        raise LoraclError(f"{path}: schema_version must be an integer, got {data['schema_version']!r}")
     if data["schema_version"] > SUMMARY_SCHEMA_VERSION:
         raise LoraclError(f"{path} has schema version {data['schema_version']}; this loracl reads up to {SUMMARY_SCHEMA_VERSION}")
+    if not isinstance(data["runs"], list):
+        raise LoraclError(f"{path}: `runs` must be a list of runs")
+    for index, run in enumerate(data["runs"]):
+        check_run(run, f"{path} run {index}")
     return data
+
+
+def check_run(run: Any, where: str) -> None:
+    """What the report reads from a run: a label and an accuracy matrix of numbers or nulls."""
+    if not isinstance(run, dict):
+        raise LoraclError(f"{where} is not an object")
+    for key in ("label", "accuracy_matrix"):
+        if key not in run:
+            raise LoraclError(f"{where} has no `{key}`")
+    matrix = run["accuracy_matrix"]
+    if not isinstance(matrix, list) or not all(isinstance(row, list) for row in matrix):
+        raise LoraclError(f"{where}: accuracy_matrix must be a list of rows")
+    for i, row in enumerate(matrix):
+        for j, value in enumerate(row):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise LoraclError(f"{where}: accuracy_matrix[{i}][{j}] is {value!r}, not a number or null")
 
 
 def rerender(out: str | Path) -> Path:
