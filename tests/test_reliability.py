@@ -187,3 +187,11 @@ def test_report_on_a_damaged_summary_is_one_line_and_exit_2(damage: str, tmp_pat
     code, err = run_cli(["report", str(tmp_path)], capsys)
     assert code == EXIT_BAD_INPUT, err
     assert err.count("\n") == 1
+
+
+def test_an_absurd_learning_rate_is_a_config_error_naming_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("backbone: {name: tiny-bert}\nmethod: [{name: seq_lora}]\n")
+    code, err = run_cli(["run", str(config), "--set", "train.head_lr=1e39", "--out", str(tmp_path / "out")], capsys)
+    assert code == EXIT_BAD_INPUT and "train.head_lr" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()

@@ -143,13 +143,13 @@ class TrainConfig(StrictModel):
     epochs: int = Field(default=1, ge=0)
     batch_size: int = Field(default=16, ge=1)
     eval_batch_size: int = Field(default=64, ge=1)
-    lr: Float = Field(default=1.0e-3, gt=0.0)
+    lr: Float = Field(default=1.0e-3, gt=0.0, le=10.0, description="Learning rate of the adapters (at most 10: a larger value is a typo).")
     lr_schedule: Literal["constant", "cosine"] = Field(
         default="constant",
         description="Learning rate within each task: `constant`, or `cosine` from lr to 0 over the task's optimizer steps, no "
         "warm-up (FM-LoRA's protocol); multiplies any per-epoch factor a method applies (InfLoRA's code schedules).",
     )
-    head_lr: Float | None = Field(default=None, gt=0.0)
+    head_lr: Float | None = Field(default=None, gt=0.0, le=10.0, description="Learning rate of the classifier head; null: train.lr.")
     weight_decay: Float = Field(default=0.0, ge=0.0)
     max_length: int = Field(default=128, ge=2)
     gradient_accumulation_steps: int = Field(default=1, ge=1)
@@ -162,7 +162,7 @@ class TrainConfig(StrictModel):
         "transfer; only tasks whose classes the model already knows can be scored (domain-incremental streams, shared "
         "label names).",
     )
-    base_session_lr: Float = Field(default=1.0e-3, gt=0.0)
+    base_session_lr: Float = Field(default=1.0e-3, gt=0.0, le=10.0, description="Learning rate of the base session (whole backbone).")
     deterministic: bool = False
     progress: bool = True
     cpu: bool = Field(default=False, description="Force the CPU even when an accelerator is present.")
