@@ -195,3 +195,21 @@ def test_an_absurd_learning_rate_is_a_config_error_naming_the_key(tmp_path: Path
     code, err = run_cli(["run", str(config), "--set", "train.head_lr=1e39", "--out", str(tmp_path / "out")], capsys)
     assert code == EXIT_BAD_INPUT and "train.head_lr" in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_weights_that_run_away_are_flagged_in_the_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import loracl.engine.runner as runner_module
+
+    original = runner_module.MethodRun.train_task
+
+    def running_away(self, method, task, epochs, lr, description):  # noqa: ANN001, ANN202 - the runner's signature
+        stats = original(self, method, task, epochs, lr, description)
+        with torch.no_grad():
+            method.trainable_parameters()[0].fill_(3e8)
+        return stats
+
+    monkeypatch.setattr(runner_module.MethodRun, "train_task", running_away)
+    [result] = run_experiment(tiny_config("inc_lora"), tmp_path, stream=tiny_text_stream(2, train=8, test=4))
+    warnings = result.results["per_task"][0].get("warnings", [])
+    assert warnings and "diverged" in warnings[0]
+    assert "diverged" in (tmp_path / "inc_lora" / "results.json").read_text()

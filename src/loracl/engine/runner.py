@@ -282,6 +282,18 @@ class MethodRun:
             "trainable_params": sum(parameter.numel() for parameter in parameters),
         }
 
+    DIVERGED = 1.0e4  # a trained value this large (adapters and heads start near 1) means training ran away
+
+    def warn_if_diverging(self, method: Method, task: Task, train_stats: dict[str, Any]) -> None:
+        """A warning in run.log and in the task's record when the trained values have run away, so a degenerate
+        matrix is not read as a result."""
+        trained = [parameter.detach() for parameter in method.trainable_parameters() if parameter.numel()]
+        largest = max((float(parameter.abs().max()) for parameter in trained), default=0.0)
+        if largest > self.DIVERGED:
+            message = f"task {task.name}: a trained value reached {largest:.3g}; training diverged (lower train.lr or train.head_lr)"
+            logger.warning("%s: %s", self.entry.run_label, message)
+            train_stats["warnings"] = [message]
+
     def base_session(self, task: Task) -> dict[str, Any]:
         """Task 0 trains the whole backbone and the head (no pre-trained weights offline), then freezes it."""
         for parameter in self.model.backbone.parameters():
@@ -456,6 +468,7 @@ class MethodRun:
             method.prepare_task(task, self.loader(task.train, task, train=False, split_name="train"))
             before_training = self.initial_model_row() if task.index == 0 and self.train.eval_next_task else None
             train_stats = self.train_task(method, task, self.train.epochs, self.train.lr, description)
+            self.warn_if_diverging(method, task, train_stats)
             method.end_task(task, self.loader(task.train, task, train=False, split_name="train"))
             if before_training is not None:
                 train_stats["before_training_row"] = before_training
