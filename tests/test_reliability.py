@@ -213,3 +213,11 @@ def test_weights_that_run_away_are_flagged_in_the_record(tmp_path: Path, monkeyp
     warnings = result.results["per_task"][0].get("warnings", [])
     assert warnings and "diverged" in warnings[0]
     assert "diverged" in (tmp_path / "inc_lora" / "results.json").read_text()
+
+
+def test_export_into_a_folder_that_cannot_be_made_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = _inc_lora_run(tmp_path)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")  # a folder cannot be made inside a file, root or not
+    code, err = run_cli(["export", str(run_dir), "--out", str(blocker / "adapter")], capsys)
+    assert code == EXIT_BAD_INPUT and err.count("\n") == 1 and "cannot write the adapter" in err

@@ -76,8 +76,11 @@ def write_peft_adapter(
         base_model_name_or_path=base_model_name_or_path,
     )
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(str(folder))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        config.save_pretrained(str(folder))
+    except OSError as exc:
+        raise LoraclError(f"cannot write the adapter to {folder}: {exc.strerror or exc}") from None
     tensors = {}
     for name, pair in pairs.items():
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = pair.lora_A.detach().cpu().contiguous()
