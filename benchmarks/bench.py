@@ -41,6 +41,7 @@ def row_config(experiment: dict[str, Any], row: dict[str, Any], seed: int) -> di
     if "data" in experiment:  # a folder of task folders, relative to the repository root
         config["stream"]["path"] = str((ROOT / experiment["data"]).resolve())
     config["method"] = [{"name": row["name"], "label": row["label"], **row.get("options", {})}]
+    config["stream"].update(row.get("stream", {}))  # a row may train on its own tasks (single-task comparisons)
     return config
 
 
@@ -388,6 +389,21 @@ def which_method_when(experiment: dict[str, Any], rows: dict[str, list[dict[str,
     return lines
 
 
+def pair_verdicts(experiment: dict[str, Any], rows: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """`pairs: [[row, reference], ...]`: each row's accuracy against its reference's, by the spread rule."""
+    lines = []
+    for label, reference in experiment["pairs"]:
+        if label in rows and reference in rows:
+            first = [r["avg_accuracy"] for r in rows[label]]
+            second = [r["avg_accuracy"] for r in rows[reference]]
+            delta, rule = spread_rule(first, second)
+            speed = statistics.mean(r["train_samples_per_s"] for r in rows[label]) / statistics.mean(r["train_samples_per_s"] for r in rows[reference])
+            serve = statistics.mean(r["eval_samples_per_s"] for r in rows[label]) / statistics.mean(r["eval_samples_per_s"] for r in rows[reference])
+            lines.append(f"- `{label}` against `{reference}`: {mean_std(first)} vs {mean_std(second)}, {delta:+.3f} ({rule});"
+                         f" training {speed:.2f}x, generation {serve:.2f}x its speed.")
+    return lines
+
+
 def command_summary(args: argparse.Namespace) -> None:
     """docs/results.md (verdict first, one table and two figures per setting) and the README's headline block."""
     sections, verdicts, readme = [], [], []
@@ -398,6 +414,12 @@ def command_summary(args: argparse.Namespace) -> None:
         if not rows:
             continue
         name = experiment["name"]
+        if experiment.get("pairs"):  # single-task comparisons: each row against its matched reference row
+            lines = pair_verdicts(experiment, rows)
+            verdicts += [f"**{experiment.get('title', name)}** (`{name}`):", *lines, ""]
+            sections += [f"## {experiment.get('title', name)}", "", *headline_table(experiment, rows), "",
+                         f"Experiment file: `{path.relative_to(ROOT)}`.", ""]
+            continue
         figures = experiment_figures(experiment, rows)
         verdicts += which_method_when(experiment, rows) + [""]
         sections += [
