@@ -69,7 +69,7 @@ def train_task_loras(seed: int) -> list[Path]:
     return folders
 
 
-def run_seed(seed: int, icm_overrides: dict[str, Any]) -> dict[str, Any]:
+def run_seed(seed: int, icm_overrides: dict[str, Any], partial: Path | None = None) -> dict[str, Any]:
     from loracl.backbones.registry import load_backbone
     from loracl.config import TaskModelConfig
     from loracl.data.build import load_stream
@@ -115,18 +115,33 @@ def run_seed(seed: int, icm_overrides: dict[str, Any]) -> dict[str, Any]:
         host.remove()
         return accuracies
 
-    rows: dict[str, Any] = {"no_lora": {"per_task": score(None)}}
-    own = [score(adapter.pairs)[index] for index, adapter in enumerate(adapters)]
-    rows["own_lora"] = {"per_task": own}
-    reports = {}
+    # rows already measured for this seed (a killed run keeps them: ICM-Fusion alone can take most of an hour on CPU)
+    done = json.loads(partial.read_text()) if partial is not None and partial.exists() else {}
+    rows: dict[str, Any] = done.get("rows", {})
+    reports = done.get("reports", {})
+
+    def keep() -> None:
+        if partial is not None:
+            partial.write_text(json.dumps({"rows": rows, "reports": reports}))
+
+    if "no_lora" not in rows:
+        rows["no_lora"] = {"per_task": score(None)}
+        keep()
+    if "own_lora" not in rows:
+        rows["own_lora"] = {"per_task": [score(adapter.pairs)[index] for index, adapter in enumerate(adapters)]}
+        keep()
+    own = rows["own_lora"]["per_task"]
     methods = [method for method in MERGES if method in FUSION_METHODS] + ["lorahub", "icm"]
     for method in methods:
+        if method in rows:
+            continue
         options = {"icm": icm_overrides} if method == "icm" else {}
         uses_examples = method in ("lorahub", "icm")
         outcome = fuse(adapters, method, options, host=host if uses_examples else None, supports=supports if uses_examples else None)
         rows[method] = {"per_task": score(outcome.adapter), "fusion_s": outcome.report.get("fusion_s")}
         reports[method] = {key: value for key, value in outcome.report.items() if isinstance(value, (int, float, str)) and key != "method"}
         print(f"seed {seed} {method}: {rows[method]['per_task']}", flush=True)
+        keep()
     for row in rows.values():
         row["normalised"] = [acc / base if base > 0 else None for acc, base in zip(row["per_task"], own)]
         valid = [value for value in row["normalised"] if value is not None]
@@ -149,7 +164,9 @@ def command_run(args: argparse.Namespace) -> None:
         target = folder / f"seed{seed}.json"
         if target.exists():
             continue
-        record = run_seed(seed, overrides)
+        partial = ROOT / "runs" / NAME / f"seed{seed}" / "rows.json"
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        record = run_seed(seed, overrides, partial)
         target.write_text(json.dumps(record, indent=1) + "\n")
 
 
