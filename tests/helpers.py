@@ -63,23 +63,27 @@ def tiny_config(method: Any = "seq_lora", backbone: str = "tiny-bert", **section
     return validate_config(data)
 
 
-def run_interrupted_then_resumed(config: RunConfig, out: Any, stream: Stream, monkeypatch: Any, crash_at: int = 2) -> Any:
-    """Run until task `crash_at` starts (a KeyboardInterrupt there), then run again on the same OUT; returns the
-    resumed run's single result."""
+def run_interrupted_then_resumed(
+    config: RunConfig, out: Any, stream: Stream, monkeypatch: Any, crash_at: int = 2, before_checkpoint: bool = False
+) -> Any:
+    """Run until task `crash_at` starts (or, with before_checkpoint, until it trained and was evaluated but its
+    checkpoint had not landed), a KeyboardInterrupt there, then run again on the same OUT; returns the resumed run's
+    single result."""
     import pytest
 
     import loracl.engine.runner as runner_module
     from loracl.engine import run_experiment
 
-    original = runner_module.MethodRun._run_task
+    name = "checkpoint" if before_checkpoint else "_run_task"
+    original = getattr(runner_module.MethodRun, name)
 
-    def crash(self: Any, method: Any, task: Any, base_session: bool) -> None:
-        if task.index == crash_at:
+    def crash(self: Any, method: Any, task: Any, *rest: Any, **named: Any) -> None:
+        if (task if before_checkpoint else task.index) == crash_at:  # checkpoint() gets the task's index
             raise KeyboardInterrupt
-        original(self, method, task, base_session)
+        original(self, method, task, *rest, **named)
 
     with monkeypatch.context() as patch:
-        patch.setattr(runner_module.MethodRun, "_run_task", crash)
+        patch.setattr(runner_module.MethodRun, name, crash)
         with pytest.raises(KeyboardInterrupt):
             run_experiment(config, out, stream=stream)
     [resumed] = run_experiment(config, out, stream=stream)

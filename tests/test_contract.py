@@ -14,9 +14,8 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import tiny_config, tiny_digits_stream, tiny_text_stream
+from helpers import run_interrupted_then_resumed, tiny_config, tiny_digits_stream, tiny_text_stream
 
-import loracl.engine.runner as runner_module
 from loracl.data.stream import RawTask, Stream, build_stream
 from loracl.engine import run_experiment
 from loracl.engine.export import export_run_task, restore_run_method
@@ -119,18 +118,7 @@ def test_contract_killed_run_resumes_to_the_uninterrupted_results(
     whole, stream, config = runs.get(setting, method)
     if whole.method.trains_jointly:
         pytest.skip("trains once on every task: there is no task boundary to be killed at")
-    original = runner_module.MethodRun.checkpoint
-
-    def killed(self: Any, method_object: Any, task_index: int, with_backbone: bool) -> None:
-        if task_index == 1:
-            raise KeyboardInterrupt
-        original(self, method_object, task_index, with_backbone)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(runner_module.MethodRun, "checkpoint", killed)
-        with pytest.raises(KeyboardInterrupt):
-            run_experiment(config, tmp_path, stream=stream)
-    [resumed] = run_experiment(config, tmp_path, stream=stream)
+    resumed = run_interrupted_then_resumed(config, tmp_path, stream, monkeypatch, crash_at=1, before_checkpoint=True)
     assert resumed.accuracy_matrix == whole.accuracy_matrix
     assert without_timings(resumed.results["method_metrics"]) == without_timings(whole.results["method_metrics"])
     states = [without_timings(record["method_state"]) for record in resumed.results["per_task"]]
