@@ -13,7 +13,9 @@ from torch import nn
 from loracl.adapters.orthogonal import TRAINING, ComposedLoraLayer
 from loracl.engine.runner import MethodRun
 from loracl.errors import ConfigError
-from loracl.methods.lorac_ipc import LoracIpc, mahalanobis_to_classes, precision_from_covariance, tii_precision
+from loracl.methods.cluster_router import mahalanobis_to_classes, precision_from_covariance, tii_precision
+from loracl.methods.lorac_ipc import LoracIpc
+from loracl.methods.routing import RoutingTally
 
 OPTIONS = {"name": "lorac_ipc", "rank": 4, "ipc_threshold": 0.25, "tap_epochs": 2, "tii_clusters": 2, "tap_centroids": 2}
 
@@ -295,35 +297,37 @@ def test_conv2d_slot_identity_and_merge():
 
 def test_tii_distance_zero_at_a_cluster_mean_and_routes_to_its_task(trained):
     run, method, stream, inputs, _, _ = trained
-    memory = method.memory
-    seen = run.model.head.num_classes
+    router = method.router
     class_id = stream.tasks[1].class_ids[0]
-    cluster = int(memory.tii_valid[class_id].nonzero()[0])
-    query = memory.tii_means[class_id, cluster][None]
-    distances = mahalanobis_to_classes(query, memory.tii_means[:seen], memory.tii_precisions[:seen], memory.tii_valid[:seen])
-    assert distances[0, class_id].item() == pytest.approx(0.0, abs=1e-5)
-    assert method.class_tasks()[distances.argmin(dim=1).cpu()].item() == 1
+    slot = method.router.slot_class.tolist().index(class_id)
+    cluster = int(router.cluster_valid[slot].nonzero()[0])
+    query = router.cluster_means[slot, cluster][None]
+    distances = mahalanobis_to_classes(query, router.cluster_means, router.cluster_precisions, router.cluster_valid)
+    assert distances[0, slot].item() == pytest.approx(0.0, abs=1e-5)
+    assert router.slot_task[distances.argmin(dim=1)].item() == 1
+    assert router.route(query).item() == 1  # the router's own answer, from a (normalised) feature at that mean
 
 
 def test_tii_routes_each_example_to_the_task_of_its_nearest_cluster(trained):
     """infer_tasks on planted statistics: one valid cluster per chosen class, placed at an example's normalised
     routing-model features (identity precisions); each example goes to the task owning its cluster's class."""
     run, method, stream, inputs, _, _ = trained
-    memory = method.memory
+    router = method.router
     probe = {key: value[:3] for key, value in inputs.items()}
     routing = F.normalize(features(run, method, probe, method.routing_model).float(), dim=-1)
     owners = [stream.tasks[2].class_ids[1], stream.tasks[0].class_ids[0], stream.tasks[1].class_ids[1]]
-    saved = {name: getattr(memory, name).clone() for name in ("tii_means", "tii_precisions", "tii_valid")}
+    slots = [router.slot_class.tolist().index(class_id) for class_id in owners]
+    saved = {name: getattr(router, name).clone() for name in ("cluster_means", "cluster_precisions", "cluster_valid")}
     try:
-        memory.tii_valid.zero_()
-        memory.tii_precisions.copy_(torch.eye(routing.shape[1]).expand_as(memory.tii_precisions))
-        for row, class_id in zip(routing, owners):
-            memory.tii_means[class_id, 0] = row
-            memory.tii_valid[class_id, 0] = True
+        router.cluster_valid.zero_()
+        router.cluster_precisions.copy_(torch.eye(routing.shape[1]).expand_as(router.cluster_precisions))
+        for row, slot in zip(routing, slots):
+            router.cluster_means[slot, 0] = row
+            router.cluster_valid[slot, 0] = True
         tasks, _ = method.infer_tasks(probe)
     finally:
         for name, value in saved.items():
-            getattr(memory, name).copy_(value)
+            getattr(router, name).copy_(value)
         method.set_model(TRAINING)
     assert tasks.tolist() == [2, 0, 1]
 
@@ -457,20 +461,19 @@ def test_shared_tii_covariance_pools_every_cluster_and_routes_like_its_definitio
     run, method, stream = build({"tii_cov": "shared"})
     for task in stream.tasks:
         learn(run, method, task)
-    memory = method.memory
-    assert memory.tii_precisions.shape[2:] == (0,)  # nothing per cluster
-    assert memory.tii_scatter_count.item() == sum(len(task.train) for task in stream.tasks)
-    precision = method.shared_tii_precision()
-    assert method.shared_tii_precision() is precision  # cached until the statistics change
-    hidden = memory.tii_scatter.shape[0]
-    pooled = memory.tii_scatter / (memory.tii_scatter_count - 1)
+    router = method.router
+    assert router.cluster_precisions.shape[2:] == (0,)  # nothing per cluster
+    assert router.scatter_count.item() == sum(len(task.train) for task in stream.tasks)
+    precision = router.shared_precision()
+    assert router.shared_precision() is precision  # cached until the statistics change
+    hidden = router.scatter.shape[0]
+    pooled = router.scatter / (router.scatter_count - 1)
     torch.testing.assert_close(precision, precision_from_covariance(pooled, method.options.tii_ridge))
     assert precision.shape == (hidden, hidden) and torch.isfinite(precision).all()
-    queries = torch.nn.functional.normalize(torch.randn(5, hidden, device=memory.tii_means.device), dim=-1)
-    seen = run.model.head.num_classes
-    distances = mahalanobis_to_classes(queries, memory.tii_means[:seen], precision, memory.tii_valid[:seen])
-    diff = queries[:, None, None] - memory.tii_means[:seen][None]
-    brute = torch.einsum("bckh,hg,bckg->bck", diff, precision, diff).masked_fill(~memory.tii_valid[:seen][None], float("inf"))
+    queries = torch.nn.functional.normalize(torch.randn(5, hidden, device=router.cluster_means.device), dim=-1)
+    distances = mahalanobis_to_classes(queries, router.cluster_means, precision, router.cluster_valid)
+    diff = queries[:, None, None] - router.cluster_means[None]
+    brute = torch.einsum("bckh,hg,bckg->bck", diff, precision, diff).masked_fill(~router.cluster_valid[None], float("inf"))
     torch.testing.assert_close(distances, brute.min(-1).values, rtol=1e-4, atol=1e-4)
     tasks, _ = method.infer_tasks(probe_inputs(run, stream))
     assert set(tasks.tolist()) <= {task.index for task in stream.tasks}
@@ -601,11 +604,12 @@ def test_tii_clusters_per_class(clusters):
     run, method, stream = build({"tii_clusters": clusters, "head_realign": False})
     task = stream.tasks[0]
     _finish_without_training(run, method, task)
-    memory = method.memory
-    assert tuple(memory.tii_means.shape) == (2, clusters, 32) and memory.tii_valid.sum(1).tolist() == [clusters] * 2
+    router = method.router
+    assert tuple(router.cluster_means.shape) == (2, clusters, 32) and router.cluster_valid.sum(1).tolist() == [clusters] * 2
+    assert router.slot_class.tolist() == task.class_ids and router.slot_task.tolist() == [task.index] * 2
     if clusters == 1:
-        for class_id, members in _routing_members(run, method, task).items():
-            torch.testing.assert_close(memory.tii_means[class_id, 0], members.mean(0))
+        for slot, members in enumerate(_routing_members(run, method, task).values()):
+            torch.testing.assert_close(router.cluster_means[slot, 0], members.mean(0))
 
 
 @pytest.mark.parametrize("cov", ["full", "diag"])
@@ -615,11 +619,11 @@ def test_tii_covariance_form_and_ridge(cov):
     run, method, stream = build({"tii_cov": cov, "tii_clusters": 1, "tii_ridge": 0.5, "head_realign": False})
     task = stream.tasks[0]
     _finish_without_training(run, method, task)
-    precisions = method.memory.tii_precisions
+    precisions = method.router.cluster_precisions
     assert tuple(precisions.shape[2:]) == ((32, 32) if cov == "full" else (32,))
-    for class_id, members in _routing_members(run, method, task).items():
+    for slot, members in enumerate(_routing_members(run, method, task).values()):
         expected = tii_precision(members, 0.5, full=cov == "full")
-        torch.testing.assert_close(precisions[class_id, 0], expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(precisions[slot, 0], expected, atol=1e-4, rtol=1e-4)
         assert not torch.allclose(expected, tii_precision(members, 1e-4, full=cov == "full"), atol=1e-3)  # the ridge counts
 
 
@@ -636,7 +640,7 @@ def test_head_realign_and_tap_epochs_decide_whether_old_head_rows_move(options, 
     before = head.weights[0].detach().clone()
     method.end_task(task, train_loader(run, task))
     assert (not torch.equal(head.weights[0], before)) == realigned
-    assert method.memory.tap.means.shape[0] == (0 if options.get("head_realign") is False else 4)
+    assert method.class_gaussians.means.shape[0] == (0 if options.get("head_realign") is False else 4)
 
 
 @pytest.mark.parametrize("iterations", [None, 3])
@@ -659,7 +663,7 @@ def test_tap_knobs_reach_the_realignment_and_shape_the_gaussians(monkeypatch, it
     [knobs] = calls
     expected = {"epochs": 3, "lr": 0.2, "momentum": 0.5, "batch_size": 7, "samples_per_cluster": 5, "iterations_per_epoch": iterations or 2}
     assert {key: knobs[key] for key in expected} == expected
-    tap = method.memory.tap
+    tap = method.class_gaussians
     assert tuple(tap.means.shape) == (4, 1, 32)
     task = stream.tasks[1]
     feats, labels = method._features(train_loader(run, task), method.task_model[task.index])
@@ -671,17 +675,17 @@ def test_tap_knobs_reach_the_realignment_and_shape_the_gaussians(monkeypatch, it
 @pytest.mark.parametrize("measure", [True, False])
 def test_measure_without_tii_scores_the_newest_model_only_when_on(trained, measure):
     run, method, stream, _, _, _ = trained
-    saved = (method.options, method.tii_counts, method.tii_history, method.newest_counts, method.newest_rows)
+    saved = (method.options, method.routing_tally, method.newest_counts, method.newest_rows)
     method.options = method.options.model_copy(update={"measure_without_tii": measure})
-    method.tii_counts, method.tii_history, method.newest_counts, method.newest_rows = [0, 0], [], {}, []
+    method.routing_tally, method.newest_counts, method.newest_rows = RoutingTally(), {}, []
     try:
         for task in stream.tasks:
             method.predict(next(iter(run.loader(task.test, task, train=False))))
+            method.after_evaluate_task(task)
         counted = dict(method.newest_counts)
         metrics = method.task_metrics()
     finally:
-        method.options, method.tii_counts, method.tii_history, method.newest_counts, method.newest_rows = saved
-    assert method.tii_counts is saved[1]
+        method.options, method.routing_tally, method.newest_counts, method.newest_rows = saved
     if measure:
         assert sorted(counted) == [0, 1, 2] and "without_tii_accuracy_matrix" in metrics
     else:

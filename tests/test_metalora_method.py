@@ -36,7 +36,7 @@ def routing_accuracy(method, stream):
     correct = total = 0
     for task in stream.tasks:
         for train_batch in loader(method, task.train, task.index):
-            routes = method.route(method.frozen_features(train_batch["inputs"]))
+            routes = method.router.route(method.frozen_features(train_batch["inputs"]))
             correct += int((routes == task.index).sum())
             total += len(routes)
     return correct / total
@@ -148,7 +148,7 @@ def test_save_load_round_trip_reproduces_every_route(options):
     restored.restore_structure(stream.tasks[:2])
     restored.load_state_dict(state)
     restored.load_extra_state(extra)
-    assert restored.seed_sizes() == method.seed_sizes() and torch.equal(restored.state.router.slot_task, method.state.router.slot_task)
+    assert restored.seed_sizes() == method.seed_sizes() and torch.equal(restored.router.slot_task, method.router.slot_task)
     batch = probe_batch(method, stream)
     for block in ("task_0", "task_1"):
         assert torch.equal(restored.adapted_features(batch["inputs"], block), method.adapted_features(batch["inputs"], block))
@@ -357,12 +357,12 @@ def test_mahalanobis_precision_is_cached_until_the_routing_statistics_change():
     train_task(method, stream.tasks[0])
     train_task(method, stream.tasks[1])
     features = method.frozen_features(probe_batch(method, stream)["inputs"])
-    first = method.route(features)
-    router = method.state.router
+    first = method.router.route(features)
+    router = method.router
     cached = router.precision()
-    assert torch.equal(method.route(features), first) and router.precision() is cached  # reused, same routes
+    assert torch.equal(method.router.route(features), first) and router.precision() is cached  # reused, same routes
     train_task(method, stream.tasks[2])  # new statistics: recomputed
-    method.route(features)
+    method.router.route(features)
     recomputed = router.precision()
     assert recomputed is not cached and not torch.equal(recomputed, cached)
     router._precision = None  # computing from scratch gives the cached matrix

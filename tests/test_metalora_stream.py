@@ -27,7 +27,7 @@ def test_tiny_text_stream_end_to_end_with_routing_metric(tmp_path):
     for task in stream.tasks:
         inputs = method.model.collate(task.test, list(range(len(task.test))), task, False)
         with torch.no_grad():
-            routes = method.route(method.frozen_features(inputs))
+            routes = method.router.route(method.frozen_features(inputs))
         by_hand[task.name] = float((routes == task.index).float().mean())
     assert metrics["routing_accuracy_per_task"] == pytest.approx(by_hand)
     assert metrics["routing_accuracy"] == pytest.approx(sum(by_hand.values()) / 3)

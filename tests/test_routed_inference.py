@@ -16,8 +16,9 @@ from loracl.config import HeadConfig, TrainConfig
 from loracl.engine import run_experiment
 from loracl.engine.loaders import SplitLoader
 from loracl.methods.base import MethodContext
+from loracl.methods.cluster_router import ClusterRouter
 from loracl.methods.registry import create_method
-from loracl.methods.routing import TaskRouter
+from loracl.methods.routing import Router, TaskRouter, predict_by_route
 
 
 def build(name: str, options: dict | None = None, scenario: str = "class_incremental"):
@@ -82,9 +83,49 @@ def test_router_routes_like_a_brute_force_shrunk_lda():
     assert torch.equal(router.route(queries), slot_task[expected_cosine.argmax(1)])
 
 
-def test_an_empty_router_refuses_to_route():
+ROUTERS = {
+    "task_router": lambda: TaskRouter(6),
+    "cluster_router_full": lambda: ClusterRouter(6, clusters=2, ridge=1e-4, covariance="full", seed=0),
+    "cluster_router_shared": lambda: ClusterRouter(6, clusters=2, ridge=1e-4, covariance="shared", seed=0),
+}
+
+
+@pytest.mark.parametrize("make", ROUTERS.values(), ids=ROUTERS.keys())
+def test_every_router_keeps_the_slot_contract_and_routes_separated_tasks(make):
+    """The Router contract for both implementations: one slot per (task, class) in recording order, each task's
+    classes, and examples drawn around a task's class centres routed to that task (never to its neighbour)."""
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.eye(6)[[0, 1, 3, 4]] * 4  # task 0: classes 0, 1; task 1: classes 2, 3
+    router: Router = make()
+    for task_index, class_ids in ((0, [0, 1]), (1, [2, 3])):
+        labels = torch.tensor(class_ids).repeat_interleave(12)
+        features = centres[labels] + 0.3 * torch.randn(len(labels), 6, generator=generator)
+        router.record_task(task_index, class_ids, [(features[:10], labels[:10]), (features[10:], labels[10:])])
+    assert router.slot_task.tolist() == [0, 0, 1, 1] and router.slot_class.tolist() == [0, 1, 2, 3]
+    assert router.task_classes(1) == [2, 3]
+    queries = centres[[3, 0, 2, 1]] + 0.3 * torch.randn(4, 6, generator=generator)
+    assert router.route(queries).tolist() == [1, 0, 1, 0]
+
+
+@pytest.mark.parametrize("make", ROUTERS.values(), ids=ROUTERS.keys())
+def test_an_empty_router_refuses_to_route(make):
     with pytest.raises(RuntimeError, match="no statistics"):
-        TaskRouter(4).route(torch.zeros(2, 4))
+        make().route(torch.zeros(2, 6))
+
+
+def test_predict_by_route_serves_each_group_as_its_task_and_puts_rows_back_in_order():
+    """Rows routed to tasks 2, 0, 2, 1: each group sees only its rows with task_ids set to its task (never the
+    batch's own), and the answers land at their rows, narrower groups padded with the fill value."""
+    batch = {"inputs": {"x": torch.arange(4.0)[:, None]}, "task_ids": torch.tensor([0, 0, 0, 0]), "labels": torch.zeros(4)}
+    seen = []
+
+    def as_task(task_index, rows, group):
+        seen.append((task_index, rows.tolist(), group["task_ids"].tolist()))
+        return group["inputs"]["x"].repeat(1, task_index + 1) * 10  # width grows with the task index
+
+    out = predict_by_route(torch.tensor([2, 0, 2, 1]), batch, as_task, fill=-1.0)
+    assert seen == [(0, [1], [0]), (1, [3], [1]), (2, [0, 2], [2, 2])]
+    assert out.tolist() == [[0.0, 0.0, 0.0], [10.0, -1.0, -1.0], [20.0, 20.0, 20.0], [30.0, 30.0, -1.0]]
 
 
 @pytest.mark.parametrize("name", ["inc_lora", "fm_lora"])
@@ -159,7 +200,7 @@ def test_router_state_round_trips_through_the_method_state():
     restored.model.eval()
     batch = next(iter(loader(method, stream.tasks[2].test, 2)))
     torch.testing.assert_close(restored.predict({"inputs": batch["inputs"]}), method.predict({"inputs": batch["inputs"]}))
-    assert torch.equal(restored.task_router.slot_task, torch.tensor([0, 0, 1, 1, 2, 2]))
+    assert torch.equal(restored.router.slot_task, torch.tensor([0, 0, 1, 1, 2, 2]))
 
 
 def test_router_means_are_stored_in_float32_and_older_float64_states_still_load():
@@ -170,15 +211,15 @@ def test_router_means_are_stored_in_float32_and_older_float64_states_still_load(
     restored, _ = build("o_lora", {"router": "mahalanobis"})
     restored.restore_structure(stream.tasks)
     restored.load_state_dict(older)
-    assert restored.task_router.means.sums.dtype == torch.float32
-    torch.testing.assert_close(restored.task_router.means.sums, state["task_router.means.sums"])
+    assert restored.router.means.sums.dtype == torch.float32
+    torch.testing.assert_close(restored.router.means.sums, state["task_router.means.sums"])
 
 
 def test_routing_is_off_by_default_and_adds_no_state():
     model = ContinualClassifier(load_backbone("tiny-bert", max_length=16, seed=0))
     method = create_method("o_lora", {}, MethodContext(HeadConfig(), TrainConfig(), seed=0))
     method.attach(model)
-    assert method.task_router is None and not any(key.startswith("task_router") for key in method.state_dict())
+    assert method.router is None and not any(key.startswith("task_router") for key in method.state_dict())
 
 
 def test_engine_run_with_routing_reports_routing_accuracy_and_resumes(tmp_path):

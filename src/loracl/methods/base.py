@@ -33,12 +33,13 @@ from loracl.errors import ConfigError, ExportRefused
 from loracl.methods.routing import (
     RoutedBranchOptions,
     RoutedInferenceOptions,
+    Router,
     RoutingTally,
     TaskRouter,
-    select_batch_rows,
+    predict_by_route,
 )
 from loracl.seeding import private_rng
-from loracl.task_models.base import TaskModel, scatter_rows
+from loracl.task_models.base import TaskModel
 
 
 class MethodOptions(StrictModel):
@@ -145,12 +146,18 @@ class Method:
         prepare = getattr(model, "prepare", None)
         if prepare is not None:
             prepare(self.context)
-        self.task_router: TaskRouter | None = None
         self.routing_tally = RoutingTally()
+        self.router: Router | None = self.make_router(model)
+        if self.router is not None:
+            self.router.to(next(model.backbone.parameters()).device)
+            model.add_module("task_router", self.router)  # saved and restored with the model's state
+
+    def make_router(self, model: TaskModel) -> Router | None:
+        """The router this method routes test examples with (None: it does not route); by default the [D]
+        `routed_inference` option's TaskRouter."""
         if isinstance(self.options, RoutedInferenceOptions) and self.options.routed_inference:
-            self.task_router = TaskRouter(model.hidden_size, self.options.router, self.options.router_shrinkage)
-            self.task_router.to(next(model.backbone.parameters()).device)
-            model.add_module("task_router", self.task_router)  # saved and restored with the model's state
+            return TaskRouter(model.hidden_size, self.options.router, self.options.router_shrinkage)
+        return None
 
     def check_task_model(self, model: TaskModel) -> None:
         """Refuse, in one line, a task model this method cannot work with (e.g. one without a class head)."""
@@ -164,6 +171,7 @@ class Method:
         assert self.model is not None, "attach() first"
         self.model.begin_task(task, self.context)
         self.current_task = task
+        self.routing_tally.close_round()
 
     def prepare_task(self, task: Task, train_loader: Iterable[dict[str, Any]]) -> None:
         """Optional data-dependent set-up before training (e.g. InfLoRA designs its A here)."""
@@ -243,7 +251,7 @@ class Method:
     def predict(self, batch: dict[str, Any]) -> torch.Tensor:
         """Predictions [B, ...] (classifier: scores over all classes seen so far; the engine masks them in
         task-incremental runs). With routed inference, each example is predicted as its inferred task."""
-        if self.task_router is not None and self.task_router.num_slots:
+        if self.router is not None and self.router.num_slots:
             return self.routed_predict(batch)
         return self.score(batch)
 
@@ -311,11 +319,11 @@ class Method:
     @torch.no_grad()
     def record_routing(self, task: Task, train_loader: Iterable[dict[str, Any]]) -> None:
         """Add a finished task's class slots to the router, from its training data's frozen features."""
-        if self.task_router is None:
+        if self.router is None:
             return
         assert self.model is not None
         if self.context.scenario == "task_incremental":  # the protocol gives the task: only its classes are needed
-            self.task_router.add_task(task.index, task.class_ids if self.model.has_class_head else [task.index])
+            self.router.add_task(task.index, task.class_ids if self.model.has_class_head else [task.index])
             return
         was_training = self.model.training
         self.model.eval()
@@ -326,34 +334,37 @@ class Method:
                 (self.batch_routing_features(batch), batch["labels"] if self.model.has_class_head else torch.full_like(batch["labels"], task.index))
                 for batch in train_loader
             )
-            self.task_router.record_task(task.index, class_ids, batches)
+            self.router.record_task(task.index, class_ids, batches)
         finally:
             self.model.train(was_training)
+
+    @torch.no_grad()
+    def infer_routes(self, batch: dict[str, Any], features: torch.Tensor | None = None) -> torch.Tensor:
+        """Each example's task [B]: the protocol's task id in task-incremental runs, else the router's answer from
+        frozen features (batch_routing_features unless given); tallied for the routing accuracy."""
+        assert self.router is not None
+        if self.context.scenario == "task_incremental":
+            routes = batch["task_ids"]
+        else:
+            routes = self.router.route(features if features is not None else self.batch_routing_features(batch))
+        self.routing_tally.add(routes)
+        return routes
 
     @torch.no_grad()
     def routed_predict(self, batch: dict[str, Any]) -> torch.Tensor:
         """Each example predicted as its task: the task inferred by the router (the protocol's task id in
         task-incremental runs), the model as of that task, only that task's classes."""
-        assert self.task_router is not None and self.model is not None
-        batch["inputs"]
-        if self.context.scenario == "task_incremental":
-            routes = batch["task_ids"]
-        else:
-            routes = self.task_router.route(self.batch_routing_features(batch))
-        self.routing_tally.add(routes)
-        parts = []
-        for task_index in routes.unique().tolist():
-            rows = (routes == task_index).nonzero().squeeze(1)
-            group = select_batch_rows(batch, rows)
-            group["task_ids"] = torch.full((len(rows),), task_index)
-            classes = self.task_router.task_classes(task_index)
+        assert self.router is not None and self.model is not None
+        router = self.router
+
+        def as_task(task_index: int, rows: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+            classes = router.task_classes(task_index)
             if not classes:  # a task not trained yet (train.eval_next_task, task-incremental): the plain scores
-                predictions = self.score(group)
-            else:
-                with self.serving_as_of(task_index):
-                    predictions = self.model.restrict(self.score(group), classes)
-            parts.append((rows, predictions))
-        return scatter_rows(parts, len(routes), self.model.prediction_fill)
+                return self.score(group)
+            with self.serving_as_of(task_index):
+                return self.model.restrict(self.score(group), classes)
+
+        return predict_by_route(self.infer_routes(batch), batch, as_task, self.model.prediction_fill)
 
     def multi_process_refusal(self) -> str | None:
         """Why the method cannot train with several processes as configured (None: it can). The engine averages
@@ -364,9 +375,13 @@ class Method:
     # ----- export ----------------------------------------------------------------------------------
     def export_refusal(self) -> str | None:
         """Why the model this method serves now is not one PEFT LoRA on the backbone (None: it is one)."""
-        assert self.model is not None
-        if self.task_router is not None:
+        if self.router is not None:
             return "routed inference serves each example with the adapters of its inferred task, not one LoRA"
+        return self.adapter_export_refusal()
+
+    def adapter_export_refusal(self) -> str | None:
+        """Why the backbone's adapters, as they serve now, are not one fixed LoRA (None: they are)."""
+        assert self.model is not None
         layers = adapter_layers(self.model.backbone.model)
         if not layers:
             return "it puts no adapter into the backbone"

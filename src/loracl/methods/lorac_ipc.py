@@ -16,19 +16,19 @@ from collections.abc import Iterable
 from typing import Any, ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
-from torch import nn
 
 from loracl import metrics
 from loracl.adapters import inject_adapters
 from loracl.adapters.orthogonal import TRAINING, ComposedLoraLayer
-from loracl.backbones.alignment import ClassGaussians, kmeans_labels, put_row, realign_head
+from loracl.backbones.alignment import ClassGaussians, realign_head
 from loracl.backbones.heads import mask_to_classes
 from loracl.config import Float
 from loracl.data.stream import Task
 from loracl.errors import ConfigError
 from loracl.methods.base import Method, MethodOptions
+from loracl.methods.cluster_router import ClusterRouter
+from loracl.methods.routing import Router, predict_by_route
 from loracl.seeding import derived_generator, private_rng
 from loracl.task_models.base import TaskModel
 
@@ -177,71 +177,6 @@ class LoracIpcOptions(MethodOptions):
     )
 
 
-class ClassStatistics(nn.Module):
-    """Per-class feature statistics (no raw examples): TII clusters and TAP Gaussians, rows in class-id order."""
-
-    def __init__(
-        self, hidden: int, tii_clusters: int, tap_centroids: int, tii_cov: str, ridge: float, device: torch.device
-    ) -> None:
-        super().__init__()
-        precision_width = {"full": (hidden, hidden), "diag": (hidden,), "shared": (0,)}[tii_cov]
-        self.register_buffer("tii_means", torch.zeros(0, tii_clusters, hidden, device=device))
-        self.register_buffer("tii_precisions", torch.zeros(0, tii_clusters, *precision_width, device=device))
-        # tii_cov shared: the pooled within-cluster scatter and its member count (float64: sums over many tasks);
-        # empty for the per-cluster covariances, so their checkpoints carry nothing extra
-        scatter_width = hidden if tii_cov == "shared" else 0
-        self.register_buffer("tii_scatter", torch.zeros(scatter_width, scatter_width, dtype=torch.float64, device=device))
-        self.register_buffer("tii_scatter_count", torch.zeros((), dtype=torch.float64, device=device))
-        self.register_buffer("tii_valid", torch.zeros(0, tii_clusters, dtype=torch.bool, device=device))
-        self.tap = ClassGaussians(hidden, tap_centroids, ridge, device)
-
-    def put(self, name: str, class_id: int, value: torch.Tensor) -> None:
-        """Store one class's row, growing the buffer to hold it."""
-        put_row(self, name, class_id, value)
-
-
-def tii_precision(members: torch.Tensor, ridge: float, full: bool) -> torch.Tensor:
-    """Spec §3.3 steps 2-4: covariance + ridge·I, shrink by mean(diag)·I, correlation-normalise, pseudo-invert."""
-    hidden = members.shape[1]
-    members = members.double()
-    if members.shape[0] > 1:
-        cov = torch.cov(members.T)
-    else:
-        cov = torch.zeros(hidden, hidden, dtype=torch.float64, device=members.device)  # one member: no spread to estimate
-    return precision_from_covariance(cov, ridge, full)
-
-
-def precision_from_covariance(cov: torch.Tensor, ridge: float, full: bool = True) -> torch.Tensor:
-    """Spec §3.3 steps 3-4 on a covariance [H, H]: + ridge·I, + mean(diag)·I, correlation-normalise, pseudo-invert
-    (diag: inverse shrunk variances, no correlation step)."""
-    hidden = cov.shape[0]
-    identity = torch.eye(hidden, dtype=torch.float64, device=cov.device)
-    cov = cov.double() + ridge * identity
-    cov = cov + torch.diagonal(cov).mean() * identity
-    if not full:
-        return (1.0 / torch.diagonal(cov)).float()
-    std = torch.diagonal(cov).sqrt()
-    correlation = cov / torch.outer(std, std)
-    return torch.linalg.pinv(correlation).float()
-
-
-def mahalanobis_to_classes(
-    queries: torch.Tensor, means: torch.Tensor, precisions: torch.Tensor, valid: torch.Tensor
-) -> torch.Tensor:
-    """Eq. (11): d_c(z) = min_k (z−μ_ck)ᵀ P_ck (z−μ_ck); queries [B, H], means [C, K, H],
-    precisions [C, K, H, H] (or [C, K, H] diagonal, or [H, H] shared), valid [C, K] -> distances [B, C]."""
-    diff = queries[:, None, None, :] - means[None]  # [B, C, K, H]
-    if precisions.dim() == 2:  # one precision shared by every class and cluster
-        projected = diff @ precisions
-    elif precisions.dim() == 4:
-        projected = torch.einsum("bckh,ckhg->bckg", diff, precisions)
-    else:
-        projected = diff * precisions[None]
-    distances = (projected * diff).sum(-1)  # [B, C, K]
-    distances = distances.masked_fill(~valid[None], float("inf"))
-    return distances.min(dim=-1).values
-
-
 class LoracIpc(Method):
     """LoRAC-IPC on the method contract; model k = the composition snapshot after the k-th adapted task."""
 
@@ -263,9 +198,6 @@ class LoracIpc(Method):
         self.score_sum: dict[str, torch.Tensor] = {}  # Σ Ī·Ū over steps (ipc_score: task_mean)
         self.importance_steps = 0
         self.last_scores: dict[str, float] = {}
-        self.tii_counts = [0, 0]  # correct, total in the current evaluation round
-        self.tii_history: list[float] = []
-        self._shared_precision: tuple[tuple[float, float], torch.Tensor] | None = None  # tii_cov shared, cached
         self.newest_counts: dict[int, list[int]] = {}  # task -> [correct, total] of the w/o-TII shadow scores
         self.newest_rows: list[list[float]] = []
 
@@ -284,16 +216,16 @@ class LoracIpc(Method):
             lambda module, name: ComposedLoraLayer(module, name, options.rank, options.alpha),
         )
         device = next(model.backbone.parameters()).device
-        memory = ClassStatistics(
-            model.backbone.hidden_size,
-            options.tii_clusters,
-            options.tap_centroids,
-            options.tii_cov,
-            options.tap_ridge,
-            device,
-        )
-        model.add_module("lorac_ipc_memory", memory)  # its buffers travel with the method's state_dict
-        self.memory = memory
+        # TAP's per-class Gaussians; their buffers travel with the method's state_dict
+        self.class_gaussians = ClassGaussians(model.backbone.hidden_size, options.tap_centroids, options.tap_ridge, device)
+        model.add_module("lorac_ipc_class_gaussians", self.class_gaussians)
+
+    def make_router(self, model: TaskModel) -> Router | None:
+        """TII (spec §3.3): clusters of the routing model's features per class; none without a class head."""
+        if not (self.options.tii and model.has_class_head):
+            return None
+        options = self.options
+        return ClusterRouter(model.backbone.hidden_size, options.tii_clusters, options.tii_ridge, options.tii_cov, self.context.seed)
 
     @property
     def pool_size(self) -> int:
@@ -331,19 +263,17 @@ class LoracIpc(Method):
         self.importance_steps = 0
 
     def _close_evaluation_round(self) -> None:
-        """Keep the routing accuracy and the w/o-TII row of the evaluation that followed the last task."""
-        if self.tii_counts[1]:
-            self.tii_history.append(self.tii_counts[0] / self.tii_counts[1])
+        """Keep the w/o-TII row of the evaluation that followed the last task (the routing tally keeps TII's)."""
         if self.newest_counts:
             self.newest_rows.append([correct / total for _, (correct, total) in sorted(self.newest_counts.items())])
-        self.tii_counts, self.newest_counts = [0, 0], {}
+        self.newest_counts = {}
 
     def absorb_base_session(self, task: Task, train_loader: Iterable[dict[str, Any]]) -> None:
         """A base session trained the backbone: it is model 0, the routing model, with statistics like a task."""
-        super().absorb_base_session(task, train_loader)
         self.task_model[task.index] = 0
         self.routing_model = 0
-        self._store_statistics(task, train_loader, 0)
+        super().absorb_base_session(task, train_loader)  # TII slots under the routing model
+        self._store_tap_statistics(task, train_loader, 0)
 
     def restore_structure(self, finished_tasks: list[Task], base_session: bool = False) -> None:
         super().restore_structure(finished_tasks, base_session)
@@ -351,7 +281,7 @@ class LoracIpc(Method):
             self.task_model[0] = 0
         if finished_tasks:
             self.routing_model = self.task_model[finished_tasks[0].index]
-        self.tii_history, self.tii_counts, self.newest_rows, self.newest_counts = [], [0, 0], [], {}
+        self.routing_tally.history, self.newest_rows, self.newest_counts = [], [], {}
 
     # ----- training ---------------------------------------------------------------------------------
     def parameter_groups(self, lr: float, head_lr: float | None) -> list[dict[str, Any]]:
@@ -436,8 +366,8 @@ class LoracIpc(Method):
             return
         if self.routing_model is None:
             self.routing_model = self.task_model[task.index]
-        self._store_statistics(task, train_loader, self.task_model[task.index])
-        super().end_task(task, train_loader)
+        self._store_tap_statistics(task, train_loader, self.task_model[task.index])
+        super().end_task(task, train_loader)  # task-model statistics, then TII's slots (record_routing)
         if self.options.head_realign and len(self.seen_tasks) > 1:
             self.realign_head()
         self.set_model(TRAINING)
@@ -488,40 +418,22 @@ class LoracIpc(Method):
         finally:
             self.set_model(TRAINING)
 
-    def _store_statistics(self, task: Task, loader: Iterable[dict[str, Any]], model_index: int) -> None:
-        """TAP Gaussians under the task's model, TII clusters under the routing model (spec §3.3, §3.4)."""
-        options = self.options
-        seed = self.context.seed
-        own = self._features(loader, model_index) if options.head_realign else None
-        routing = None
-        if options.tii:
-            routing = own if own is not None and self.routing_model == model_index else self._features(loader, self.routing_model)
+    def _store_tap_statistics(self, task: Task, loader: Iterable[dict[str, Any]], model_index: int) -> None:
+        """TAP Gaussians of each class under the task's model (spec §3.4)."""
+        if not self.options.head_realign:
+            return
+        features, labels = self._features(loader, model_index)
         for class_id in task.class_ids:
-            if own is not None:
-                self.memory.tap.store(class_id, own[0][own[1] == class_id], seed)
-            if routing is not None:
-                members = F.normalize(routing[0][routing[1] == class_id], dim=-1)
-                hidden = members.shape[1]
-                means = torch.zeros(options.tii_clusters, hidden)
-                full = options.tii_cov == "full"
-                precisions = torch.zeros(options.tii_clusters, *self.memory.tii_precisions.shape[2:])
-                valid = torch.zeros(options.tii_clusters, dtype=torch.bool)
-                assignment = kmeans_labels(members, options.tii_clusters, seed)
-                for cluster in range(int(assignment.max()) + 1 if len(members) else 0):
-                    cluster_members = members[assignment == cluster]
-                    if cluster_members.shape[0] == 0:
-                        continue
-                    means[cluster] = cluster_members.mean(0)
-                    if options.tii_cov == "shared":
-                        centred = (cluster_members - means[cluster]).double().to(self.memory.tii_scatter.device)
-                        self.memory.tii_scatter += centred.T @ centred
-                        self.memory.tii_scatter_count += len(cluster_members)
-                    else:
-                        precisions[cluster] = tii_precision(cluster_members, options.tii_ridge, full)
-                    valid[cluster] = True
-                self.memory.put("tii_means", class_id, means)
-                self.memory.put("tii_precisions", class_id, precisions)
-                self.memory.put("tii_valid", class_id, valid)
+            self.class_gaussians.store(class_id, features[labels == class_id], self.context.seed)
+
+    def batch_routing_features(self, batch: dict[str, Any]) -> torch.Tensor:
+        """TII's features: the pooled output of the first task's model [B, H] (spec §3.3)."""
+        assert self.model is not None
+        self.set_model(self.routing_model)
+        try:
+            return self.model.features(batch["inputs"])
+        finally:
+            self.set_model(TRAINING)
 
     def realign_head(self) -> None:
         """TAP (spec §3.4): SGD on the whole head with pseudo-features from every seen class's Gaussians."""
@@ -530,7 +442,7 @@ class LoracIpc(Method):
         old_classes = sum(len(task.class_ids) for task in self.seen_tasks[:-1])
         realign_head(
             self.model.head,
-            self.memory.tap,
+            self.class_gaussians,
             epochs=options.tap_epochs,
             lr=options.tap_lr,
             momentum=options.tap_momentum,
@@ -541,37 +453,12 @@ class LoracIpc(Method):
         )
 
     # ----- inference --------------------------------------------------------------------------------
-    def class_tasks(self) -> torch.Tensor:
-        """Engine task index of every seen class id (the latest task that holds it)."""
-        owner = torch.zeros(self.model.head.num_classes, dtype=torch.long)
-        for task in self.seen_tasks:
-            owner[task.class_ids] = task.index
-        return owner
-
-    def shared_tii_precision(self) -> torch.Tensor:
-        """tii_cov shared: the pooled within-cluster covariance through the code's ridge, shrinkage and correlation
-        steps (tii_precision), inverted once per change of the statistics [H, H]."""
-        memory = self.memory
-        key = (float(memory.tii_scatter_count), float(memory.tii_scatter.sum()))
-        if self._shared_precision is None or self._shared_precision[0] != key:
-            count = float(memory.tii_scatter_count)
-            covariance = memory.tii_scatter.cpu() / max(count - 1.0, 1.0)
-            self._shared_precision = (key, precision_from_covariance(covariance, self.options.tii_ridge).to(memory.tii_means.device))
-        return self._shared_precision[1]
-
+    @torch.no_grad()
     def infer_tasks(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """TII (eq. 11): each example's task index and its routing-model features [B, H]."""
-        assert self.model is not None
-        self.set_model(self.routing_model)
-        features = self.model.features(inputs)
-        seen = self.model.head.num_classes
-        memory = self.memory
-        precisions = self.shared_tii_precision() if self.options.tii_cov == "shared" else memory.tii_precisions[:seen]
-        distances = mahalanobis_to_classes(
-            F.normalize(features.float(), dim=-1), memory.tii_means[:seen], precisions, memory.tii_valid[:seen]
-        )
-        nearest = distances.argmin(dim=1).cpu()
-        return self.class_tasks()[nearest], features
+        """TII (eq. 11) alone: each example's task index [B] and the routing model's features [B, H]."""
+        assert self.router is not None, "TII is off (tii: false, or a model without a class head)"
+        features = self.batch_routing_features({"inputs": inputs})
+        return self.router.route(features), features
 
     @torch.no_grad()
     def predict(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -584,7 +471,7 @@ class LoracIpc(Method):
                 return self.model.predict(batch)
             finally:
                 self.set_model(TRAINING)
-        if not self.options.tii or len(self.seen_tasks) == 1:
+        if self.router is None or len(self.seen_tasks) == 1:
             logits = self.predict_with_newest_model(inputs)
             if self.options.tii and self.options.measure_without_tii:
                 self._count_newest(logits, batch)
@@ -593,29 +480,28 @@ class LoracIpc(Method):
         if self.options.measure_without_tii:
             newest_logits = self.predict_with_newest_model(inputs)
             self._count_newest(newest_logits, batch)
-        tasks, routing_features = self.infer_tasks(inputs)
-        truth = batch["task_ids"].cpu()  # read only to measure routing accuracy, never to predict
-        self.tii_counts[0] += int((tasks == truth).sum())
-        self.tii_counts[1] += len(tasks)
+        routing_features = self.batch_routing_features(batch)
         newest_task = self.seen_tasks[-1].index
         classes_of_task = {task.index: task.class_ids for task in self.seen_tasks}
-        logits = torch.empty(len(tasks), self.model.head.num_classes, device=routing_features.device)
-        for task_index in tasks.unique().tolist():
-            rows = (tasks == task_index).nonzero().squeeze(1)
+
+        def as_task(task_index: int, rows: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
             model_index = self.task_model[task_index]
-            if model_index == self.routing_model:
+            if model_index == self.routing_model:  # the features routing read are this model's already
                 group_logits = self.model.head(routing_features[rows.to(routing_features.device)])
             elif task_index == newest_task and newest_logits is not None:
                 group_logits = newest_logits[rows.to(newest_logits.device)]  # already computed for the shadow scores
             else:
                 self.set_model(model_index)
-                subset = {key: value[rows.to(value.device)] for key, value in inputs.items()}
-                group_logits = self.model.head(self.model.features(subset))
+                try:
+                    group_logits = self.model.head(self.model.features(group["inputs"]))
+                finally:
+                    self.set_model(TRAINING)
             if self.options.restrict_to_routed_task:
                 group_logits = mask_to_classes(group_logits, classes_of_task[task_index])
-            logits[rows.to(logits.device)] = group_logits.float()
-        self.set_model(TRAINING)
-        return logits
+            return group_logits.float()
+
+        routes = self.infer_routes(batch, routing_features)
+        return predict_by_route(routes, batch, as_task, float("-inf"))
 
     def predict_with_newest_model(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The w/o-TII prediction: every example through the latest task's composed model."""
@@ -679,7 +565,7 @@ class LoracIpc(Method):
             layer.clear_cache()
 
     def extra_state(self) -> dict[str, Any]:
-        tii_rounds = list(self.tii_history) + ([self.tii_counts[0] / self.tii_counts[1]] if self.tii_counts[1] else [])
+        tii_rounds = self.routing_tally.rounds()
         newest_rows = list(self.newest_rows)
         if self.newest_counts:
             newest_rows.append([correct / total for _, (correct, total) in sorted(self.newest_counts.items())])
@@ -692,9 +578,9 @@ class LoracIpc(Method):
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         rounds = state.get("evaluation_rounds", {})
-        self.tii_history = [float(value) for value in rounds.get("tii_accuracy", [])]
+        self.routing_tally.history = [float(value) for value in rounds.get("tii_accuracy", [])]
         self.newest_rows = [[float(value) for value in row] for row in rounds.get("without_tii_rows", [])]
-        self.tii_counts, self.newest_counts = [0, 0], {}
+        self.newest_counts = {}
 
     def multi_process_refusal(self) -> str | None:
         if self.options.ipc_threshold > 0 and self.options.ipc_importance == "effective_weight":
@@ -706,12 +592,12 @@ class LoracIpc(Method):
         return None
 
     def export_refusal(self) -> str | None:
-        if self.options.tii and not self.serves_newest_only and len(self.seen_tasks) > 1:
+        if self.router is not None and len(self.seen_tasks) > 1:
             return (
                 "task-identity inference (tii) serves each example with the composed model of its inferred task;"
                 " with tii: false the newest composed model serves and exports"
             )
-        return super().export_refusal()
+        return self.adapter_export_refusal()
 
     def lora_export(self) -> dict[str, Any]:
         """The newest composed model (what serves without TII) as one LoRA per slot."""
@@ -723,9 +609,7 @@ class LoracIpc(Method):
 
     def task_metrics(self) -> dict[str, Any]:
         """Routing accuracy per evaluation round (the last is after the final task) and the freeze record."""
-        history = list(self.tii_history)
-        if self.tii_counts[1]:
-            history.append(self.tii_counts[0] / self.tii_counts[1])
+        history = self.routing_tally.rounds()
         frozen = {name: int(layer.frozen_from) for name, layer in self.layers.items() if layer.is_frozen}
         without_tii = {}
         rows = list(self.newest_rows)

@@ -35,9 +35,8 @@ from loracl.config import Float
 from loracl.data.stream import Task
 from loracl.errors import ConfigError, LoraclError
 from loracl.methods.base import Method, MethodContext, MethodOptions, present_pair
-from loracl.methods.routing import RouterMetric, TaskRouter, select_batch_rows, select_rows
+from loracl.methods.routing import Router, RouterMetric, TaskRouter, predict_by_route, select_rows
 from loracl.seeding import private_rng
-from loracl.task_models.base import scatter_rows
 
 # Convolutions that are not inside residual blocks (stems, shortcuts, patch embeddings): not adapted by `auto`.
 _NON_BLOCK_CONV = re.compile(r"(^|\.)(embedder|stem|shortcut|downsample|patch_embeddings|projection)(\.|$)")
@@ -199,12 +198,11 @@ class MappingNet(nn.Module):
 
 
 class MetaLoraState(nn.Module):
-    """The method's own tensors, registered on the model so they are saved with it: mapping nets and the router."""
+    """The method's own tensors, registered on the model so they are saved with it: the mapping nets."""
 
-    def __init__(self, feature_size: int, router: RouterMetric, shrinkage: float) -> None:
+    def __init__(self) -> None:
         super().__init__()
         self.mapping = nn.ModuleDict()
-        self.router = TaskRouter(feature_size, router, shrinkage)
 
 
 def resolve_metalora_targets(model: nn.Module, target_modules: str | list[str]) -> str | list[str]:
@@ -249,6 +247,12 @@ class MetaLora(Method):
     def expands(self) -> bool:
         return self.options.cl_mode == "expand"
 
+    def make_router(self, model: ContinualClassifier) -> Router | None:
+        """expand mode routes each example to one task's block: class means of the frozen features."""
+        if not self.expands:
+            return None
+        return TaskRouter(model.backbone.hidden_size, self.options.router, self.options.mahalanobis_shrinkage)
+
     def attach(self, model: ContinualClassifier) -> None:
         """Freeze the backbone, wrap the target slots (module order = seed slice order), register our state."""
         super().attach(model)
@@ -263,8 +267,7 @@ class MetaLora(Method):
         names = self._in_adapted_blocks(model, find_target_modules(model.backbone.model, targets))
         self.layers = inject_adapters(model.backbone.model, names, lambda module, name: TensorAdapterLayer(module, name))
         self.shared_prefix_depth = self._shared_prefix_depth(model)
-        state = MetaLoraState(model.backbone.hidden_size, self.options.router, self.options.mahalanobis_shrinkage)
-        self.state = state.to(next(model.backbone.parameters()).device)
+        self.state = MetaLoraState().to(next(model.backbone.parameters()).device)
         model.add_module("metalora", self.state)
 
     @staticmethod
@@ -374,16 +377,14 @@ class MetaLora(Method):
 
     def absorb_base_session(self, task: Task, train_loader: Iterable[dict[str, Any]]) -> None:
         """Task 0 trained the backbone itself: it routes to the plain model (no block)."""
-        super().absorb_base_session(task, train_loader)
         self.block_of_task[task.index] = None
-        self.record_routing_stats(task, train_loader)
+        super().absorb_base_session(task, train_loader)  # routing slots of the base session's classes
 
     def end_task(self, task: Task, train_loader: Iterable[dict[str, Any]]) -> None:
         """Freeze the task's block (expand), store routing class means of the frozen features."""
         if self.expands:
             self.freeze_block(self.block_of_task[task.index])
-        super().end_task(task, train_loader)
-        self.record_routing_stats(task, train_loader)
+        super().end_task(task, train_loader)  # task-model statistics, then the routing slots (expand mode)
         self._seeds = self._features = None
 
     def restore_task(self, task: Task, from_base_session: bool) -> None:
@@ -497,21 +498,9 @@ class MetaLora(Method):
             self.clear_seeds()
 
     # ----- routing -------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def record_routing_stats(self, task: Task, train_loader: Iterable[dict[str, Any]]) -> None:
-        """Class means of normalised frozen features per (task, class) slot, and the shared scatter."""
-        if not self.expands:
-            return
-        if self.model is not None and not self.model.has_class_head:  # a language model: one slot per task
-            slots = ((self.frozen_features(batch["inputs"], use_cache=True), torch.full_like(batch["labels"], task.index)) for batch in train_loader)
-            self.state.router.record_task(task.index, [task.index], slots)
-            return
-        batches = ((self.frozen_features(batch["inputs"], use_cache=True), batch["labels"]) for batch in train_loader)
-        self.state.router.record_task(task.index, task.class_ids, batches)
-
-    def route(self, features: torch.Tensor) -> torch.Tensor:
-        """Task index per sample [B] from the frozen features (never from the batch's task ids)."""
-        return self.state.router.route(features)
+    def batch_routing_features(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The frozen features f(x) the mapping nets read (cached per training example) route as well."""
+        return self.frozen_features(batch["inputs"], use_cache=True)
 
     # ----- inference -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -523,22 +512,19 @@ class MetaLora(Method):
             block_name = "shared" if "shared" in self.block_names() else None
             return self._predict_group(batch, block_name, None, None)
         features, prefix = self.frozen_features_and_prefix(inputs)
-        if self.context.scenario == "task_incremental":
-            routes = batch["task_ids"].to(features.device)  # the protocol gives the task id
-        else:
-            routes = self.route(features)
-        self.routing_tally.add(routes)
-        parts = []
-        for task_index in routes.unique().tolist():
-            rows = (routes == task_index).nonzero().squeeze(1)
+        router = self.router
+        assert router is not None
+
+        def as_task(task_index: int, rows: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
             block_name = self.block_of_task[task_index]
-            group_prefix = None if prefix is None else select_block_output(prefix, rows)
-            group = select_batch_rows(batch, rows)
-            predictions = self._predict_group(group, block_name, features[rows] if block_name else None, group_prefix)
+            group_prefix = None if prefix is None else select_block_output(prefix, rows.to(features.device))
+            group_features = features[rows.to(features.device)] if block_name else None
+            predictions = self._predict_group(group, block_name, group_features, group_prefix)
             if self.options.restrict_to_routed_task:
-                predictions = self.model.restrict(predictions, self.state.router.task_classes(task_index))
-            parts.append((rows, predictions))
-        return scatter_rows(parts, len(routes), self.model.prediction_fill)
+                predictions = self.model.restrict(predictions, router.task_classes(task_index))
+            return predictions
+
+        return predict_by_route(self.infer_routes(batch, features), batch, as_task, self.model.prediction_fill)
 
     def _predict_group(self, batch: dict[str, Any], block_name: str | None, features: torch.Tensor | None, prefix: Any) -> torch.Tensor:
         """One group's predictions with `block_name` active: class scores of the adapted features, or (a language
@@ -556,7 +542,7 @@ class MetaLora(Method):
             self.clear_seeds()
 
     def extra_state(self) -> dict[str, Any]:
-        return {"block_of_task": {str(k): v for k, v in self.block_of_task.items()}, "slot_task": self.state.router.slot_task.tolist()}
+        return {"block_of_task": {str(k): v for k, v in self.block_of_task.items()}, "slot_task": [] if self.router is None else self.router.slot_task.tolist()}
 
     # ----- accounting ----------------------------------------------------------------------------------
     def block_parameter_count(self, block_name: str) -> int:

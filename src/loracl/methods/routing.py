@@ -1,15 +1,16 @@
 """Task-identity inference from frozen features, shared by every method that routes a test example to one task.
 
-A router keeps one mean per (task, class) slot of L2-normalised features from an extractor that never changes
-(the frozen backbone, or its embedding layer), and one within-class scatter pooled over every slot. It scores a
-test example against each slot by cosine similarity, or by Mahalanobis distance under the shared covariance
-(linear discriminant analysis with shrinkage), and answers the task of the best slot. MetaLoRA routes to a task's
-block with it; the LoRA baselines and FM-LoRA / OA-Adapter use it for the [D] `routed_inference` option.
+`Router` is the contract: statistics of each finished task's (task, class) slots from features of an extractor
+that never changes, then a task index per test example. Two routers implement it: `TaskRouter` (one mean per slot
+and one within-class scatter pooled over every slot, scored by cosine or by Mahalanobis distance: linear
+discriminant analysis with shrinkage), used by MetaLoRA and the [D] `routed_inference` option of the LoRA
+baselines, FM-LoRA and OA-Adapter; and `ClusterRouter` in cluster_router.py (k-means clusters per slot, each with
+its own covariance), LoRAC-IPC's task-identity inference. `predict_by_route` is the one routed-prediction loop.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 
 from loracl.backbones.heads import PrototypeHead
 from loracl.config import Float, StrictModel
+from loracl.task_models.base import scatter_rows
 
 RouterMetric = Literal["cosine", "mahalanobis"]
 
@@ -77,11 +79,49 @@ class RoutedBranchOptions(RoutedInferenceOptions):
     )
 
 
-class TaskRouter(nn.Module):
-    """Slot means and the pooled scatter of normalised frozen features; answers a task index per example.
+class Router(nn.Module):
+    """The routing contract: one slot per (task, class) of each finished task, filled from frozen features; a
+    task index per test example. Slots and their statistics are buffers, saved with the model's state_dict."""
 
-    Every statistic is a buffer, so the router is saved and restored with the model's state_dict.
-    """
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("slot_task", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("slot_class", torch.zeros(0, dtype=torch.long))
+
+    @property
+    def num_slots(self) -> int:
+        return int(self.slot_task.numel())
+
+    def add_task(self, task_index: int, class_ids: list[int]) -> dict[int, int]:
+        """New empty slots for a task's classes (statistics follow in record_task); returns class id -> slot."""
+        first = self.num_slots
+        device = self.slot_task.device
+        self.slot_task = torch.cat([self.slot_task, torch.full((len(class_ids),), task_index, device=device)])
+        self.slot_class = torch.cat([self.slot_class, torch.tensor(class_ids, dtype=torch.long, device=device)])
+        return {class_id: first + offset for offset, class_id in enumerate(class_ids)}
+
+    def record_task(self, task_index: int, class_ids: list[int], batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """A finished task's slots from (frozen features [B, d], global labels [B]) batches."""
+        raise NotImplementedError
+
+    def slot_scores(self, features: torch.Tensor) -> torch.Tensor:
+        """[B, d] -> [B, slots]: higher is nearer; slots without statistics score -inf."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def route(self, features: torch.Tensor) -> torch.Tensor:
+        """Task index per example [B] from frozen features (never from the batch's task ids)."""
+        if self.num_slots == 0:
+            raise RuntimeError("the task router has no statistics yet: record a task before routing")
+        return self.slot_task.to(features.device)[self.slot_scores(features).argmax(dim=1)]
+
+    def task_classes(self, task_index: int) -> list[int]:
+        """The class ids of a task's slots."""
+        return self.slot_class[self.slot_task == task_index].tolist()
+
+
+class TaskRouter(Router):
+    """Slot means and the pooled scatter of normalised frozen features (cosine or LDA scoring)."""
 
     def __init__(self, feature_size: int, metric: RouterMetric = "mahalanobis", shrinkage: float = 0.1) -> None:
         super().__init__()
@@ -92,22 +132,12 @@ class TaskRouter(nn.Module):
         self.means = PrototypeHead(feature_size, "cosine", dtype=torch.float32)
         self.register_buffer("scatter", torch.zeros(feature_size, feature_size, dtype=torch.float64))
         self.register_buffer("scatter_count", torch.zeros((), dtype=torch.float64))
-        self.register_buffer("slot_task", torch.zeros(0, dtype=torch.long))
-        self.register_buffer("slot_class", torch.zeros(0, dtype=torch.long))
         self._precision: tuple[tuple[float, float, int], torch.Tensor] | None = None
 
-    @property
-    def num_slots(self) -> int:
-        return int(self.slot_task.numel())
-
     def add_task(self, task_index: int, class_ids: list[int]) -> dict[int, int]:
-        """New empty slots for a task's classes; returns class id -> slot."""
-        first = self.num_slots
-        device = self.slot_task.device
-        self.slot_task = torch.cat([self.slot_task, torch.full((len(class_ids),), task_index, device=device)])
-        self.slot_class = torch.cat([self.slot_class, torch.tensor(class_ids, dtype=torch.long, device=device)])
-        self.means.reset_classes(list(range(first, self.num_slots)))
-        return {class_id: first + offset for offset, class_id in enumerate(class_ids)}
+        slot_of_class = super().add_task(task_index, class_ids)
+        self.means.reset_classes(list(slot_of_class.values()))
+        return slot_of_class
 
     @torch.no_grad()
     def record_task(self, task_index: int, class_ids: list[int], batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -155,16 +185,22 @@ class TaskRouter(nn.Module):
         scores = -torch.einsum("bsd,de,bse->bs", difference, precision, difference)
         return scores.masked_fill(counts.unsqueeze(0) == 0, float("-inf"))
 
-    @torch.no_grad()
-    def route(self, features: torch.Tensor) -> torch.Tensor:
-        """Task index per example [B] from frozen features (never from the batch's task ids)."""
-        if self.num_slots == 0:
-            raise RuntimeError("the task router has no statistics yet: record a task before routing")
-        return self.slot_task.to(features.device)[self.slot_scores(features).argmax(dim=1)]
 
-    def task_classes(self, task_index: int) -> list[int]:
-        """The class ids of a task's slots."""
-        return self.slot_class[self.slot_task == task_index].tolist()
+def predict_by_route(
+    routes: torch.Tensor,
+    batch: dict[str, Any],
+    predict_group: Callable[[int, torch.Tensor, dict[str, Any]], torch.Tensor],
+    fill: float,
+) -> torch.Tensor:
+    """The routed-prediction loop: the rows [n] routed to each task, as one sub-batch (its `task_ids` set to that
+    task), through `predict_group(task_index, rows, group)`; the groups' predictions scattered back in order."""
+    parts = []
+    for task_index in routes.unique().tolist():
+        rows = (routes == task_index).nonzero().squeeze(1)
+        group = select_batch_rows(batch, rows)
+        group["task_ids"] = torch.full((len(rows),), task_index)
+        parts.append((rows, predict_group(task_index, rows, group)))
+    return scatter_rows(parts, len(routes), fill)
 
 
 def select_batch_rows(batch: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
@@ -186,11 +222,25 @@ def select_rows(inputs: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str
 
 
 class RoutingTally:
-    """Routes predicted during one task's evaluation, scored against its index once all its batches are done."""
+    """Routes predicted during one task's evaluation, scored against its index once all its batches are done;
+    one evaluation round (every task evaluated after one training task) at a time, earlier rounds' accuracies kept."""
 
     def __init__(self) -> None:
         self.pending: list[torch.Tensor] = []
         self.counts: dict[str, list[int]] = {}
+        self.history: list[float] = []  # overall routing accuracy of each closed round
+
+    def close_round(self) -> None:
+        """Keep the finished round's overall accuracy and start a new round (called when the next task begins)."""
+        accuracy = self.metrics().get("routing_accuracy")
+        if accuracy is not None:
+            self.history.append(accuracy)
+        self.counts = {}
+
+    def rounds(self) -> list[float]:
+        """Overall routing accuracy of every round so far, the current one last."""
+        current = self.metrics().get("routing_accuracy")
+        return self.history + ([current] if current is not None else [])
 
     def add(self, routes: torch.Tensor) -> None:
         self.pending.append(routes.detach().cpu())
