@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_config, tiny_text_stream
+from helpers import tiny_config, tiny_digits_stream, tiny_text_stream
 
 from loracl.backbones.registry import load_backbone
 from loracl.cli import EXIT_BAD_INPUT, main
@@ -144,7 +144,6 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(damage: str, t
 
 
 def test_a_truncated_base_session_backbone_is_named_as_such(tmp_path: Path) -> None:
-    from helpers import tiny_digits_stream
 
     config = tiny_config("seq_lora", "tiny-vit", train={"base_session_epochs": 1})
     stream = tiny_digits_stream(2, max_train=8, max_test=4)
@@ -171,6 +170,18 @@ def test_fuse_bad_input_is_one_line_and_exit_2(case: str, tmp_path: Path, capsys
     code, err = run_cli(argv, capsys)
     assert code == EXIT_BAD_INPUT, err
     assert err.count("\n") == 1
+
+
+def test_fuse_with_text_examples_for_an_image_model_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_experiment(tiny_config("inc_lora", backbone="tiny-vit"), tmp_path / "run", stream=tiny_digits_stream(2, max_train=8, max_test=4))
+    examples = tmp_path / "e.json"
+    examples.write_text(json.dumps(["a text", "another text"]))
+    argv = ["fuse", "--run", str(tmp_path / "run" / "inc_lora"), "--tasks", "0,1", "--method", "icm", "--base", "tiny-vit"]
+    argv += ["--examples", str(examples), "--examples", str(examples), "--out", str(tmp_path / "fused")]
+    code, err = run_cli(argv, capsys)
+    assert code == EXIT_BAD_INPUT, err
+    assert err.count("\n") == 1 and "e.json" in err and "tiny-vit" in err
+    assert not (tmp_path / "fused").exists()
 
 
 @pytest.mark.parametrize("damage", ["runs of an empty object", "string schema_version", "string in a matrix cell"])

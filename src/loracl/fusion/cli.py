@@ -110,6 +110,12 @@ def fuse_from_args(args: argparse.Namespace) -> Path:
             if isinstance(examples[0], dict):  # a language model's instruction examples: the answer loss
                 supports.append(answer_support(backbone, examples, adapter.name))
                 continue
+            if backbone.modality != "text":  # an examples file holds texts; images have no file format here
+                raise DataError(
+                    f"{path}: the examples are texts, but the base model `{base}` reads {backbone.modality}s: give"
+                    " text examples only for a text or language model (an image model's adapters fuse without examples,"
+                    " e.g. --method linear)"
+                )
             inputs = backbone.collate(examples)
             host.set_adapter(adapter.pairs)
             with torch.no_grad():  # label-free: the fused LoRA should reproduce each task's own features
