@@ -164,6 +164,8 @@ def test_one_label_with_other_settings_is_refused_and_a_repeated_seed_counts_onc
     assert code == EXIT_BAD_INPUT and "given twice" in err
     code, _, err = report([str(runs[0]), str(runs[1]), "--baseline", "nope"], capsys)
     assert code == EXIT_BAD_INPUT and "--baseline nope" in err and err.count("\n") == 1
+    code, out, err = report([str(runs[0]), str(runs[1]), "--out-file", str(tmp_path / "no" / "such.md")], capsys)
+    assert code == EXIT_BAD_INPUT and out == "" and err.count("\n") == 1 and "cannot write" in err
 
 
 def test_one_folder_is_rerendered_as_before(runs, tmp_path, capsys):

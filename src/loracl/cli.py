@@ -116,9 +116,10 @@ def command_report(args: argparse.Namespace) -> int:
         print(f"\nreport: {report}")
         return 0
     comparison = compare_folders(args.out, args.baseline)  # several: one comparison, nothing written into them
+    written = write_comparison(comparison, args.out_file) if args.out_file is not None else None
     print(format_comparison(comparison))
-    if args.out_file is not None:
-        print(f"\ncomparison: {write_comparison(comparison, args.out_file)}")
+    if written is not None:
+        print(f"\ncomparison: {written}")
     return 0
 
 
