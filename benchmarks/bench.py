@@ -26,6 +26,8 @@ from typing import Any
 import torch
 import yaml
 
+from loracl.report.compare import mean_std, spread_rule
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results"
 
@@ -122,26 +124,7 @@ def command_one(args: argparse.Namespace) -> None:
     print(f"{row['label']} seed {seed}: {result.results['avg_accuracy']:.3f} ({time.perf_counter() - started:.0f} s)", flush=True)
 
 
-# ----- render ---------------------------------------------------------------------------------------
-def mean_std(values: list[float]) -> str:
-    values = [value for value in values if value is not None]
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
-def spread_rule(first: list[float], second: list[float]) -> tuple[float, str]:
-    """Difference of means and the verdict: a difference only when it exceeds the sum of the two standard
-    deviations (one-sigma bands that do not overlap); one seed on either side decides nothing."""
-    delta = statistics.mean(first) - statistics.mean(second)
-    if len(first) < 2 or len(second) < 2:
-        return delta, "one seed: undecided"
-    spread = statistics.stdev(first) + statistics.stdev(second)
-    return delta, ("beyond the spread" if abs(delta) > spread else f"within the spread (±{spread:.3f})")
-
-
+# ----- render (mean_std and spread_rule: loracl.report.compare, shared with `loracl report A B ...`) ----------
 def setting_line(experiment: dict[str, Any]) -> str:
     """One sentence naming the stream, its size, the training budget and the model."""
     base = experiment["base"]

@@ -105,10 +105,21 @@ def command_run(args: argparse.Namespace) -> int:
 
 def command_report(args: argparse.Namespace) -> int:
     from loracl.report import format_summary_table, load_summary, rerender
+    from loracl.report.compare import compare_folders, format_comparison, write_comparison
 
-    report = rerender(args.out)
-    print(format_summary_table(load_summary(args.out)["runs"]))
-    print(f"\nreport: {report}")
+    if len(args.out) == 1:  # one run folder: re-render its report.md and plot
+        if args.out_file is not None or args.baseline is not None:
+            raise LoraclError("--out-file and --baseline compare several run folders; give two or more")
+        [out] = args.out
+        report = rerender(out)
+        print(format_summary_table(load_summary(out)["runs"]))
+        print(f"\nreport: {report}")
+        return 0
+    comparison = compare_folders(args.out, args.baseline)  # several: one comparison, nothing written into them
+    written = write_comparison(comparison, args.out_file) if args.out_file is not None else None
+    print(format_comparison(comparison))
+    if written is not None:
+        print(f"\ncomparison: {written}")
     return 0
 
 
@@ -157,8 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     run.add_argument("--out", default="runs/latest", help="output directory (resumes if it holds checkpoints)")
     run.set_defaults(handler=command_run)
-    report = commands.add_parser("report", help="re-render report.md and plots of a finished run")
-    report.add_argument("out")
+    report = commands.add_parser(
+        "report", help="re-render report.md and plots of a finished run; with several runs, compare them"
+    )
+    report.add_argument("out", nargs="+", help="the --out folder of a finished `loracl run` (several: one comparison)")
+    report.add_argument("--baseline", help="with several folders: the label every row is judged against (default: seq_lora)")
+    report.add_argument("--out-file", help="with several folders: also write the comparison as Markdown to this file")
     report.set_defaults(handler=command_report)
     export = commands.add_parser("export", help="write one task's LoRA of a run as a PEFT adapter folder")
     export.add_argument("run", help="a method's run folder, OUT/<method label>")
