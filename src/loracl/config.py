@@ -166,8 +166,26 @@ class TrainConfig(StrictModel):
     deterministic: bool = False
     progress: bool = True
     cpu: bool = Field(default=False, description="Force the CPU even when an accelerator is present.")
+    compile: bool = Field(
+        default=False,
+        description="Run the backbone's transformer blocks, the adapters injected into them included, through "
+        "torch.compile (backbones/compiled.py): the same results, faster steps once compiled; calls with hooks or a "
+        "key/value cache (generation) stay eager. A speed switch: not in the run's fingerprint. Source: our design.",
+    )
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = Field(
+        default="inductor",
+        description="train.compile's backend: `inductor` (generated kernels; on the CPU it needs a C++ compiler), "
+        "`aot_eager` (traced forward and backward graphs run by the eager kernels: cheap to compile, no speed-up, "
+        "what the tests use), `eager` (dynamo's tracing alone). Source: torch.compile's backends.",
+    )
 
     inert_defaults: ClassVar[dict[str, Any]] = {"lr_schedule": "constant"}  # runs made before it existed resume
+
+    @model_validator(mode="after")
+    def _backend_needs_compile(self) -> TrainConfig:
+        if self.compile_backend != "inductor" and not self.compile:
+            raise ValueError("train.compile_backend has an effect only with train.compile: true")
+        return self
 
 
 

@@ -83,7 +83,7 @@ class LanguageBackbone(Backbone):
             states = self.model.get_encoder()(**prompted).last_hidden_state
         else:
             body = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
-            states = body(**prompted).last_hidden_state
+            states = body(**prompted, use_cache=False).last_hidden_state  # no cache: it would only be thrown away
         return states[:, self.prompt_length() :]
 
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:

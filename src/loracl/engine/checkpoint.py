@@ -24,9 +24,11 @@ RECORD_FILE = "record.json"
 
 
 def config_fingerprint(config_dict: dict[str, Any]) -> str:
-    """A hash of everything that changes results (progress bars and labels excluded)."""
+    """A hash of everything that changes results (progress bars, labels and train.compile excluded: a run may
+    resume with compiling switched on or off)."""
     relevant = json.loads(json.dumps(config_dict, sort_keys=True))
-    relevant.get("train", {}).pop("progress", None)
+    for key in ("progress", "compile", "compile_backend"):
+        relevant.get("train", {}).pop(key, None)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 

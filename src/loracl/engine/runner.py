@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from loracl import metrics
 from loracl.adapters.fused import fused_layouts, join_part_states, split_part_states
+from loracl.backbones.compiled import compile_blocks
 from loracl.backbones.heads import LinearHead, head_rows_generator
 from loracl.backbones.registry import load_backbone
 from loracl.config import MethodConfig, RunConfig, TaskModelConfig, config_to_dict
@@ -200,6 +201,8 @@ class MethodRun:
         check_stream_fits_backbone(self.stream, backbone)
         check_task_model_settings(self.config, self.entry, backbone)
         self.model = build_task_model(backbone, self.config, self.head).to(self.device)
+        if self.train.compile:
+            compile_blocks(self.model.backbone, self.train.compile_backend, self.device)
         return build_method(self.config, self.entry, self.stream)
 
     def loader(self, split: Split, task: Task, train: bool, split_name: str | None = None) -> SplitLoader:

@@ -195,7 +195,7 @@ class LanguageTaskModel(TaskModel):
             targets = inputs["target_ids"]
             decoder_inputs = model.prepare_decoder_input_ids_from_labels(labels=targets.clamp(min=0))
             decoder_inputs = decoder_inputs.masked_fill(decoder_inputs == IGNORE, self.backbone.tokenizer.pad_token_id)
-            out = model(**self.backbone.prompted(inputs), decoder_input_ids=decoder_inputs)
+            out = model(**self.backbone.prompted(inputs), decoder_input_ids=decoder_inputs, use_cache=False)
             return out.logits[targets != IGNORE]
         states = self.backbone.hidden_states({"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]})
         picked = inputs["target_ids"][:, 1:] != IGNORE  # the state at t predicts token t + 1
@@ -254,7 +254,7 @@ class LanguageTaskModel(TaskModel):
             decoder_inputs = model.prepare_decoder_input_ids_from_labels(labels=labels.clamp(min=0))
             prompted = self.backbone.prompted(encoder_inputs)
             prompted.pop("position_ids", None)
-            logits = model(**prompted, decoder_input_ids=decoder_inputs).logits  # [B*K, T, V]
+            logits = model(**prompted, decoder_input_ids=decoder_inputs, use_cache=False).logits  # [B*K, T, V]
         else:
             prompt_width = inputs["input_ids"].shape[1]
             ids = torch.cat([inputs["input_ids"].repeat_interleave(count, 0), tokens.reshape(batch * count, width)], 1)
@@ -262,7 +262,7 @@ class LanguageTaskModel(TaskModel):
             positions = (attention.cumsum(1) - 1).clamp(min=0)
             prompted = self.backbone.prompted({"input_ids": ids, "attention_mask": attention, "position_ids": positions})
             start = self.backbone.prompt_length() + prompt_width - 1  # input-prompt tokens come first
-            logits = model(**prompted).logits[:, start : start + width]  # [B*K, T, V]: each predicts an option token
+            logits = model(**prompted, use_cache=False).logits[:, start : start + width]  # [B*K, T, V]: each predicts an option token
         picked = logits.float().log_softmax(-1).gather(-1, tokens.reshape(batch * count, width, 1)).squeeze(-1)
         return (picked * mask.reshape(batch * count, width)).sum(1).reshape(batch, count)
 
