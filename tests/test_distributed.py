@@ -1,6 +1,8 @@
 """Two processes through `accelerate launch --num_processes 2` on CPU (gloo) on a tiny model: the parameters are
-identical on both ranks before every step, the accuracy matrix equals a one-process run with the same global batch,
-only the main process writes, and a killed two-process run resumes to the uninterrupted result."""
+identical on both ranks before every step, the accuracy matrix and routing accuracy equal a one-process run with the
+same global batch, each process evaluates a shard of the test examples and the gathered evaluation equals an
+unsharded one exactly, only the main process writes, and a killed two-process run resumes to the uninterrupted
+result."""
 
 from __future__ import annotations
 
@@ -63,6 +65,14 @@ def test_two_processes_match_one_process_with_the_same_global_batch(two_process_
     for row_two, row_one in zip(two, single.accuracy_matrix):
         for a, b in zip(row_two, row_one):
             assert (a is None and b is None) or abs(a - b) <= tolerance, (two, single.accuracy_matrix)
+    # routing accuracy of the last round (8 test examples per task), from counts gathered over both processes
+    routing_two = json.loads((two_process_run / "rank0.json").read_text())["method_metrics"]["inc_lora"]
+    routing_one = single.results["method_metrics"]
+    assert routing_two.keys() == routing_one.keys() == {"routing_accuracy", "routing_accuracy_per_task"}
+    assert abs(routing_two["routing_accuracy"] - routing_one["routing_accuracy"]) <= tolerance
+    assert routing_two["routing_accuracy_per_task"].keys() == routing_one["routing_accuracy_per_task"].keys()
+    for name, value in routing_one["routing_accuracy_per_task"].items():
+        assert abs(routing_two["routing_accuracy_per_task"][name] - value) <= tolerance
 
 
 def test_only_the_main_process_writes(two_process_run: Path) -> None:
@@ -85,18 +95,66 @@ def test_a_killed_two_process_run_resumes_to_the_uninterrupted_result(two_proces
 CLASSIFIER_METHODS = ["seq_lora", "inc_lora", "joint", "o_lora", "inflora", "sd_lora", "oa_adapter", "lorac_ipc", "fm_lora", "metalora", "icm_fusion", "probe"]
 
 
-def test_every_classifier_method_trains_under_two_processes_with_identical_parameters(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def methods_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ddp_methods")
+    finished = launch(out, "-1", ",".join(CLASSIFIER_METHODS))
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    return out
+
+
+def test_every_classifier_method_trains_under_two_processes_with_identical_parameters(methods_run: Path) -> None:
     from loracl.methods.registry import available_methods, method_class
 
     assert set(CLASSIFIER_METHODS) == {name for name in available_methods() if "classifier" in method_class(name).task_models}
-    finished = launch(tmp_path, "-1", ",".join(CLASSIFIER_METHODS))
-    assert finished.returncode == 0, finished.stderr[-3000:]
-    rank0 = json.loads((tmp_path / "rank0.json").read_text())
-    rank1 = json.loads((tmp_path / "rank1.json").read_text())
+    rank0 = json.loads((methods_run / "rank0.json").read_text())
+    rank1 = json.loads((methods_run / "rank1.json").read_text())
     assert rank0["digests"] == rank1["digests"]
     trained = {digest.split(":")[0] for digest in rank0["digests"]}
     assert trained == set(CLASSIFIER_METHODS) - {"probe"} | ({"probe"} if any(d.startswith("probe:") for d in rank0["digests"]) else set())
     assert rank0["matrices"] == rank1["matrices"]
+    assert evaluation_metrics(rank0["method_metrics"]) == evaluation_metrics(rank1["method_metrics"])
+
+
+def evaluation_metrics(by_label: dict) -> dict:
+    """The method metrics an evaluation counts (routing, TII, w/o-TII), per run label; not timings and the like."""
+    return {label: {key: value for key, value in metrics.items() if "tii" in key or key.startswith("routing")} for label, metrics in by_label.items()}
+
+
+@pytest.mark.parametrize("run", ["two_process_run", "methods_run", "language"])
+def test_each_process_evaluates_a_shard_and_the_gathered_evaluation_is_exact(run: str, request: pytest.FixtureRequest) -> None:
+    out = request.getfixturevalue("methods_run" if run == "language" else run)
+    rank0 = json.loads((out / "rank0.json").read_text())
+    rank1 = json.loads((out / "rank1.json").read_text())
+    if run == "language":  # zero_shot on a tiny Llama after the classifier methods, in the same launch
+        rank0, rank1 = rank0["language"], rank1["language"]
+    # every test example predicted by exactly one process; eval_samples (the records') counts both processes'
+    total = rank0["eval_samples"]
+    assert rank1["eval_samples"] == total and rank0["test_examples"] + rank1["test_examples"] == total
+    # whole batches dealt out in turn: 3 + 3 + 2 examples -> 5 and 3 (two_process_run), 1 + 1 + 1 + 1 -> 2 and 2,
+    # 1 + 1 -> 1 and 1 (language)
+    share = 5 / 8 if run == "two_process_run" else 1 / 2
+    assert rank0["test_examples"] == total * share and rank1["test_examples"] == total * (1 - share)
+    assert evaluation_metrics(rank0["method_metrics"]) == evaluation_metrics(rank1["method_metrics"])
+    routed = 0
+    for label, evaluations in rank0["reevaluated"].items():
+        sharded, unsharded = evaluations["sharded"], evaluations["unsharded"]
+        # the run's last row is the sharded evaluation's; one process alone gets exactly the same numbers
+        assert sharded["accuracies"] == [a for a in rank0["matrices"][label][-1] if a is not None]
+        assert sharded["other_metrics"] == rank0["metric_rows"][label]
+        assert sharded == unsharded, label  # accuracies, other metrics, samples, tallies' counts, method metrics: exactly
+        other = rank1["reevaluated"][label]["sharded"]
+        assert (other["accuracies"], other["samples"], other["counts"]) == (sharded["accuracies"], sharded["samples"], sharded["counts"])
+        assert evaluation_metrics({label: other["metrics"]}) == evaluation_metrics({label: sharded["metrics"]})
+        routed += "routing_accuracy" in sharded["metrics"] or sharded["metrics"].get("tii_accuracy") is not None
+    # routing tallies gathered: inc_lora's routed_inference; MetaLoRA's and LoRAC-IPC's routers, LoRAC-IPC's w/o-TII counts
+    assert routed == {"two_process_run": 1, "methods_run": 2, "language": 0}[run]
+    if run == "language":  # ROUGE-L and the worker's per-example `position` metric, gathered
+        rows = rank0["metric_rows"]["zero_shot"]
+        assert set(rows) == {"rouge_l", "position"} and rows == rank1["metric_rows"]["zero_shot"]
+        assert rows["position"] == [(1 / 3 + 1 / 4) / 2] * 3
+    if run == "methods_run":
+        assert "without_tii_accuracy_matrix" in rank0["reevaluated"]["lorac_ipc"]["sharded"]["metrics"]
 
 
 def test_lorac_ipc_default_importance_is_refused_under_several_processes(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ class SplitLoader:
         task_name: str = "",
         collate: Callable[[Split, list[int]], dict[str, Any]] | None = None,
         shard: tuple[int, int] = (0, 1),
+        shard_by: Literal["rows", "batches"] = "rows",
     ) -> None:
         self.split = split
         self.backbone = backbone
@@ -44,11 +45,21 @@ class SplitLoader:
         # the task model's collation (a language model also needs the task's instruction and answers)
         self.collate = collate
         # (this process, processes): each global batch is split between processes, so N processes see the batches
-        # one process would see; a last batch smaller than N is topped up from its start (accelerate's even_batches)
+        # one process would see; a last batch smaller than N is topped up from its start (accelerate's even_batches).
+        # shard_by "batches" (evaluation) hands out whole batches instead: this process gets batches rank, rank + N,
+        # ... of the one-process batching, so every example is seen once, in the very batch one process would form
         self.shard = shard
+        self.shard_by = shard_by
+
+    def _global_batches(self) -> int:
+        return (len(self.split) + self.batch_size - 1) // self.batch_size
 
     def __len__(self) -> int:
-        return (len(self.split) + self.batch_size - 1) // self.batch_size
+        """The batches this process iterates."""
+        rank, processes = self.shard
+        if self.shard_by == "batches":
+            return len(range(rank, self._global_batches(), processes))
+        return self._global_batches()
 
     def _order(self) -> np.ndarray:
         if self.shuffle:
@@ -60,12 +71,20 @@ class SplitLoader:
         return np.arange(len(self.split))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        for _, batch in self.numbered():
+            yield batch
+
+    def numbered(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(position of the batch in the one-process batching, batch): what sharded evaluation gathers by."""
         order = self._order()
         self.epoch += 1
-        for start in range(0, len(order), self.batch_size):
+        rank, processes = self.shard
+        for position, start in enumerate(range(0, len(order), self.batch_size)):
             indices = order[start : start + self.batch_size]
-            rank, processes = self.shard
-            if processes > 1:
+            if self.shard_by == "batches":
+                if position % processes != rank:
+                    continue
+            elif processes > 1:
                 if len(indices) < processes:
                     indices = np.resize(indices, processes)
                 indices = indices[rank::processes]
@@ -73,7 +92,7 @@ class SplitLoader:
                 inputs = self.collate(self.split, [int(i) for i in indices])
             else:
                 inputs = self.backbone.collate([self.split.inputs[i] for i in indices])
-            yield {
+            yield position, {
                 "inputs": {key: value.to(self.device) for key, value in inputs.items()},
                 "labels": torch.tensor([self.split.labels[i] for i in indices], device=self.device),
                 "task_ids": torch.full((len(indices),), self.task_index, device=self.device),

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs
+from accelerate.utils import DistributedDataParallelKwargs, gather_object
 from tqdm.auto import tqdm
 
 from loracl import metrics
@@ -194,6 +194,9 @@ class MethodRun:
             run_config.pop("task_model", None)
         self.fingerprint = config_fingerprint(run_config)
         self.records: list[dict[str, Any]] = []
+        # under several processes each one evaluates a shard of every test split (whole batches) and the counts are
+        # gathered; False: every process evaluates every example (what one process would do, alone)
+        self.shard_evaluation = self.accelerator.num_processes > 1
 
     # ----- building ----------------------------------------------------------------------------------
     def build(self) -> Method:
@@ -205,11 +208,19 @@ class MethodRun:
             compile_blocks(self.model.backbone, self.train.compile_backend, self.device)
         return build_method(self.config, self.entry, self.stream)
 
-    def loader(self, split: Split, task: Task, train: bool, split_name: str | None = None) -> SplitLoader:
+    def loader(self, split: Split, task: Task, train: bool, split_name: str | None = None, evaluation: bool = False) -> SplitLoader:
+        """Training batches are split between the processes; evaluation batches (evaluation=True) are dealt out
+        whole (evaluation_shard); any other loader (statistics of prepare_task, end_task) gives each process all."""
         model = self.model
 
         def collate(split: Split, indices: list[int]) -> dict[str, Any]:
             return model.collate(split, indices, task, train)
+
+        shard = (0, 1)
+        if train:
+            shard = (self.accelerator.process_index, self.accelerator.num_processes)
+        elif evaluation:
+            shard = self.evaluation_shard()
 
         return SplitLoader(
             split,
@@ -223,8 +234,28 @@ class MethodRun:
             split_name=split_name or ("train" if train else "test"),
             task_name=task.name,
             collate=collate,
-            shard=(self.accelerator.process_index, self.accelerator.num_processes) if train else (0, 1),
+            shard=shard,
+            shard_by="batches" if evaluation else "rows",
         )
+
+    def evaluation_shard(self) -> tuple[int, int]:
+        """(this process, processes) for test batches: every process a shard, or each process all of them."""
+        if self.shard_evaluation:
+            return self.accelerator.process_index, self.accelerator.num_processes
+        return 0, 1
+
+    def gather_batches(self, local: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
+        """Every process's (batch position, value) pairs of one sharded evaluation, in the one-process batch order,
+        so sums over them add the same numbers in the same order as one process would."""
+        if self.evaluation_shard()[1] == 1:
+            return local
+        return sorted(gather_object(local), key=lambda item: item[0])
+
+    def sum_over_processes(self, values: list[int]) -> list[int]:
+        """Element-wise sums of counts over the processes of a sharded evaluation (methods' routing tallies)."""
+        if self.evaluation_shard()[1] == 1:
+            return list(values)
+        return [sum(column) for column in zip(*gather_object([list(values)]))]
 
     # ----- training ----------------------------------------------------------------------------------
     def train_task(self, method: Method, task: Task, epochs: int, lr: float, description: str) -> dict[str, Any]:
@@ -318,20 +349,26 @@ class MethodRun:
     # ----- evaluation --------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, method: Method, tasks: list[Task]) -> tuple[list[float], int, float]:
-        """Accuracy on each task's test split; returns (accuracies, samples, seconds)."""
+        """Accuracy on each task's test split; returns (accuracies, samples, seconds). Under several processes
+        each predicts a shard of whole batches; the per-batch sums of every metric are gathered and added in the
+        one-process batch order, and the methods' tallies summed, so every process ends with one process's numbers.
+        samples counts every process's examples."""
         self.model.eval()
         accuracies, samples = [], 0
         self.other_metrics: dict[str, list[float]] = {}  # per-example metrics beyond accuracy (ROUGE-L), per task
         started = time.perf_counter()
         for task in tasks:
-            sums: dict[str, float] = {}
-            for batch in self.loader(task.test, task, train=False):
+            local: list[tuple[int, tuple[int, dict[str, float]]]] = []
+            for position, batch in self.loader(task.test, task, train=False, evaluation=True).numbered():
                 predictions = method.predict(batch)
                 scores = self.model.example_scores(predictions, batch, task, self.stream.scenario)
-                for name, values in scores.items():
-                    sums[name] = sums.get(name, 0.0) + float(values.sum())
-                samples += len(batch["labels"])
-            method.after_evaluate_task(task)
+                local.append((position, (len(batch["labels"]), {name: float(values.sum()) for name, values in scores.items()})))
+            method.after_evaluate_task(task, self.sum_over_processes)
+            sums: dict[str, float] = {}
+            for _, (size, batch_sums) in self.gather_batches(local):
+                for name, total in batch_sums.items():
+                    sums[name] = sums.get(name, 0.0) + total
+                samples += size
             accuracies.append(sums.get("accuracy", 0.0) / len(task.test))
             for name, total in sums.items():
                 if name != "accuracy":
@@ -366,11 +403,11 @@ class MethodRun:
             else:
                 mask = torch.full((head.num_classes,), float("-inf"), device=self.device)
                 mask[sorted(allowed)] = 0.0
-                correct = 0
-                for batch in self.loader(task.test, task, train=False):
+                local = []
+                for position, batch in self.loader(task.test, task, train=False, evaluation=True).numbered():
                     scores = head(self.model.features(batch["inputs"])).float() + mask
-                    correct += int((scores.argmax(dim=1) == batch["labels"]).sum())
-                row.append(correct / len(task.test))
+                    local.append((position, int((scores.argmax(dim=1) == batch["labels"]).sum())))
+                row.append(sum(correct for _, correct in self.gather_batches(local)) / len(task.test))
             seen |= set(task.class_ids)
         return row
 

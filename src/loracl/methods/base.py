@@ -35,7 +35,9 @@ from loracl.methods.routing import (
     RoutedInferenceOptions,
     Router,
     RoutingTally,
+    SumOverProcesses,
     TaskRouter,
+    local_sum,
     predict_by_route,
 )
 from loracl.seeding import private_rng
@@ -475,12 +477,14 @@ class Method:
         else:
             self.begin_task(task)
 
-    def after_evaluate_task(self, task: Task) -> None:
+    def after_evaluate_task(self, task: Task, sum_over_processes: SumOverProcesses = local_sum) -> None:
         """Called once every test batch of `task` was predicted; lets a method score its own task-id inference
         (e.g. routing accuracy) against the truth without seeing it while predicting; the routes of a task not
-        trained yet (train.eval_next_task) are not routing errors and are dropped."""
+        trained yet (train.eval_next_task) are not routing errors and are dropped. Under several processes each
+        one predicted a shard of the test split: counts kept from predict are summed with `sum_over_processes`,
+        which every process calls in the same order (an override must call it even with nothing counted)."""
         finished = {seen.index for seen in self.seen_tasks}
-        self.routing_tally.close_task(task.name, task.index, keep=task.index in finished)
+        self.routing_tally.close_task(task.name, task.index, keep=task.index in finished, sum_over_processes=sum_over_processes)
 
     def task_metrics(self) -> dict[str, Any]:
         """Method-specific numbers for results.json (routing accuracy of class- and domain-incremental runs)."""

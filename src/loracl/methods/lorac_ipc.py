@@ -28,7 +28,7 @@ from loracl.data.stream import Task
 from loracl.errors import ConfigError
 from loracl.methods.base import Method, MethodOptions
 from loracl.methods.cluster_router import ClusterRouter
-from loracl.methods.routing import Router, predict_by_route
+from loracl.methods.routing import Router, SumOverProcesses, local_sum, predict_by_route
 from loracl.seeding import derived_generator, private_rng
 from loracl.task_models.base import TaskModel
 
@@ -199,6 +199,8 @@ class LoracIpc(Method):
         self.importance_steps = 0
         self.last_scores: dict[str, float] = {}
         self.newest_counts: dict[int, list[int]] = {}  # task -> [correct, total] of the w/o-TII shadow scores
+        # this process's counts of the task being evaluated, summed over processes into newest_counts when it ends
+        self.newest_pending: dict[int, list[int]] = {}
         self.newest_rows: list[list[float]] = []
 
     # ----- structure --------------------------------------------------------------------------------
@@ -266,7 +268,7 @@ class LoracIpc(Method):
         """Keep the w/o-TII row of the evaluation that followed the last task (the routing tally keeps TII's)."""
         if self.newest_counts:
             self.newest_rows.append([correct / total for _, (correct, total) in sorted(self.newest_counts.items())])
-        self.newest_counts = {}
+        self.newest_counts, self.newest_pending = {}, {}
 
     def absorb_base_session(self, task: Task, train_loader: Iterable[dict[str, Any]]) -> None:
         """A base session trained the backbone: it is model 0, the routing model, with statistics like a task."""
@@ -281,7 +283,7 @@ class LoracIpc(Method):
             self.task_model[0] = 0
         if finished_tasks:
             self.routing_model = self.task_model[finished_tasks[0].index]
-        self.routing_tally.history, self.newest_rows, self.newest_counts = [], [], {}
+        self.routing_tally.history, self.newest_rows, self.newest_counts, self.newest_pending = [], [], {}, {}
 
     # ----- training ---------------------------------------------------------------------------------
     def parameter_groups(self, lr: float, head_lr: float | None) -> list[dict[str, Any]]:
@@ -522,9 +524,19 @@ class LoracIpc(Method):
         correct = (scores.argmax(dim=1).cpu() == batch["labels"].cpu())
         for task_index in task_ids.unique().tolist():
             rows = task_ids == task_index
-            counts = self.newest_counts.setdefault(task_index, [0, 0])
+            counts = self.newest_pending.setdefault(task_index, [0, 0])
             counts[0] += int(correct[rows].sum())
             counts[1] += int(rows.sum())
+
+    def after_evaluate_task(self, task: Task, sum_over_processes: SumOverProcesses = local_sum) -> None:
+        """The task's w/o-TII shadow counts, summed over the processes that evaluated shards of its test split,
+        then the routing tally's (every process calls both sums, counted or not)."""
+        correct, total = sum_over_processes(self.newest_pending.pop(task.index, [0, 0]))
+        if total:
+            counts = self.newest_counts.setdefault(task.index, [0, 0])
+            counts[0] += correct
+            counts[1] += total
+        super().after_evaluate_task(task, sum_over_processes)
 
     # ----- state ------------------------------------------------------------------------------------
     def _unused_pair_keys(self, frozen_from: dict[str, int]) -> set[str]:
@@ -580,7 +592,7 @@ class LoracIpc(Method):
         rounds = state.get("evaluation_rounds", {})
         self.routing_tally.history = [float(value) for value in rounds.get("tii_accuracy", [])]
         self.newest_rows = [[float(value) for value in row] for row in rounds.get("without_tii_rows", [])]
-        self.newest_counts = {}
+        self.newest_counts, self.newest_pending = {}, {}
 
     def multi_process_refusal(self) -> str | None:
         if self.options.ipc_threshold > 0 and self.options.ipc_importance == "effective_weight":

@@ -221,9 +221,20 @@ def select_rows(inputs: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str
     return {key: value[rows.to(value.device)] for key, value in inputs.items()}
 
 
+# Element-wise sums of a list of counts over every process evaluating a shard of the test split (the engine's
+# MethodRun.sum_over_processes); `local_sum` is the one-process case. Every process must call it, in the same order.
+SumOverProcesses = Callable[[list[int]], list[int]]
+
+
+def local_sum(values: list[int]) -> list[int]:
+    """The counts of the only process."""
+    return list(values)
+
+
 class RoutingTally:
     """Routes predicted during one task's evaluation, scored against its index once all its batches are done;
-    one evaluation round (every task evaluated after one training task) at a time, earlier rounds' accuracies kept."""
+    one evaluation round (every task evaluated after one training task) at a time, earlier rounds' accuracies kept.
+    Under sharded evaluation each process holds its shard's routes; close_task sums the counts over processes."""
 
     def __init__(self) -> None:
         self.pending: list[torch.Tensor] = []
@@ -245,14 +256,15 @@ class RoutingTally:
     def add(self, routes: torch.Tensor) -> None:
         self.pending.append(routes.detach().cpu())
 
-    def close_task(self, task_name: str, task_index: int, keep: bool = True) -> None:
-        """Score the pending routes against the task's index (keep=False: drop them)."""
-        if not self.pending:
-            return
-        routes = torch.cat(self.pending)
+    def close_task(self, task_name: str, task_index: int, keep: bool = True, sum_over_processes: SumOverProcesses = local_sum) -> None:
+        """Score the pending routes against the task's index, summed over the processes that evaluated shards of
+        it (keep=False: drop them). No entry when no process routed an example of the task."""
+        routes = torch.cat(self.pending) if self.pending else torch.zeros(0, dtype=torch.long)
         self.pending = []
-        if keep:
-            self.counts[task_name] = [int((routes == task_index).sum()), len(routes)]
+        # every process takes part, even one whose shard was empty or that does not keep the routes
+        correct, total = sum_over_processes([int((routes == task_index).sum()), len(routes)])
+        if keep and total:
+            self.counts[task_name] = [correct, total]
 
     def metrics(self) -> dict[str, object]:
         """Routing accuracy of the last evaluation round, overall and per task."""
