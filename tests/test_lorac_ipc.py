@@ -15,7 +15,7 @@ from loracl.engine.runner import MethodRun
 from loracl.errors import ConfigError
 from loracl.methods.cluster_router import mahalanobis_to_classes, precision_from_covariance, tii_precision
 from loracl.methods.lorac_ipc import LoracIpc
-from loracl.methods.routing import RoutingTally
+from loracl.methods.routing import Router, RoutingTally
 
 OPTIONS = {"name": "lorac_ipc", "rank": 4, "ipc_threshold": 0.25, "tap_epochs": 2, "tii_clusters": 2, "tap_centroids": 2}
 
@@ -43,6 +43,13 @@ def features(run, method, inputs, model_index):
     out = run.model.features(inputs)
     method.set_model(TRAINING)
     return out
+
+
+@torch.no_grad()
+def infer_tasks(method, inputs):
+    """TII alone: the router's task per example [B] from the routing model's features, and those features."""
+    features = method.batch_routing_features({"inputs": inputs})
+    return method.router.route(features), features
 
 
 def learn(run, method, task):
@@ -309,7 +316,7 @@ def test_tii_distance_zero_at_a_cluster_mean_and_routes_to_its_task(trained):
 
 
 def test_tii_routes_each_example_to_the_task_of_its_nearest_cluster(trained):
-    """infer_tasks on planted statistics: one valid cluster per chosen class, placed at an example's normalised
+    """TII on planted statistics: one valid cluster per chosen class, placed at an example's normalised
     routing-model features (identity precisions); each example goes to the task owning its cluster's class."""
     run, method, stream, inputs, _, _ = trained
     router = method.router
@@ -324,7 +331,7 @@ def test_tii_routes_each_example_to_the_task_of_its_nearest_cluster(trained):
         for row, slot in zip(routing, slots):
             router.cluster_means[slot, 0] = row
             router.cluster_valid[slot, 0] = True
-        tasks, _ = method.infer_tasks(probe)
+        tasks, _ = infer_tasks(method, probe)
     finally:
         for name, value in saved.items():
             getattr(router, name).copy_(value)
@@ -443,7 +450,7 @@ def test_restrict_to_routed_task_scores_only_the_routed_tasks_classes(trained):
     options = method.options
     try:
         plain = method.predict(batch)
-        tasks, _ = method.infer_tasks(batch["inputs"])
+        tasks, _ = infer_tasks(method, batch["inputs"])
         method.options = options.model_copy(update={"restrict_to_routed_task": True})
         restricted = method.predict(batch)
     finally:
@@ -475,7 +482,7 @@ def test_shared_tii_covariance_pools_every_cluster_and_routes_like_its_definitio
     diff = queries[:, None, None] - router.cluster_means[None]
     brute = torch.einsum("bckh,hg,bckg->bck", diff, precision, diff).masked_fill(~router.cluster_valid[None], float("inf"))
     torch.testing.assert_close(distances, brute.min(-1).values, rtol=1e-4, atol=1e-4)
-    tasks, _ = method.infer_tasks(probe_inputs(run, stream))
+    tasks, _ = infer_tasks(method, probe_inputs(run, stream))
     assert set(tasks.tolist()) <= {task.index for task in stream.tasks}
 
 
@@ -691,3 +698,45 @@ def test_measure_without_tii_scores_the_newest_model_only_when_on(trained, measu
     else:
         assert counted == {} and "without_tii_accuracy_matrix" not in metrics
     assert metrics["tii_accuracy"] is not None  # TII itself is measured either way
+
+
+def test_task_incremental_runs_serve_the_given_task_and_measure_no_task_identity_inference():
+    """The protocol gives the task: no clusters are kept (a slot-only router), each example is scored by its given
+    task's composed model, and no TII accuracy is reported."""
+    stream = tiny_text_stream(3, scenario="task_incremental", train=16, test=8)
+    config = tiny_config({**OPTIONS}, train={"epochs": 1, "lr": 2e-2})
+    run = MethodRun(config, config.method[0], stream, None)
+    method = run.build()
+    method.attach(run.model)
+    for task in stream.tasks:
+        learn(run, method, task)
+    assert type(method.router) is Router and not any("cluster" in key for key in method.state_dict())
+    batch = next(iter(run.loader(stream.tasks[0].test, stream.tasks[0], train=False)))
+    logits = method.predict(batch)
+    method.after_evaluate_task(stream.tasks[0])
+    own = features(run, method, batch["inputs"], method.task_model[0])
+    torch.testing.assert_close(logits, run.model.head(own).float())
+    metrics = method.task_metrics()
+    assert metrics["tii_accuracy"] is None and metrics["tii_accuracy_per_round"] == []
+
+
+def test_a_checkpoint_in_the_layout_before_the_router_refactor_still_loads(trained):
+    """State written before 2026-12-02 kept TAP and TII under `lorac_ipc_memory.`, TII rows by class id: it loads
+    into today's method and predicts the same."""
+    run, method, stream, inputs, _, _ = trained
+    renames = {"lorac_ipc_class_gaussians.": "lorac_ipc_memory.tap.", "task_router.cluster_means": "lorac_ipc_memory.tii_means",
+               "task_router.cluster_precisions": "lorac_ipc_memory.tii_precisions", "task_router.cluster_valid": "lorac_ipc_memory.tii_valid",
+               "task_router.scatter_count": "lorac_ipc_memory.tii_scatter_count", "task_router.scatter": "lorac_ipc_memory.tii_scatter"}
+    legacy = {}
+    for key, value in method.state_dict().items():
+        if key in ("task_router.slot_task", "task_router.slot_class"):
+            continue  # the old layout had no slots
+        new = next((prefix for prefix in renames if key.startswith(prefix)), None)
+        legacy[key if new is None else renames[new] + key[len(new):]] = value
+    assert any(key.startswith("lorac_ipc_memory.tii_means") for key in legacy)
+    _, restored, _ = build()
+    restored.restore_structure(stream.tasks)
+    restored.load_state_dict(legacy)
+    batch = {"inputs": inputs, "labels": torch.zeros(1), "task_ids": torch.zeros(len(inputs["input_ids"]), dtype=torch.long)}
+    torch.testing.assert_close(restored.predict(batch), method.predict(batch), atol=1e-6, rtol=0)
+    assert torch.equal(restored.router.slot_task, method.router.slot_task)

@@ -154,6 +154,10 @@ def test_save_load_round_trip_reproduces_every_route(options):
         assert torch.equal(restored.adapted_features(batch["inputs"], block), method.adapted_features(batch["inputs"], block))
     plain = {"inputs": batch["inputs"]}
     assert torch.equal(restored.predict(plain), method.predict(plain))
+    legacy, _ = build(options)  # a checkpoint written before 2026-12-02 kept the router under `metalora.router.`
+    legacy.restore_structure(stream.tasks[:2])
+    legacy.load_state_dict({key.replace("task_router.", "metalora.router.", 1): value for key, value in state.items()})
+    assert torch.equal(legacy.predict(plain), method.predict(plain))
     # per-task storage: the block's parameters in fp32 plus its routing rows
     per_block = sum(v.numel() * 4 for k, v in state.items() if "task_1" in k)
     assert per_block == method.block_parameter_count("task_1") * 4

@@ -178,3 +178,14 @@ def test_one_folder_is_rerendered_as_before(runs, tmp_path, capsys):
     assert out == format_summary_table(load_summary(folder)["runs"]) + f"\n\nreport: {folder / 'report.md'}\n"
     code, _, err = report([str(folder), "--out-file", str(tmp_path / "x.md")], capsys)
     assert code == EXIT_BAD_INPUT and err.count("\n") == 1 and not (tmp_path / "x.md").exists()
+
+
+def test_runs_that_differ_only_in_result_neutral_training_keys_are_one_row(runs, tmp_path):
+    """train.compile (and progress) are not in a run's fingerprint, so seeds run with and without compiling are
+    seeds of one row."""
+    compiled = fake_folder(runs[0], tmp_path / "compiled", 1, {"seq_lora": 0.7})
+    summary = json.loads((compiled / "results.json").read_text())
+    summary["config"]["train"].update({"compile": True, "compile_backend": "aot_eager", "progress": True})
+    (compiled / "results.json").write_text(json.dumps(summary))
+    [seq] = [group for group in compare_folders([runs[0], compiled]).groups if group.label == "seq_lora"]
+    assert seq.seeds() == [0, 1]

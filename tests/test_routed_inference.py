@@ -17,8 +17,9 @@ from loracl.engine import run_experiment
 from loracl.engine.loaders import SplitLoader
 from loracl.methods.base import MethodContext
 from loracl.methods.cluster_router import ClusterRouter
+from loracl.methods.mean_router import MeanRouter
 from loracl.methods.registry import create_method
-from loracl.methods.routing import Router, TaskRouter, predict_by_route
+from loracl.methods.routing import Router, predict_by_route
 
 
 def build(name: str, options: dict | None = None, scenario: str = "class_incremental"):
@@ -54,7 +55,7 @@ def trained(name: str, options: dict | None = None, scenario: str = "class_incre
 
 def test_router_routes_like_a_brute_force_shrunk_lda():
     generator = torch.Generator().manual_seed(0)
-    router = TaskRouter(6, "mahalanobis", shrinkage=0.2)
+    router = MeanRouter(6, "mahalanobis", shrinkage=0.2)
     features, slots = [], []
     for task_index, classes in enumerate([[0, 1], [2, 3, 4]]):
         slot_of_class = router.add_task(task_index, classes)
@@ -84,7 +85,7 @@ def test_router_routes_like_a_brute_force_shrunk_lda():
 
 
 ROUTERS = {
-    "task_router": lambda: TaskRouter(6),
+    "task_router": lambda: MeanRouter(6),
     "cluster_router_full": lambda: ClusterRouter(6, clusters=2, ridge=1e-4, covariance="full", seed=0),
     "cluster_router_shared": lambda: ClusterRouter(6, clusters=2, ridge=1e-4, covariance="shared", seed=0),
 }

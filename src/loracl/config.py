@@ -170,7 +170,8 @@ class TrainConfig(StrictModel):
         default=False,
         description="Run the backbone's transformer blocks, the adapters injected into them included, through "
         "torch.compile (backbones/compiled.py): the same results, faster steps once compiled; calls with hooks or a "
-        "key/value cache (generation) stay eager. A speed switch: not in the run's fingerprint. Source: our design.",
+        "key/value cache (generation) stay eager. A speed switch: not in the run's fingerprint. It raises dynamo's "
+        "process-wide recompile limit to 128 (docs/distributed.md). Source: our design.",
     )
     compile_backend: Literal["inductor", "aot_eager", "eager"] = Field(
         default="inductor",

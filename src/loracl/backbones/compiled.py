@@ -99,8 +99,11 @@ def compile_blocks(backbone: Backbone, backend: str, device: torch.device) -> in
     except LoraclError:  # no block stack (a convolutional model): the whole model is one region
         regions = [backbone.model]
     # each task's adapter layout is new to dynamo (about three graphs: first block, later blocks, evaluation); its
-    # default limit of eight per function would leave everything after the third task eager
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    # default limit of eight per function would leave everything after the third task eager. The limit is dynamo's
+    # process-wide setting (renamed from cache_size_limit in torch 2.7), raised, never lowered, and only here.
+    config = torch._dynamo.config
+    limit_name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, limit_name, max(getattr(config, limit_name), RECOMPILE_LIMIT))
     compiled = _compiled_forward(backend)
     for region in regions:
         region._compiled_call_impl = CompiledCall(region, compiled)  # what nn.Module.compile sets; __call__ uses it

@@ -23,11 +23,15 @@ BACKBONE_FILE = "backbone.safetensors"
 RECORD_FILE = "record.json"
 
 
+# train keys that change how a run goes but not its results: progress bars, and compiling (a run may resume with
+# it switched on or off)
+RESULT_NEUTRAL_TRAIN_KEYS = ("progress", "compile", "compile_backend")
+
+
 def config_fingerprint(config_dict: dict[str, Any]) -> str:
-    """A hash of everything that changes results (progress bars, labels and train.compile excluded: a run may
-    resume with compiling switched on or off)."""
+    """A hash of everything that changes results (labels and RESULT_NEUTRAL_TRAIN_KEYS excluded)."""
     relevant = json.loads(json.dumps(config_dict, sort_keys=True))
-    for key in ("progress", "compile", "compile_backend"):
+    for key in RESULT_NEUTRAL_TRAIN_KEYS:
         relevant.get("train", {}).pop(key, None)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -30,13 +30,13 @@ from loracl.adapters.peft_io import LoraPair, branch_pair, served_lora_pair
 from loracl.config import Float, HeadConfig, StrictModel, TrainConfig
 from loracl.data.stream import Task
 from loracl.errors import ConfigError, ExportRefused
+from loracl.methods.mean_router import MeanRouter
 from loracl.methods.routing import (
     RoutedBranchOptions,
     RoutedInferenceOptions,
     Router,
     RoutingTally,
     SumOverProcesses,
-    TaskRouter,
     local_sum,
     predict_by_route,
 )
@@ -156,9 +156,9 @@ class Method:
 
     def make_router(self, model: TaskModel) -> Router | None:
         """The router this method routes test examples with (None: it does not route); by default the [D]
-        `routed_inference` option's TaskRouter."""
+        `routed_inference` option's MeanRouter."""
         if isinstance(self.options, RoutedInferenceOptions) and self.options.routed_inference:
-            return TaskRouter(model.hidden_size, self.options.router, self.options.router_shrinkage)
+            return MeanRouter(model.hidden_size, self.options.router, self.options.router_shrinkage)
         return None
 
     def check_task_model(self, model: TaskModel) -> None:
@@ -378,7 +378,7 @@ class Method:
     def export_refusal(self) -> str | None:
         """Why the model this method serves now is not one PEFT LoRA on the backbone (None: it is one)."""
         if self.router is not None:
-            return "routed inference serves each example with the adapters of its inferred task, not one LoRA"
+            return "each example is served by the adapters of the task it is routed to, not by one LoRA"
         return self.adapter_export_refusal()
 
     def adapter_export_refusal(self) -> str | None:

@@ -83,6 +83,7 @@ class ClusterRouter(Router):
         self._shared_precision: tuple[tuple[float, float], torch.Tensor] | None = None
 
     def add_task(self, task_index: int, class_ids: list[int]) -> dict[int, int]:
+        """New slots (routing.Router.add_task) without clusters yet."""
         slot_of_class = super().add_task(task_index, class_ids)
         grow = len(class_ids)
         for name in ("cluster_means", "cluster_precisions", "cluster_valid"):

@@ -223,9 +223,12 @@ class LoracIpc(Method):
         model.add_module("lorac_ipc_class_gaussians", self.class_gaussians)
 
     def make_router(self, model: TaskModel) -> Router | None:
-        """TII (spec §3.3): clusters of the routing model's features per class; none without a class head."""
+        """TII (spec §3.3): clusters of the routing model's features per (task, class); none without a class head.
+        A task-incremental run is given each example's task, so its router only keeps the slots (no clusters)."""
         if not (self.options.tii and model.has_class_head):
             return None
+        if self.context.scenario == "task_incremental":
+            return Router()
         options = self.options
         return ClusterRouter(model.backbone.hidden_size, options.tii_clusters, options.tii_ridge, options.tii_cov, self.context.seed)
 
@@ -456,13 +459,6 @@ class LoracIpc(Method):
 
     # ----- inference --------------------------------------------------------------------------------
     @torch.no_grad()
-    def infer_tasks(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """TII (eq. 11) alone: each example's task index [B] and the routing model's features [B, H]."""
-        assert self.router is not None, "TII is off (tii: false, or a model without a class head)"
-        features = self.batch_routing_features({"inputs": inputs})
-        return self.router.route(features), features
-
-    @torch.no_grad()
     def predict(self, batch: dict[str, Any]) -> torch.Tensor:
         """Linear-head logits over the seen classes, each example through its (inferred) task's model."""
         assert self.model is not None
@@ -568,13 +564,36 @@ class LoracIpc(Method):
         prefixes = self._layer_prefix
         frozen = {name: int(state[prefixes[name] + "frozen_from"]) for name in self.layers if prefixes[name] + "frozen_from" in state}
         own = self.model.state_dict(keep_vars=True)
-        filled = dict(state)
+        filled = self._from_legacy_layout(state)
         for key in self._unused_pair_keys(frozen):
             if key not in filled and key in own:
                 filled[key] = own[key].detach()
         super().load_state_dict(filled)
         for layer in self.layers.values():
             layer.clear_cache()
+
+    def _from_legacy_layout(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A checkpoint written before 2026-12-02 kept TAP and TII under `lorac_ipc_memory.`, TII's rows indexed by
+        class id: renamed onto the class Gaussians and the router's slots, one per seen class in class order (the
+        class-incremental layout that version wrote)."""
+        legacy = "lorac_ipc_memory."
+        if not any(key.startswith(legacy) for key in state):
+            return dict(state)
+        renames = {"tap.": "lorac_ipc_class_gaussians.", "tii_means": "task_router.cluster_means",
+                   "tii_precisions": "task_router.cluster_precisions", "tii_valid": "task_router.cluster_valid",
+                   "tii_scatter_count": "task_router.scatter_count", "tii_scatter": "task_router.scatter"}
+        converted: dict[str, torch.Tensor] = {}
+        for key, value in state.items():
+            if key.startswith(legacy):
+                rest = key[len(legacy):]
+                old = next(prefix for prefix in renames if rest.startswith(prefix))
+                key = renames[old] + rest[len(old):]
+            converted[key] = value
+        if self.router is not None and "task_router.slot_task" not in converted:
+            owner = {class_id: task.index for task in self.seen_tasks for class_id in task.class_ids}
+            converted["task_router.slot_class"] = torch.tensor(sorted(owner), dtype=torch.long)
+            converted["task_router.slot_task"] = torch.tensor([owner[class_id] for class_id in sorted(owner)], dtype=torch.long)
+        return converted
 
     def extra_state(self) -> dict[str, Any]:
         tii_rounds = self.routing_tally.rounds()
@@ -621,7 +640,8 @@ class LoracIpc(Method):
 
     def task_metrics(self) -> dict[str, Any]:
         """Routing accuracy per evaluation round (the last is after the final task) and the freeze record."""
-        history = self.routing_tally.rounds()
+        # task-incremental runs are given the task: there is no task-identity inference to measure
+        history = [] if self.context.scenario == "task_incremental" else self.routing_tally.rounds()
         frozen = {name: int(layer.frozen_from) for name, layer in self.layers.items() if layer.is_frozen}
         without_tii = {}
         rows = list(self.newest_rows)

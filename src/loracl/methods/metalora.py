@@ -35,8 +35,10 @@ from loracl.config import Float
 from loracl.data.stream import Task
 from loracl.errors import ConfigError, LoraclError
 from loracl.methods.base import Method, MethodContext, MethodOptions, present_pair
-from loracl.methods.routing import Router, RouterMetric, TaskRouter, predict_by_route, select_rows
+from loracl.methods.mean_router import MeanRouter
+from loracl.methods.routing import Router, RouterMetric, predict_by_route, select_rows
 from loracl.seeding import private_rng
+from loracl.task_models.base import TaskModel
 
 # Convolutions that are not inside residual blocks (stems, shortcuts, patch embeddings): not adapted by `auto`.
 _NON_BLOCK_CONV = re.compile(r"(^|\.)(embedder|stem|shortcut|downsample|patch_embeddings|projection)(\.|$)")
@@ -247,11 +249,11 @@ class MetaLora(Method):
     def expands(self) -> bool:
         return self.options.cl_mode == "expand"
 
-    def make_router(self, model: ContinualClassifier) -> Router | None:
+    def make_router(self, model: TaskModel) -> Router | None:
         """expand mode routes each example to one task's block: class means of the frozen features."""
         if not self.expands:
             return None
-        return TaskRouter(model.backbone.hidden_size, self.options.router, self.options.mahalanobis_shrinkage)
+        return MeanRouter(model.backbone.hidden_size, self.options.router, self.options.mahalanobis_shrinkage)
 
     def attach(self, model: ContinualClassifier) -> None:
         """Freeze the backbone, wrap the target slots (module order = seed slice order), register our state."""
@@ -540,6 +542,11 @@ class MetaLora(Method):
             return self.model.predict(batch)
         finally:
             self.clear_seeds()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Also reads checkpoints written before 2026-12-02, which kept the router under `metalora.router.`."""
+        legacy = "metalora.router."
+        super().load_state_dict({("task_router." + key[len(legacy):] if key.startswith(legacy) else key): value for key, value in state.items()})
 
     def extra_state(self) -> dict[str, Any]:
         return {"block_of_task": {str(k): v for k, v in self.block_of_task.items()}, "slot_task": [] if self.router is None else self.router.slot_task.tolist()}

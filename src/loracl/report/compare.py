@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loracl.engine.checkpoint import RESULT_NEUTRAL_TRAIN_KEYS
 from loracl.errors import LoraclError
 from loracl.report.render import _human_bytes, _plain_table, markdown_table
 from loracl.report.write import load_summary
@@ -127,7 +128,8 @@ def _row_settings(run: dict[str, Any], config: dict[str, Any] | None) -> dict[st
     """What makes two runs the same row but for the seed: method, its options, head, backbone, training."""
     settings = {key: run.get(key) for key in ROW_KEYS}
     train = dict((config or {}).get("train") or {})
-    train.pop("progress", None)  # as in the checkpoint fingerprint: progress bars change nothing
+    for key in RESULT_NEUTRAL_TRAIN_KEYS:  # as in the checkpoint fingerprint
+        train.pop(key, None)
     settings["train"] = train
     return settings
 
