@@ -4,6 +4,7 @@ that task's own LoRA.
 
     python benchmarks/fusion_lm.py run    [--seeds 0 1 2] [--icm KEY=VALUE ...]
     python benchmarks/fusion_lm.py render
+    python benchmarks/fusion_lm.py finish --seeds 0 --stopped-after-min 60   # a stopped run's measured rows
 
 `run` writes docs/results/fusion_lm/seed<k>.json (skipping seeds already there; the task LoRAs resume from
 runs/fusion_lm/); `render` writes docs/results/fusion_lm.md. Rows: no LoRA, each task's own LoRA, every merge,
@@ -130,7 +131,6 @@ def run_seed(seed: int, icm_overrides: dict[str, Any], partial: Path | None = No
     if "own_lora" not in rows:
         rows["own_lora"] = {"per_task": [score(adapter.pairs)[index] for index, adapter in enumerate(adapters)]}
         keep()
-    own = rows["own_lora"]["per_task"]
     methods = [method for method in MERGES if method in FUSION_METHODS] + ["lorahub", "icm"]
     for method in methods:
         if method in rows:
@@ -142,13 +142,21 @@ def run_seed(seed: int, icm_overrides: dict[str, Any], partial: Path | None = No
         reports[method] = {key: value for key, value in outcome.report.items() if isinstance(value, (int, float, str)) and key != "method"}
         print(f"seed {seed} {method}: {rows[method]['per_task']}", flush=True)
         keep()
+    return seed_record(seed, icm_overrides, rows, reports, time.perf_counter() - started)
+
+
+def seed_record(seed: int, icm_overrides: dict[str, Any], rows: dict[str, Any], reports: dict[str, Any], wall_s: float | None) -> dict[str, Any]:
+    """One seed's result file: every measured row normalised by each task's own LoRA; rows not measured (a run
+    stopped by `finish`) are listed under `unfinished`."""
+    own = rows["own_lora"]["per_task"]
     for row in rows.values():
         row["normalised"] = [acc / base if base > 0 else None for acc, base in zip(row["per_task"], own)]
         valid = [value for value in row["normalised"] if value is not None]
         row["mean_normalised"] = statistics.mean(valid) if valid else None
         row["mean_accuracy"] = statistics.mean(row["per_task"])
+    expected = ["no_lora", "own_lora", *MERGES, "lorahub", "icm"]
     return {"seed": seed, "setup": SETUP, "icm_options": icm_overrides, "rows": rows, "reports": reports,
-            "wall_s": time.perf_counter() - started, **machine()}
+            "unfinished": [label for label in expected if label not in rows], "wall_s": wall_s, **machine()}
 
 
 def command_run(args: argparse.Namespace) -> None:
@@ -170,6 +178,23 @@ def command_run(args: argparse.Namespace) -> None:
         target.write_text(json.dumps(record, indent=1) + "\n")
 
 
+def command_finish(args: argparse.Namespace) -> None:
+    """Write the result file of a seed whose run was stopped, from the rows it kept (the rest listed as unfinished)."""
+    from loracl.config import parse_override
+
+    overrides = {parse_override(text)[0][0]: parse_override(text)[1] for text in args.icm}
+    for seed in args.seeds:
+        partial = ROOT / "runs" / NAME / f"seed{seed}" / "rows.json"
+        target = RESULTS / NAME / f"seed{seed}.json"
+        if target.exists() or not partial.exists():
+            continue
+        done = json.loads(partial.read_text())
+        record = seed_record(seed, overrides, done["rows"], done.get("reports", {}), None)
+        record["stopped_after_min"] = args.stopped_after_min
+        target.write_text(json.dumps(record, indent=1) + "\n")
+        print(f"seed {seed}: wrote {target} (unfinished: {record['unfinished']})")
+
+
 def fusion_table(records: list[dict[str, Any]]) -> list[str]:
     """Mean ± sd over seeds of each row: mean normalised accuracy, mean raw accuracy, fusion seconds."""
     labels = list(records[0]["rows"])
@@ -188,8 +213,13 @@ def load_records() -> list[dict[str, Any]]:
 
 def verdict(records: list[dict[str, Any]]) -> list[str]:
     """ICM-Fusion against the 0.90 target and against the best merge, by the spread rule."""
-    if not records or "icm" not in records[0]["rows"]:
+    if not records:
         return []
+    if any("icm" not in record["rows"] for record in records):
+        stopped = [record for record in records if "icm" not in record["rows"]][0]
+        return [f"- ICM-Fusion: not measured. Its run was stopped after {stopped.get('stopped_after_min')} minutes on this 2-core"
+                f" CPU before ICM-Fusion finished (rows not measured: {', '.join(stopped.get('unfinished', []))}); the 0.90"
+                " target is unmeasured. The table shows the rows that were."]
     normalised = {label: [r["rows"][label]["mean_normalised"] for r in records] for label in records[0]["rows"]}
     merges = [label for label in normalised if label not in ("no_lora", "own_lora", "icm")]
     best = max(merges, key=lambda label: statistics.mean(normalised[label]))
@@ -232,14 +262,15 @@ def command_render(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["run", "render"])
+    parser.add_argument("command", choices=["run", "render", "finish"])
+    parser.add_argument("--stopped-after-min", type=int, default=None, help="finish: how long the stopped run ran")
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     parser.add_argument("--icm", nargs="*", default=[], help="ICM-Fusion options as KEY=VALUE (e.g. warm_start_steps=100)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    {"run": command_run, "render": command_render}[args.command](args)
+    {"run": command_run, "render": command_render, "finish": command_finish}[args.command](args)
 
 
 if __name__ == "__main__":
