@@ -138,21 +138,33 @@ def setting_line(experiment: dict[str, Any]) -> str:
     )
 
 
-def load_rows(name: str) -> dict[str, list[dict[str, Any]]]:
+def load_rows(name: str, results: Path = RESULTS) -> dict[str, list[dict[str, Any]]]:
     """label -> the result records of every measured seed of an experiment."""
     rows: dict[str, list[dict[str, Any]]] = {}
-    for path in sorted((RESULTS / name).glob("*/seed*.json")):
+    for path in sorted((results / name).glob("*/seed*.json")):
         rows.setdefault(path.parent.name, []).append(json.loads(path.read_text()))
     return rows
+
+
+def ablation_verdicts(experiment: dict[str, Any], rows: dict[str, list[dict[str, Any]]], labels: set[str] | None = None) -> list[str]:
+    """Each measured ablation (`ablates` rows; those in `labels` when given) against its full row over the ablation's seeds."""
+    lines = []
+    for row in experiment["rows"]:
+        label, full = row["label"], row.get("ablates")
+        if full is None or (labels is not None and label not in labels) or label not in rows or full not in rows:
+            continue
+        seeds = {r["seed"] for r in rows[label]}
+        full_same = [r["avg_accuracy"] for r in rows[full] if r["seed"] in seeds]
+        delta, verdict = spread_rule(full_same, [r["avg_accuracy"] for r in rows[label]])
+        lines.append(f"- `{full}` minus `{label}`: {delta:+.3f} average accuracy (seeds {sorted(seeds)}; {verdict}).")
+    return lines
 
 
 def command_render(args: argparse.Namespace) -> None:
     experiment = load_experiment(args.experiment)
     name = experiment["name"]
     folder = RESULTS / name
-    rows: dict[str, list[dict[str, Any]]] = {}
-    for path in sorted(folder.glob("*/seed*.json")):
-        rows.setdefault(path.parent.name, []).append(json.loads(path.read_text()))
+    rows = load_rows(name)
     order = [row["label"] for row in experiment["rows"]] + ["peft_seq_lora"]
     ablations = {row["label"]: row["ablates"] for row in experiment["rows"] if "ablates" in row}
     reference = rows.get("seq_lora", [])
@@ -214,13 +226,8 @@ def command_render(args: argparse.Namespace) -> None:
         )
     if ablations:
         lines += ["", "## Mechanisms switched off", "",
-                  "Each ablation against its full method over the same seeds; the rule above decides.", ""]
-        for label, full in ablations.items():
-            if label in rows and full in rows:
-                seeds = {r["seed"] for r in rows[label]}
-                full_same = [r["avg_accuracy"] for r in rows[full] if r["seed"] in seeds]
-                delta, verdict = spread_rule(full_same, accuracy[label])
-                lines.append(f"- `{full}` minus `{label}`: {delta:+.3f} average accuracy (seeds {sorted(seeds)}; {verdict}).")
+                  "Each ablation against its full method over the same seeds; the rule above decides.", "",
+                  *ablation_verdicts(experiment, rows)]
     if "peft_seq_lora" in rows and reference:
         lines += ["", "## Against PEFT", ""]
         for record in rows["peft_seq_lora"]:
@@ -257,6 +264,11 @@ def command_render(args: argparse.Namespace) -> None:
 # ----- the results page: every experiment, verdict first ----------------------------------------------------
 EXPERIMENTS = ROOT / "benchmarks" / "experiments"
 FLOORS = ("zero_shot", "probe", "probe-prototype")
+
+
+def experiment_paths(folder: Path = EXPERIMENTS) -> list[Path]:
+    """The experiment files, in their `order` (the results page's order), then by name."""
+    return sorted(folder.glob("*.yaml"), key=lambda path: (load_experiment(str(path)).get("order", 99), path.name))
 
 
 def headline_labels(experiment: dict[str, Any], rows: dict[str, list[dict[str, Any]]]) -> list[str]:
@@ -390,8 +402,7 @@ def pair_verdicts(experiment: dict[str, Any], rows: dict[str, list[dict[str, Any
 def command_summary(args: argparse.Namespace) -> None:
     """docs/results.md (verdict first, one table and two figures per setting) and the README's headline block."""
     sections, verdicts, readme = [], [], []
-    paths = sorted(EXPERIMENTS.glob("*.yaml"), key=lambda path: (load_experiment(str(path)).get("order", 99), path.name))
-    for path in paths:
+    for path in experiment_paths():
         experiment = load_experiment(str(path))
         rows = load_rows(experiment["name"])
         if not rows:
