@@ -4,7 +4,8 @@ seeds; every row x seed is one run whose results land as JSON in docs/results/<e
 
     python benchmarks/bench.py run     benchmarks/experiments/text_stream.yaml [--only LABEL ...] [--seeds 0 1]
     python benchmarks/bench.py render  benchmarks/experiments/text_stream.yaml
-    python benchmarks/bench.py summary            # docs/results.md, its figures and the README's headline
+    python benchmarks/bench.py summary            # docs/results.md, its figures, the README's headline, the method pages' blocks
+    python benchmarks/bench.py methods            # only the measured blocks of docs/methods/*.md
 
 `run` skips what is measured and resumes a killed run from its checkpoints under runs/<experiment>/.
 """
@@ -399,6 +400,145 @@ def pair_verdicts(experiment: dict[str, Any], rows: dict[str, list[dict[str, Any
     return lines
 
 
+# ----- the method pages: a generated block per page, from the same JSON files ------------------------------
+METHODS = ROOT / "docs" / "methods"
+MEASURED_BEGIN, MEASURED_END = "<!-- measured:begin -->", "<!-- measured:end -->"
+CONTEXT = (*FLOORS, "seq_lora", "joint")  # the rows a method's rows are read beside
+# docs/methods/<page>.md -> the method names whose rows it reports (routed_inference: rows with the switch on)
+PAGE_METHODS: dict[str, tuple[str, ...]] = {
+    "baselines": ("seq_lora", "inc_lora", "joint", "o_lora", "inflora", "sd_lora"),
+    "icm_fusion": ("icm_fusion",),
+    "fm_lora": ("fm_lora",),
+    "metalora": ("metalora",),
+    "oa_adapter": ("oa_adapter",),
+    "lorac_ipc": ("lorac_ipc",),
+    "routed_inference": (),
+}
+
+
+def page_owns(page: str, row: dict[str, Any]) -> bool:
+    """Whether an experiment row is reported on a method page: the row's method name, or its routed_inference switch."""
+    if page == "routed_inference":
+        return bool(row.get("options", {}).get("routed_inference"))
+    return row["name"] in PAGE_METHODS[page]
+
+
+def owned_labels(page: str, experiment: dict[str, Any]) -> list[str]:
+    """The labels of an experiment that a page reports; a row that is only ever a pair's reference is its partner's."""
+    references = {pair[1] for pair in experiment.get("pairs", [])} - {pair[0] for pair in experiment.get("pairs", [])}
+    return [row["label"] for row in experiment["rows"] if page_owns(page, row) and row["label"] not in references]
+
+
+def results_link(experiment: dict[str, Any]) -> str:
+    """Where a method page points for the whole experiment: its own page, or results.md for single-task pairs."""
+    if experiment.get("pairs"):
+        return f"every row: [results.md](../results.md), section \"{experiment.get('title', experiment['name'])}\""
+    return f"every row, the ablations and the accuracy matrices: [results/{experiment['name']}.md](../results/{experiment['name']}.md)"
+
+
+def versus_seq_lora(labels: list[str], experiment: dict[str, Any], rows: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Each non-ablation row's average accuracy against seq_lora's by the spread rule (none without seq_lora)."""
+    if "seq_lora" not in rows:
+        return []
+    ablations = {row["label"] for row in experiment["rows"] if "ablates" in row}
+    reference = [r["avg_accuracy"] for r in rows["seq_lora"]]
+    lines = []
+    for label in labels:
+        if label in ablations or label in CONTEXT:
+            continue
+        delta, verdict = spread_rule([r["avg_accuracy"] for r in rows[label]], reference)
+        lines.append(f"- `{label}` against `seq_lora`: {delta:+.3f} average accuracy ({verdict}).")
+    return lines
+
+
+def experiment_block(page: str, experiment: dict[str, Any], rows: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """One experiment's part of a method page: the page's rows beside the floors, seq_lora and joint, the verdicts."""
+    owned = owned_labels(page, experiment)
+    if not owned:
+        return []
+    lines = [f"### {experiment.get('title', experiment['name'])} (`{experiment['name']}`)", ""]
+    if not experiment.get("pairs"):  # single-task rows each name their own task
+        lines += [setting_line(experiment), ""]
+    measured = [label for label in owned if label in rows]
+    missing = [label for label in owned if label not in rows]
+    if measured:
+        if experiment.get("pairs"):  # single-task comparisons: the page's rows beside their matched references
+            pairs = [pair for pair in experiment["pairs"] if pair[0] in owned or pair[1] in owned]
+            beside = {label for pair in pairs for label in pair}
+            verdicts = pair_verdicts({**experiment, "pairs": pairs}, rows)
+        else:
+            beside = set(CONTEXT)
+            verdicts = versus_seq_lora(measured, experiment, rows) + ablation_verdicts(experiment, rows, set(measured))
+        shown = [row["label"] for row in experiment["rows"] if row["label"] in rows and (row["label"] in beside or row["label"] in owned)]
+        lines += [*headline_table(experiment, rows, shown), "", *verdicts]
+    if missing:
+        lines.append(f"- Not measured yet: {', '.join(f'`{label}`' for label in missing)}.")
+    lines += ["", f"Generated from `docs/results/{experiment['name']}/`; {results_link(experiment)}.", ""]
+    return lines
+
+
+def fusion_lm_block(results: Path) -> list[str]:
+    """ICM-Fusion on language-model LoRAs (benchmarks/fusion_lm.py), when its seed files exist."""
+    paths = sorted((results / "fusion_lm").glob("seed*.json"))
+    if not paths:
+        return []
+    import fusion_lm
+
+    records = [json.loads(path.read_text()) for path in paths]
+    return ["### Fusing language-model LoRAs (`fusion_lm`)", "", *fusion_lm.verdict(records), "",
+            "Every row: [results/fusion_lm.md](../results/fusion_lm.md).", ""]
+
+
+def method_block(page: str, experiments: list[dict[str, Any]], results: Path = RESULTS) -> list[str]:
+    """The generated lines between a method page's markers: every experiment with rows of the page's methods."""
+    lines = [
+        "_Generated by `python benchmarks/bench.py summary` from the JSON files under `docs/results/`; nothing between",
+        "these markers is typed by hand._ Mean ± standard deviation over seeds (one value: one seed); a difference counts",
+        "only when it exceeds the sum of the two standard deviations, and one seed decides nothing. Speeds (train x,",
+        "eval x) are relative to seq_lora in the same experiment, on a shared CPU: rough.",
+        "",
+    ]
+    body = [line for experiment in experiments for line in experiment_block(page, experiment, load_rows(experiment["name"], results))]
+    if page == "icm_fusion":
+        body += fusion_lm_block(results)
+    if not body:
+        what = "routed" if page == "routed_inference" else ", ".join(f"`{name}`" for name in PAGE_METHODS[page])
+        body = [f"No {what} rows in the current experiments; the single-seed history is in [results/legacy.md](../results/legacy.md).", ""]
+    return lines + body
+
+
+def replace_block(text: str, block: list[str]) -> str:
+    """The page with the lines between its measured markers replaced by `block` (the markers and the rest unchanged)."""
+    start = text.index(MEASURED_BEGIN) + len(MEASURED_BEGIN)
+    end = text.index(MEASURED_END, start)
+    return text[:start] + "\n" + "\n".join(block).rstrip("\n") + "\n" + text[end:]
+
+
+def write_method_blocks(methods: Path = METHODS, experiments: Path = EXPERIMENTS, results: Path = RESULTS) -> list[Path]:
+    """Regenerate the measured block of every method page that has the markers; returns the pages rewritten."""
+    loaded = [load_experiment(str(path)) for path in experiment_paths(experiments)]
+    written = []
+    for page in PAGE_METHODS:
+        path = methods / f"{page}.md"
+        if not path.exists():
+            continue
+        text = path.read_text()
+        if MEASURED_BEGIN not in text or MEASURED_END not in text:
+            print(f"{path}: no {MEASURED_BEGIN} / {MEASURED_END} markers, left as it is")
+            continue
+        new = replace_block(text, method_block(page, loaded, results))
+        if new != text:
+            path.write_text(new)
+            written.append(path)
+    return written
+
+
+def command_methods(args: argparse.Namespace) -> None:
+    """The measured blocks of docs/methods/*.md."""
+    for path in write_method_blocks():
+        print("wrote", path)
+
+
 def command_summary(args: argparse.Namespace) -> None:
     """docs/results.md (verdict first, one table and two figures per setting) and the README's headline block."""
     sections, verdicts, readme = [], [], []
@@ -472,19 +612,21 @@ def command_summary(args: argparse.Namespace) -> None:
         text = text[: text.index(begin)] + "\n".join(block) + text[text.index(end) + len(end):]
         readme_path.write_text(text)
     print("wrote docs/results.md")
+    command_methods(args)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["run", "one", "render", "summary"])
+    parser.add_argument("command", choices=["run", "one", "render", "summary", "methods"])
     parser.add_argument("experiment", nargs="?")
     parser.add_argument("--only", nargs="*", default=None)
     parser.add_argument("--seeds", nargs="*", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (runs beside other work)")
     args = parser.parse_args()
-    if args.command != "summary" and not args.experiment:
+    if args.command not in ("summary", "methods") and not args.experiment:
         parser.error(f"{args.command} needs an experiment file")
-    {"run": command_run, "one": command_one, "render": command_render, "summary": command_summary}[args.command](args)
+    commands = {"run": command_run, "one": command_one, "render": command_render, "summary": command_summary, "methods": command_methods}
+    commands[args.command](args)
 
 
 if __name__ == "__main__":
