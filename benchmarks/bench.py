@@ -457,24 +457,23 @@ def experiment_block(page: str, experiment: dict[str, Any], rows: dict[str, list
     if not owned:
         return []
     lines = [f"### {experiment.get('title', experiment['name'])} (`{experiment['name']}`)", ""]
-    if not experiment.get("pairs"):  # single-task rows each name their own task
-        lines += [setting_line(experiment), ""]
     measured = [label for label in owned if label in rows]
-    missing = [label for label in owned if label not in rows]
-    if measured:
-        if experiment.get("pairs"):  # single-task comparisons: the page's rows beside their matched references
-            pairs = [pair for pair in experiment["pairs"] if pair[0] in owned or pair[1] in owned]
-            beside = {label for pair in pairs for label in pair}
-            verdicts = pair_verdicts({**experiment, "pairs": pairs}, rows)
-        else:
-            beside = set(CONTEXT)
-            verdicts = versus_seq_lora(measured, experiment, rows) + ablation_verdicts(experiment, rows, set(measured))
-        shown = [row["label"] for row in experiment["rows"] if row["label"] in rows and (row["label"] in beside or row["label"] in owned)]
-        lines += [*headline_table(experiment, rows, shown), "", *verdicts]
+    missing = [f"`{label}`" for label in owned if label not in rows]
+    if not measured:
+        return [*lines, f"- Not measured yet: {', '.join(missing)}.", ""]
+    if experiment.get("pairs"):  # single-task comparisons: the page's rows beside their matched references
+        pairs = [pair for pair in experiment["pairs"] if pair[0] in owned or pair[1] in owned]
+        beside = {label for pair in pairs for label in pair}
+        verdicts = pair_verdicts({**experiment, "pairs": pairs}, rows)
+    else:  # single-task rows each name their own task, so only a stream's experiment gets the setting line
+        lines += [setting_line(experiment), ""]
+        beside = set(CONTEXT)
+        verdicts = versus_seq_lora(measured, experiment, rows) + ablation_verdicts(experiment, rows, set(measured))
+    shown = [row["label"] for row in experiment["rows"] if row["label"] in rows and (row["label"] in beside or row["label"] in owned)]
+    lines += [*headline_table(experiment, rows, shown), "", *verdicts]
     if missing:
-        lines.append(f"- Not measured yet: {', '.join(f'`{label}`' for label in missing)}.")
-    lines += ["", f"Generated from `docs/results/{experiment['name']}/`; {results_link(experiment)}.", ""]
-    return lines
+        lines.append(f"- Not measured yet: {', '.join(missing)}.")
+    return [*lines, "", f"Generated from `docs/results/{experiment['name']}/`; {results_link(experiment)}.", ""]
 
 
 def fusion_lm_block(results: Path) -> list[str]:
