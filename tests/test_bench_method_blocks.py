@@ -1,0 +1,102 @@
+"""The measured block of a method page is generated from result JSON files, between its markers only, idempotently."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
+BEGIN, END = "<!-- measured:begin -->", "<!-- measured:end -->"
+ACCURACY = {  # label -> avg accuracy of seeds 0, 1, 2
+    "probe": [0.20, 0.21, 0.19],
+    "seq_lora": [0.40, 0.42, 0.38],
+    "joint": [0.90, 0.91, 0.89],
+    "o_lora": [0.45, 0.46, 0.44],
+    "lorac_ipc": [0.80, 0.81, 0.79],
+    "lorac_ipc-no-ipc": [0.50, 0.51, 0.49],
+}
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_under_test", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    return module
+
+
+def fabricate(root: Path) -> tuple[Path, Path, Path]:
+    """A tiny experiment file, three seeds of result JSON per measured row, and an empty methods folder."""
+    experiments, results, methods = root / "experiments", root / "results", root / "methods"
+    experiments.mkdir()
+    methods.mkdir()
+    rows = [{"label": label, "name": label.split("-")[0], "seeds": [0, 1, 2]} for label in ACCURACY]
+    rows[-1]["ablates"] = "lorac_ipc"
+    rows.append({"label": "lorac_ipc-no-tii", "name": "lorac_ipc", "options": {"tii": False}, "seeds": [0], "ablates": "lorac_ipc"})
+    experiment = {
+        "name": "tiny",
+        "title": "Tiny stream",
+        "base": {"backbone": {"name": "tiny-bert"}, "stream": {"tasks": ["a", "b"]}, "train": {"epochs": 1, "batch_size": 4, "lr": 1e-3}},
+        "rows": rows,
+    }
+    (experiments / "tiny.yaml").write_text(yaml.safe_dump(experiment))
+    for label, values in ACCURACY.items():
+        for seed, accuracy in enumerate(values):
+            record = {
+                "label": label, "seed": seed, "avg_accuracy": accuracy, "forgetting": 0.1, "bwt": -0.1,
+                "stored_bytes_cumulative": [1e6, 2e6], "train_samples_per_s": 10.0, "eval_samples_per_s": 20.0,
+                "accuracy_matrix": [[accuracy, None], [accuracy, accuracy]],
+            }
+            path = results / "tiny" / label / f"seed{seed}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(record))
+    return experiments, results, methods
+
+
+def test_block_between_the_markers_from_the_json_and_idempotent(bench, tmp_path: Path) -> None:
+    experiments, results, methods = fabricate(tmp_path)
+    before = "# lorac_ipc\n\n[P] the paper's composition; [D] our switch.\n\n## Measured\n\nIntro.\n\n"
+    after = "\n\n## Single-seed history\n\nKept as written: 0.546.\n"
+    page = methods / "lorac_ipc.md"
+    page.write_text(before + BEGIN + "\nstale hand-typed 0.123\n" + END + after)
+    routed = methods / "routed_inference.md"
+    routed.write_text(f"# Routed\n\n{BEGIN}\n{END}\n")
+    unmarked = methods / "fm_lora.md"
+    unmarked.write_text("# fm_lora\n\nno markers here\n")
+
+    written = bench.write_method_blocks(methods, experiments, results)
+
+    assert sorted(written) == sorted([page, routed])
+    text = page.read_text()
+    assert text.startswith(before + BEGIN + "\n") and text.endswith(END + after)
+    block = text[len(before) + len(BEGIN): -len(END + after)]
+    assert "stale" not in block
+    assert "### Tiny stream (`tiny`)" in block
+    for label in ("probe", "seq_lora", "joint", "lorac_ipc", "lorac_ipc-no-ipc"):
+        assert f"\n| {label} | 3 | " in block
+    assert "| o_lora |" not in block  # another method's row
+    assert "| lorac_ipc | 3 | 0.800 ± 0.010 |" in block
+    assert "- `lorac_ipc` against `seq_lora`: +0.400 average accuracy (beyond the spread)." in block
+    assert "- `lorac_ipc` minus `lorac_ipc-no-ipc`: +0.300 average accuracy (seeds [0, 1, 2]; beyond the spread)." in block
+    assert "- Not measured yet: `lorac_ipc-no-tii`." in block
+    assert "[results/tiny.md](../results/tiny.md)" in block
+    assert "No routed rows in the current experiments" in routed.read_text()
+    assert unmarked.read_text() == "# fm_lora\n\nno markers here\n"
+
+    pages = {path: path.read_text() for path in methods.iterdir()}
+    assert bench.write_method_blocks(methods, experiments, results) == []
+    assert {path: path.read_text() for path in methods.iterdir()} == pages
+
+
+def test_a_reference_row_of_a_pair_belongs_to_the_page_of_the_row_it_is_compared_with(bench) -> None:
+    experiment = {
+        "pairs": [["metalora_cp-sst2", "lora_r9-sst2"]],
+        "rows": [{"label": "lora_r9-sst2", "name": "seq_lora"}, {"label": "metalora_cp-sst2", "name": "metalora"}],
+    }
+    assert bench.owned_labels("baselines", experiment) == []
+    assert bench.owned_labels("metalora", experiment) == ["metalora_cp-sst2"]
