@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -151,3 +154,12 @@ def accuracy_by_hand(method: Any, task: Any, eval_batch_size: int = 16) -> float
     for batch in loader:
         correct += int((method.predict(batch).argmax(dim=1) == batch["labels"]).sum())
     return correct / len(task.test)
+
+
+def load_script(path: Path, name: str) -> ModuleType:
+    """A script outside the package (benchmarks/*.py) imported as a module under `name`."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import load_script
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
 BEGIN, END = "<!-- measured:begin -->", "<!-- measured:end -->"
@@ -23,11 +23,7 @@ ACCURACY = {  # label -> avg accuracy of seeds 0, 1, 2
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_under_test", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCH, "bench_under_test")
 
 
 def fabricate(root: Path) -> tuple[Path, Path, Path]:

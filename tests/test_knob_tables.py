@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 
 import pytest
+from helpers import load_script
 from pydantic import BaseModel
 
 from loracl.methods.registry import available_methods, method_options_class
@@ -16,11 +16,7 @@ SOURCES = ("paper", "official code", "secondary source", "neighbouring code", "o
 
 
 def load_generator():
-    spec = importlib.util.spec_from_file_location("knob_tables", GENERATOR)
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
+    return load_script(GENERATOR, "knob_tables")
 
 
 def option_fields(options: type[BaseModel], prefix: str = ""):
