@@ -170,3 +170,30 @@ def test_lorac_ipc_default_importance_is_refused_under_several_processes(monkeyp
     monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
     with pytest.raises(ConfigError, match="ipc_importance: lora_factors"):
         run.check_distribution(method)
+
+
+def test_sharded_strategies_are_refused_in_one_line_naming_the_strategy(monkeypatch: pytest.MonkeyPatch) -> None:
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+    from helpers import tiny_config, tiny_text_stream
+
+    from loracl.engine.runner import MethodRun
+    from loracl.errors import ConfigError
+
+    config = tiny_config("seq_lora")
+    run = MethodRun(config, config.method[0], tiny_text_stream(2, train=4, test=2), None)
+    method = run.build()
+    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self, kind=kind: kind))
+        with pytest.raises(ConfigError, match=f"accelerate strategy {kind.value}: not supported"):
+            run.check_distribution(method)
+
+
+def test_a_sharding_request_that_accelerate_dropped_on_the_cpu_is_named() -> None:
+    from loracl.engine.runner import sharding_request_ignored
+
+    assert sharding_request_ignored("MULTI_CPU", {"ACCELERATE_USE_FSDP": "true"}).startswith("FSDP was requested")
+    assert "DeepSpeed" in sharding_request_ignored("NO", {"ACCELERATE_USE_DEEPSPEED": "1"})
+    assert sharding_request_ignored("MULTI_CPU", {"ACCELERATE_USE_FSDP": "false"}) is None
+    assert sharding_request_ignored("MULTI_CPU", {}) is None
+    assert sharding_request_ignored("FSDP", {"ACCELERATE_USE_FSDP": "true"}) is None

@@ -8,6 +8,7 @@ import math
 import os
 import resource
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,17 @@ def make_accelerator(cpu: bool, mixed_precision: str) -> Accelerator:
             raise
         AcceleratorState._reset_state(reset_partial_state=True)  # accelerate's own reset (what its test utilities call)
         return Accelerator(**kwargs)
+
+
+def sharding_request_ignored(kind: str, environ: Mapping[str, str]) -> str | None:
+    """The line to warn with when the launcher asked for FSDP or DeepSpeed but accelerate runs plain data parallelism:
+    accelerate (1.x) drops both on the CPU (`accelerate launch --use_fsdp` there gives DDP), so nothing is sharded."""
+    requested = [name for name, variable in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+                 if environ.get(variable, "").lower() in ("1", "true", "yes")]
+    if not requested or kind in ("FSDP", "DEEPSPEED"):
+        return None
+    return (f"{requested[0]} was requested at launch but accelerate runs {kind} (it shards nothing on the CPU):"
+            " every process holds the whole model")
 
 
 class TrainingStep(torch.nn.Module):
@@ -440,6 +452,9 @@ class MethodRun:
     def check_distribution(self, method: Method) -> None:
         """Refuse, in one line, a strategy the engine or the method does not support (before anything trains)."""
         kind = self.accelerator.distributed_type.value
+        ignored = sharding_request_ignored(kind, os.environ)
+        if ignored is not None:
+            logger.warning(ignored)
         if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA"):
             raise ConfigError(
                 f"accelerate strategy {kind}: not supported yet (methods read and merge whole weight matrices);"
