@@ -538,6 +538,86 @@ def command_methods(args: argparse.Namespace) -> None:
         print("wrote", path)
 
 
+def load_record(name: str, results: Path = RESULTS) -> dict[str, Any] | None:
+    """The record docs/results/<name>.json written by benchmarks/<name>.py, or None when it was never written."""
+    path = results / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def provenance(record: dict[str, Any], script: str) -> str:
+    """Where a record comes from: its machine and date, and the command that writes it."""
+    return f"{record['machine']}, {record['date']}; `python benchmarks/{script}.py`"
+
+
+def multiprocess_lines(record: dict[str, Any]) -> list[str]:
+    """multiprocess_speed.json: samples/s of seq_lora in one process and in two, as one paragraph."""
+    return [f"seq_lora on {', '.join(record['tasks'])} ({record['train_per_task']} train per task, global batch {record['global_batch']}):"
+            f" {record['processes_1']['train_samples_per_s']:.1f} samples/s in one process, {record['processes_2']['train_samples_per_s']:.1f}"
+            f" with two (ratio {record['ratio_2_over_1']:.2f}; {record['machine']}, {record['date']}). Two processes on two cores share"
+            " the cores one process already uses: this is the distributed path's overhead there, not a speed-up."
+            " (`python benchmarks/multiprocess_speed.py`)", ""]
+
+
+def quickstart_lines(record: dict[str, Any]) -> list[str]:
+    """quickstart_time.json: the embedded default run's wall time against its target, as one sentence."""
+    met = "met" if record["wall_s"] < record["target_s"] else "NOT met"
+    accuracies = ", ".join(f"{run['label']} {run['avg_accuracy']:.3f}" for run in record["runs"])
+    return [f"**The embedded default run** (`loracl run` with no config, {len(record['runs'])} method entries): {record['wall_s']:.0f} s"
+            f" wall time end to end, target under {record['target_s']} s: {met}. Average accuracy: {accuracies}"
+            f" ({provenance(record, 'quickstart_time')}).", ""]
+
+
+def peft_speed_lines(record: dict[str, Any]) -> list[str]:
+    """peft_speed.json: seq_lora's training against PEFT's LoRA and merged inference against the bare model, as a table."""
+    setup, train, evaluation = record["setup"], record["train_samples_per_s"], record["eval_ms_per_batch"]
+    train_met = "yes" if record["train_ratio"] >= record["train_target"] else "no"
+    eval_met = "yes" if record["eval_ratio"] <= record["eval_target"] else "no"
+    return [
+        f"**Speed against PEFT** (MiniLM-L6, rank {setup['rank']} / alpha {setup['alpha']:g} on query and value, batch {setup['batch']},"
+        f" length {setup['length']}, median of {setup['rounds']} interleaved rounds of {setup['steps']} steps; {provenance(record, 'peft_speed')}):", "",
+        "| measure | loracl | reference | ratio | target | met |", "|---|---|---|---|---|---|",
+        f"| train samples/s, seq_lora vs PEFT LoRA | {train['loracl']:.1f} | {train['peft']:.1f} (PEFT) | {record['train_ratio']:.3f}"
+        f" | >= {record['train_target']:g} | {train_met} |",
+        f"| eval time per batch, merged adapter vs bare model | {evaluation['merged']:.1f} ms | {evaluation['bare']:.1f} ms (bare)"
+        f" | {record['eval_ratio']:.3f} | <= {record['eval_target']:g} | {eval_met} |", "",
+        f"Fastest round instead of the median: train ratio {record['fastest_round']['train_ratio']:.3f}, eval ratio"
+        f" {record['fastest_round']['eval_ratio']:.3f}. On a shared machine read ratios within about 0.03 of 1.0 as equal speed.", "",
+    ]
+
+
+def fvae_cost_lines(record: dict[str, Any]) -> list[str]:
+    """fvae_cost.json: the F-VAE's size and training-step time for ICM-Fusion's two targets, as a table."""
+    setup = record["setup"]
+    rows = [f"| {row['target']} | {row['conv_divisor']} | {row['values_per_lora']:,} | {row['parameters']:,} | {row['s_per_step']:.2f}"
+            f" | {row['warm_start_min']:.1f} |" for row in record["rows"]]
+    return [
+        f"**F-VAE cost per training step** (ICM-Fusion; batch {setup['batch']}, mean of {setup['timed_steps']} steps, {setup['threads']} threads,"
+        f" at MiniLM-L6's query/value LoRA shapes, r={setup['rank']}; `delta` is {record['delta_over_factors_length']:.0f}x longer than `factors`;"
+        f" {provenance(record, 'fvae_cost')}):", "",
+        f"| target | conv widths / | values per LoRA | F-VAE parameters | s per step | min for {setup['warm_start_steps']} warm-start steps |",
+        "|---|---|---|---|---|---|", *rows, "",
+    ]
+
+
+COSTS = {"quickstart_time": quickstart_lines, "peft_speed": peft_speed_lines, "fvae_cost": fvae_cost_lines}
+
+
+def several_processes_section(results: Path = RESULTS) -> list[str]:
+    """The 'Several processes (CPU)' section of docs/results.md, or nothing without multiprocess_speed.json."""
+    record = load_record("multiprocess_speed", results)
+    return [] if record is None else ["## Several processes (CPU)", "", *multiprocess_lines(record)]
+
+
+def costs_section(results: Path = RESULTS) -> list[str]:
+    """The 'Costs' section of docs/results.md from the cost records that exist; nothing when none does."""
+    body = []
+    for name, lines in COSTS.items():
+        record = load_record(name, results)
+        if record is not None:
+            body += lines(record)
+    return ["## Costs", "", *body] if body else []
+
+
 def command_summary(args: argparse.Namespace) -> None:
     """docs/results.md (verdict first, one table and two figures per setting) and the README's headline block."""
     sections, verdicts, readme = [], [], []
@@ -577,15 +657,7 @@ def command_summary(args: argparse.Namespace) -> None:
         sections += ["## Fusing language-model LoRAs", "", *fusion_lm.fusion_table(records), "",
                      "Setup, options and every row: [results/fusion_lm.md](results/fusion_lm.md) (`python benchmarks/fusion_lm.py run`).", ""]
         fusion_lm.command_render(argparse.Namespace())
-    speed = RESULTS / "multiprocess_speed.json"
-    if speed.exists():
-        data = json.loads(speed.read_text())
-        sections += ["## Several processes (CPU)", "",
-                     f"seq_lora on {', '.join(data['tasks'])} ({data['train_per_task']} train per task, global batch {data['global_batch']}):"
-                     f" {data['processes_1']['train_samples_per_s']:.1f} samples/s in one process, {data['processes_2']['train_samples_per_s']:.1f}"
-                     f" with two (ratio {data['ratio_2_over_1']:.2f}; {data['machine']}, {data['date']}). Two processes on two cores share"
-                     " the cores one process already uses: this is the distributed path's overhead there, not a speed-up."
-                     " (`python benchmarks/multiprocess_speed.py`)", ""]
+    sections += several_processes_section() + costs_section()
     page = [
         "# Measured results",
         "",

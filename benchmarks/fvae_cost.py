@@ -4,11 +4,14 @@ Says what an ICM fusion costs before running one: the flat length the F-VAE sees
 floats, and the time of one warm-start step (batch 16), projected to the default 300-step warm start.
 
     python benchmarks/fvae_cost.py --threads 2
+
+Writes docs/results/fvae_cost.json (rendered into docs/results.md's Costs section by `python benchmarks/bench.py summary`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -16,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import write_section  # noqa: E402
+from bench import RESULTS, machine  # noqa: E402
 
 from loracl.adapters.peft_io import LoraPair  # noqa: E402
 from loracl.fusion.flat import FlatLayout, full_rank_view  # noqa: E402
@@ -60,8 +63,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration")
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--section", default="fvae_cost")
-    parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--no-write", action="store_true", help="print the record, do not write docs/results/fvae_cost.json")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -76,24 +78,21 @@ def main() -> None:
         vae = FusionVAE(layout.padded, HIDDEN, 256, divisor)
         params = sum(p.numel() for p in vae.parameters())
         seconds = step_seconds(vae, layout.padded, args.batch, args.steps)
-        rows.append([target, str(divisor), f"{layout.numel:,}", f"{layout.padded:,}", f"{params:,}", f"{seconds:.2f}", f"{seconds * warm_start / 60:.1f}"])
+        rows.append({"target": target, "conv_divisor": divisor, "values_per_lora": layout.numel, "padded_length": layout.padded,
+                     "parameters": params, "s_per_step": seconds, "warm_start_min": seconds * warm_start / 60})
         print(rows[-1], flush=True)
-    header = ["target", "conv widths /", "values per LoRA", "padded length", "F-VAE parameters", "s per step", f"min for {warm_start} warm-start steps"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(row) + " |" for row in rows]
-    body = "\n".join(
-        [
-            f"One CVAE training step of the F-VAE (batch {args.batch}, forward + backward + AdamW, mean of {args.steps} after one "
-            f"untimed step, {torch.get_num_threads()} torch threads) at the shapes of MiniLM-L6's query/value LoRAs (12 modules, "
-            f"r={RANK}); random weights (the cost does not depend on them). `factors` encodes (A, B) as ICM-LoRA does; `delta` "
-            f"encodes each module's whole update dW (spec G6), {lengths['delta'] / lengths['factors']:.0f}x longer. The last column projects the default warm start "
-            "only; meta steps add in-context gradient steps on the backbone.",
-            "",
-            *lines,
-        ]
-    )
-    print(body)
+    record = {
+        "setup": {"backbone_shapes": "minilm-l6 query/value", "modules": 2 * LAYERS, "rank": RANK, "batch": args.batch,
+                  "timed_steps": args.steps, "threads": torch.get_num_threads(), "warm_start_steps": warm_start},
+        "rows": rows,
+        "delta_over_factors_length": lengths["delta"] / lengths["factors"],
+        **machine(),
+    }
+    print(json.dumps(record, indent=1))
     if not args.no_write:
-        print(f"written to {write_section(args.section, 'F-VAE cost per training step: factors vs delta target (CPU)', body)}")
+        target = RESULTS / "fvae_cost.json"
+        target.write_text(json.dumps(record, indent=1) + "\n")
+        print(f"written to {target}")
 
 
 if __name__ == "__main__":

@@ -5,12 +5,15 @@ the same mean-pooling + linear head + cross-entropy + AdamW step. Measurements a
 (ours, PEFT, ours, PEFT, ...) so that machine load affects both alike; the figure is the median over rounds.
 
     python benchmarks/peft_speed.py [--rounds 7] [--steps 5]
+
+Writes docs/results/peft_speed.json (rendered into docs/results.md's Costs section by `python benchmarks/bench.py summary`).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import sys
 import time
@@ -20,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import write_section  # noqa: E402
+from bench import RESULTS, machine  # noqa: E402
 
 from loracl.adapters import LoraLayer, inject_adapters, merge_adapters  # noqa: E402
 from loracl.backbones.base import mean_pool  # noqa: E402
@@ -29,6 +32,7 @@ from loracl.data.sources.json_dir import load_json_dir  # noqa: E402
 from loracl.resources import quickstart_data_dir  # noqa: E402
 
 RANK, ALPHA, BATCH, LENGTH = 8, 16.0, 16, 64
+TRAIN_TARGET, EVAL_TARGET = 1.0, 1.02  # train ratio at least, merged eval ratio at most
 
 
 def batches(tokenizer, count: int) -> list[dict[str, torch.Tensor]]:
@@ -108,27 +112,22 @@ def main() -> None:
                 store.append(timed(forward(model), data))
     eval_ratio = statistics.median(merged_s) / statistics.median(bare_s)
     train_ratio = ours_rate / theirs_rate
-    body = "\n".join(
-        [
-            "| measure | loracl | reference | ratio | target | met |",
-            "|---|---|---|---|---|---|",
-            f"| train samples/s, seq_lora vs PEFT LoRA | {ours_rate:.1f} | {theirs_rate:.1f} (PEFT) | {train_ratio:.3f} | >= 1.0 | {'yes' if train_ratio >= 1.0 else 'no'} |",
-            f"| eval time per batch, merged adapter vs bare model | {statistics.median(merged_s) / args.steps * 1000:.1f} ms | {statistics.median(bare_s) / args.steps * 1000:.1f} ms (bare) | {eval_ratio:.3f} | <= 1.02 | {'yes' if eval_ratio <= 1.02 else 'no'} |",
-            "",
-            f"Fastest round instead of the median (timeit's estimator, least disturbed by other load): train ratio "
-            f"{(samples / min(ours_s)) / (samples / min(theirs_s)):.3f}, merged eval ratio {min(merged_s) / min(bare_s):.3f}. "
-            f"The verdicts above use the medians. Per-round merged / bare eval ratios: "
-            f"{', '.join(f'{m / b:.3f}' for m, b in zip(merged_s, bare_s))}.",
-            "",
-            f"MiniLM-L6, rank {RANK} / alpha {ALPHA:g} on query and value, batch {BATCH}, length {LENGTH} (padded), "
-            f"{args.steps} steps per round, median of {args.rounds} interleaved rounds, {torch.get_num_threads()} torch "
-            "thread(s). Both sides run the same "
-            "arithmetic (`B(A(x)) * scaling`); on a loaded machine the ratio can move a few percent either way, "
-            "so read values within about 0.03 of 1.0 as equal speed.",
-        ]
-    )
-    print(body)
-    write_section("peft_speed", "Speed against PEFT (benchmarks/peft_speed.py)", body)
+    record = {
+        "setup": {"backbone": "minilm-l6", "rank": RANK, "alpha": ALPHA, "batch": BATCH, "length": LENGTH, "steps": args.steps,
+                  "rounds": args.rounds, "threads": torch.get_num_threads()},
+        "train_samples_per_s": {"loracl": ours_rate, "peft": theirs_rate},
+        "train_ratio": train_ratio,
+        "train_target": TRAIN_TARGET,
+        "eval_ms_per_batch": {"merged": statistics.median(merged_s) / args.steps * 1000, "bare": statistics.median(bare_s) / args.steps * 1000},
+        "eval_ratio": eval_ratio,
+        "eval_target": EVAL_TARGET,
+        "fastest_round": {"train_ratio": (samples / min(ours_s)) / (samples / min(theirs_s)), "eval_ratio": min(merged_s) / min(bare_s)},
+        "round_s": {"loracl_train": ours_s, "peft_train": theirs_s, "merged_eval": merged_s, "bare_eval": bare_s},
+        **machine(),
+    }
+    target = RESULTS / "peft_speed.json"
+    target.write_text(json.dumps(record, indent=1) + "\n")
+    print(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":
