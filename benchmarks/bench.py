@@ -131,6 +131,9 @@ def setting_line(experiment: dict[str, Any]) -> str:
     base = experiment["base"]
     stream, train = base["stream"], base["train"]
     tasks = ", ".join(stream["tasks"]) if "tasks" in stream else f"{stream['source']} tasks"
+    own = list(dict.fromkeys(task for row in experiment["rows"] for task in row.get("stream", {}).get("tasks", [])))
+    if own:  # rows that train on their own tasks (single-task comparisons)
+        tasks = "each row on one task of " + ", ".join(list(dict.fromkeys(stream.get("tasks", []) + own)))
     sizes = f"{stream.get('max_train_per_task', 'all')} train / {stream.get('max_test_per_task', 'all')} test per task"
     session = f", a base session of {train['base_session_epochs']} epochs" if train.get("base_session_epochs") else ""
     return (
@@ -201,6 +204,10 @@ def command_render(args: argparse.Namespace) -> None:
             delta, verdict = spread_rule(accuracy[best], accuracy["joint"])
             lines.append(f"- Best continual row `{best}` against joint (the upper bound): {delta:+.3f} ({verdict}).")
         lines.append("")
+    if experiment.get("pairs") and pair_verdicts(experiment, rows):  # single-task comparisons: each row against its match
+        lines += ["## Verdict", "", "Each row against its matched reference over the same seeds: a difference counts only beyond the sum of the two"
+                  " standard deviations; training and generation speed relative to the reference.", "",
+                  *pair_verdicts(experiment, rows), ""]
     lines += [
         "## Every row",
         "",
