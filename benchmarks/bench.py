@@ -388,7 +388,8 @@ def which_method_when(experiment: dict[str, Any], rows: dict[str, list[dict[str,
         lines.append(f"- Against joint training (the upper bound, {mean_std(accuracy['joint'])}): {delta:+.3f} ({verdict}).")
     floors = [label for label in labels if label in FLOORS]
     for floor in floors:
-        lines.append(f"- Floor `{floor}`: {mean_std(accuracy[floor])}.")
+        delta, verdict = spread_rule(accuracy[best], accuracy[floor])
+        lines.append(f"- Floor `{floor}`: {mean_std(accuracy[floor])}; the best row against it {delta:+.3f} ({verdict}).")
     return lines
 
 

@@ -96,3 +96,12 @@ def test_a_reference_row_of_a_pair_belongs_to_the_page_of_the_row_it_is_compared
     }
     assert bench.owned_labels("baselines", experiment) == []
     assert bench.owned_labels("metalora", experiment) == ["metalora_cp-sst2"]
+
+
+def test_which_method_when_reads_the_best_row_against_each_floor_by_the_spread_rule(bench, tmp_path: Path) -> None:
+    experiments, results, _ = fabricate(tmp_path)
+    experiment = yaml.safe_load((experiments / "tiny.yaml").read_text())
+    lines = bench.which_method_when(experiment, bench.load_rows("tiny", results))
+    assert lines[1] == "- Best continual row: `lorac_ipc` (0.800 ± 0.010)."
+    [floor] = [line for line in lines if line.startswith("- Floor")]
+    assert floor == "- Floor `probe`: 0.200 ± 0.010; the best row against it +0.600 (beyond the spread)."
