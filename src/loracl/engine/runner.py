@@ -453,7 +453,7 @@ class MethodRun:
         """Refuse, in one line, a strategy the engine or the method does not support (before anything trains)."""
         kind = self.accelerator.distributed_type.value
         ignored = sharding_request_ignored(kind, os.environ)
-        if ignored is not None:
+        if ignored is not None and self.accelerator.is_main_process:
             logger.warning(ignored)
         if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA"):
             raise ConfigError(
