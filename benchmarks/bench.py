@@ -552,6 +552,16 @@ def load_record(name: str, results: Path = RESULTS) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def write_record(name: str, record: dict[str, Any], results: Path = RESULTS) -> Path:
+    """Print a cost record and write it, stamped with machine(), as docs/results/<name>.json (what load_record reads)."""
+    record = {**record, **machine()}
+    text = json.dumps(record, indent=1)
+    print(text)
+    target = results / f"{name}.json"
+    target.write_text(text + "\n")
+    return target
+
+
 def provenance(record: dict[str, Any], script: str) -> str:
     """Where a record comes from: its machine and date, and the command that writes it."""
     return f"{record['machine']}, {record['date']}; `python benchmarks/{script}.py`"

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import RESULTS, machine  # noqa: E402
+from bench import write_record  # noqa: E402
 
 from loracl.adapters.peft_io import LoraPair  # noqa: E402
 from loracl.fusion.flat import FlatLayout, full_rank_view  # noqa: E402
@@ -86,13 +86,11 @@ def main() -> None:
                   "timed_steps": args.steps, "threads": torch.get_num_threads(), "warm_start_steps": warm_start},
         "rows": rows,
         "delta_over_factors_length": lengths["delta"] / lengths["factors"],
-        **machine(),
     }
-    print(json.dumps(record, indent=1))
-    if not args.no_write:
-        target = RESULTS / "fvae_cost.json"
-        target.write_text(json.dumps(record, indent=1) + "\n")
-        print(f"written to {target}")
+    if args.no_write:
+        print(json.dumps(record, indent=1))
+    else:
+        print(f"written to {write_record('fvae_cost', record)}")
 
 
 if __name__ == "__main__":

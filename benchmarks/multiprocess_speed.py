@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import RESULTS, ROOT, machine  # noqa: E402
+from bench import ROOT, write_record  # noqa: E402
 
 
 def config(tasks: list[str], train: int) -> dict:
@@ -63,10 +63,7 @@ def main() -> None:
             result = json.loads((out / "seq_lora" / "results.json").read_text())
             record[f"processes_{processes}"] = {"train_samples_per_s": result["train_samples_per_s"], "avg_accuracy": result["avg_accuracy"]}
     record["ratio_2_over_1"] = record["processes_2"]["train_samples_per_s"] / record["processes_1"]["train_samples_per_s"]
-    record.update(machine())
-    target = RESULTS / "multiprocess_speed.json"
-    target.write_text(json.dumps(record, indent=1) + "\n")
-    print(json.dumps(record, indent=1))
+    write_record("multiprocess_speed", record)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import RESULTS, machine  # noqa: E402
+from bench import write_record  # noqa: E402
 
 from loracl.adapters import LoraLayer, inject_adapters, merge_adapters  # noqa: E402
 from loracl.backbones.base import mean_pool  # noqa: E402
@@ -123,11 +122,8 @@ def main() -> None:
         "eval_target": EVAL_TARGET,
         "fastest_round": {"train_ratio": (samples / min(ours_s)) / (samples / min(theirs_s)), "eval_ratio": min(merged_s) / min(bare_s)},
         "round_s": {"loracl_train": ours_s, "peft_train": theirs_s, "merged_eval": merged_s, "bare_eval": bare_s},
-        **machine(),
     }
-    target = RESULTS / "peft_speed.json"
-    target.write_text(json.dumps(record, indent=1) + "\n")
-    print(json.dumps(record, indent=1))
+    write_record("peft_speed", record)
 
 
 if __name__ == "__main__":

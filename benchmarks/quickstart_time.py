@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import RESULTS, machine  # noqa: E402
+from bench import write_record  # noqa: E402
 
 TARGET_S = 300  # the quickstart's promise: under 5 minutes on 2 CPU cores
 
@@ -33,11 +33,8 @@ def main() -> None:
         "wall_s": wall,
         "target_s": TARGET_S,
         "runs": [{key: run[key] for key in ("label", "avg_accuracy", "forgetting", "wall_s")} for run in runs],
-        **machine(),
     }
-    target = RESULTS / "quickstart_time.json"
-    target.write_text(json.dumps(record, indent=1) + "\n")
-    print(json.dumps(record, indent=1))
+    write_record("quickstart_time", record)
 
 
 if __name__ == "__main__":

@@ -91,3 +91,11 @@ def test_records_render_in_a_fixed_order(bench, tmp_path: Path) -> None:
         write(tmp_path, name, record)
     text = "\n".join(bench.costs_section(tmp_path))
     assert text.index("embedded default run") < text.index("Speed against PEFT") < text.index("F-VAE cost")
+
+
+def test_a_written_record_carries_the_machine_stamp_and_is_what_the_section_reads(bench, tmp_path: Path) -> None:
+    record = {key: value for key, value in quickstart(212.4).items() if key not in ("machine", "versions", "commit", "date")}
+    path = bench.write_record("quickstart_time", record, tmp_path)
+    assert path == tmp_path / "quickstart_time.json"
+    assert bench.load_record("quickstart_time", tmp_path)["machine"] == bench.machine()["machine"]
+    assert any("212 s" in line for line in bench.costs_section(tmp_path))
