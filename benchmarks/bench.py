@@ -204,10 +204,11 @@ def command_render(args: argparse.Namespace) -> None:
             delta, verdict = spread_rule(accuracy[best], accuracy["joint"])
             lines.append(f"- Best continual row `{best}` against joint (the upper bound): {delta:+.3f} ({verdict}).")
         lines.append("")
-    if experiment.get("pairs") and pair_verdicts(experiment, rows):  # single-task comparisons: each row against its match
+    pairs = pair_verdicts(experiment, rows) if experiment.get("pairs") else []  # single-task comparisons
+    if pairs:
         lines += ["## Verdict", "", "Each row against its matched reference over the same seeds: a difference counts only beyond the sum of the two"
                   " standard deviations; training and generation speed relative to the reference.", "",
-                  *pair_verdicts(experiment, rows), ""]
+                  *pairs, ""]
     lines += [
         "## Every row",
         "",
