@@ -77,7 +77,8 @@ def test_bases_orthonormal_bounded_and_monotone_over_tasks():
         run_task(method, task, loader)
         for leader, memory in method.bases.items():
             basis = memory.basis
-            assert torch.allclose(basis.T @ basis, torch.eye(basis.shape[1]), atol=1e-5)
+            # float32 round-off grows with each task's concatenated SVD block: ~1e-5 by the third task
+            assert torch.allclose(basis.T @ basis, torch.eye(basis.shape[1]), atol=1e-4)
             assert basis.shape[1] <= memory.dim / 2
             old = memory.old_projector()
             if leader in previous:

@@ -174,10 +174,12 @@ def test_every_method_trains_on_a_language_model_with_the_base_bit_identical(met
 
 def test_training_teaches_the_answers_of_a_learnable_task():
     stream = instruction_stream(free_form=False)
-    config = lm_config({"name": "seq_lora", "target_modules": "all-linear", "dropout": 0.0}, train={"epochs": 12, "lr": 2e-2, "batch_size": 2})
+    config = lm_config({"name": "seq_lora", "target_modules": "all-linear", "dropout": 0.0}, train={"epochs": 12, "lr": 1e-2, "batch_size": 2})
     [zero] = run_experiment(lm_config("zero_shot"), None, stream=stream)
     [trained] = run_experiment(config, None, stream=stream)
+    # lr 1e-2 learns both tasks on seeds 0-4; 2e-2 overshoots on some data orders (0.5 with accelerate 1.16's)
     assert trained.results["accuracy_matrix"][0][0] == 1.0 > zero.results["accuracy_matrix"][0][0]
+    assert trained.results["accuracy_matrix"][1][1] == 1.0 > zero.results["accuracy_matrix"][1][1]
 
 
 def test_classifier_only_features_are_refused_on_a_language_model():
