@@ -225,10 +225,34 @@ def verdict(records: list[dict[str, Any]]) -> list[str]:
     best = max(merges, key=lambda label: statistics.mean(normalised[label]))
     icm = statistics.mean(normalised["icm"])
     delta, rule = spread_rule(normalised["icm"], normalised[best])
+    below = [label for label in merges if spread_rule(normalised["icm"], normalised[label])[0] < 0]
     return [
         f"- ICM-Fusion: {mean_std(normalised['icm'])} of each task's own LoRA (target 0.90: {'reached' if icm >= 0.9 else 'not reached'}).",
         f"- Best other fusion `{best}`: {mean_std(normalised[best])}; ICM-Fusion minus it: {delta:+.3f} ({rule}).",
+        f"- ICM-Fusion's mean is below {len(below)} of the {len(merges)} other fusions ({', '.join(f'`{label}`' for label in below) or 'none'}).",
         f"- No LoRA: {mean_std(normalised['no_lora'])}.",
+        *generator_fit(records),
+    ]
+
+
+def generator_fit(records: list[dict[str, Any]]) -> list[str]:
+    """What stands in the way, from the ICM reports: how much of its training LoRAs' variance the F-VAE reproduces."""
+    reports = [record["reports"]["icm"] for record in records if "final_reconstruction_mse" in record.get("reports", {}).get("icm", {})]
+    if not reports:
+        return []
+    mse = [report["final_reconstruction_mse"] for report in reports]
+    scale = [report["final_target_mean_square"] for report in reports]
+    explained = [1 - error / square for error, square in zip(mse, scale)]
+    steps = sum(int(records[0].get("icm_options", {}).get(key, 0)) for key in ("warm_start_steps", "meta_steps"))
+    seconds = [report["fusion_s"] for report in reports]
+    return [
+        f"- What stands in the way: after {steps or 'the default'} F-VAE steps the generator reproduces its training LoRAs with"
+        f" mean squared error {mean_std(mse)} against their mean square {mean_std(scale)} (z-scored weights): it has learned"
+        f" {mean_std(explained)} of their variance, so what it decodes is a blurred LoRA before any fusion rule acts. Those"
+        f" steps took {mean_std(seconds)} s per fusion on this 2-core CPU (the conv trunk over a"
+        f" {reports[0]['padded_length']:,}-long weight vector), so a longer schedule, the first lever, does not fit here. On a"
+        " GPU (single-seed history in results/legacy.md) a generator that did reproduce its LoRAs still fused them to about"
+        " what averaging them gives.",
     ]
 
 

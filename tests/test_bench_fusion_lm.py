@@ -1,0 +1,42 @@
+"""The fusion_lm page's verdict is derived from its seed records: the 0.90 target, the best other fusion by the
+spread rule, the fusions ICM-Fusion's mean falls below, and how much of its LoRAs' variance the F-VAE reproduced."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers import load_script
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "fusion_lm.py"
+
+
+@pytest.fixture(scope="module")
+def fusion_lm():
+    return load_script(SCRIPT, "fusion_lm_under_test")
+
+
+def record(seed: int, normalised: dict[str, float], mse: float) -> dict:
+    rows = {label: {"mean_normalised": value, "mean_accuracy": value / 2} for label, value in normalised.items()}
+    icm_report = {"final_reconstruction_mse": mse, "final_target_mean_square": 1.0, "fusion_s": 100.0 + seed, "padded_length": 4096}
+    return {"seed": seed, "rows": rows, "reports": {"icm": icm_report}, "icm_options": {"warm_start_steps": 20, "meta_steps": 5}}
+
+
+def test_verdict_names_the_target_the_best_fusion_and_the_generator_fit(fusion_lm) -> None:
+    seeds = [
+        record(0, {"no_lora": 0.3, "own_lora": 1.0, "linear": 0.80, "ties": 0.95, "icm": 0.85}, 0.40),
+        record(1, {"no_lora": 0.3, "own_lora": 1.0, "linear": 0.82, "ties": 0.97, "icm": 0.87}, 0.30),
+        record(2, {"no_lora": 0.3, "own_lora": 1.0, "linear": 0.78, "ties": 0.93, "icm": 0.83}, 0.20),
+    ]
+    lines = fusion_lm.verdict(seeds)
+    assert "0.850 ± 0.020" in lines[0] and "not reached" in lines[0]
+    assert "`ties`" in lines[1] and "-0.100" in lines[1] and "beyond the spread" in lines[1]
+    assert "below 1 of the 2 other fusions (`ties`)" in lines[2]  # linear is below ICM, not above it
+    assert "25 F-VAE steps" in lines[4] and "0.300 ± 0.100" in lines[4] and "0.700 ± 0.100 of their variance" in lines[4]
+
+
+def test_a_seed_stopped_before_icm_finished_says_so_and_claims_nothing(fusion_lm) -> None:
+    stopped = {"seed": 1, "rows": {"no_lora": {"mean_normalised": 0.3, "mean_accuracy": 0.1}}, "reports": {},
+               "stopped_after_min": 40, "unfinished": ["icm"]}
+    [line] = fusion_lm.verdict([stopped])
+    assert "not measured" in line and "40 minutes" in line and "icm" in line
