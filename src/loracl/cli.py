@@ -1,4 +1,4 @@
-"""`loracl run | report | export | list`: exit 0 on success, 2 on bad input (one line, no traceback), 1 otherwise."""
+"""`loracl run | report | fuse | export | list`: exit 0 on success, 2 on bad input (one line, no traceback), 1 otherwise."""
 
 from __future__ import annotations
 

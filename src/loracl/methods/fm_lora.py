@@ -23,13 +23,13 @@ from torch import nn
 from loracl.adapters.factorized import FactorizedLoraLayer
 from loracl.adapters.inject import inject_adapters
 from loracl.adapters.prompts import MetaPrompt, PrefixPrompt, attention_blocks
-from loracl.backbones.classifier import ContinualClassifier
 from loracl.config import Float
 from loracl.data.stream import Task
 from loracl.errors import ConfigError
 from loracl.methods.base import Method, MethodOptions, resolve_target_modules
 from loracl.methods.routing import RoutedInferenceOptions
 from loracl.seeding import derived_generator
+from loracl.task_models.base import TaskModel
 
 DEFAULT_PROMPT_LAYERS = 5  # the deep prompt's blocks 0-4 (spec 2.5, DualPrompt's placement)
 
@@ -319,7 +319,7 @@ class FmLora(Method):
     options: FmLoraOptions
 
     # ----- attach ------------------------------------------------------------------------------------
-    def attach(self, model: ContinualClassifier) -> None:
+    def attach(self, model: TaskModel) -> None:
         super().attach(model)
         options = self.options
         self.candidate_ranks = options.ranks()

@@ -16,7 +16,6 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field, model_validator
 
-from loracl.backbones.classifier import ContinualClassifier
 from loracl.config import Float
 from loracl.data.stream import Task
 from loracl.errors import LoraclError
@@ -31,6 +30,7 @@ from loracl.methods._subspace import (
 from loracl.methods.base import KEY_VALUE_NAMES, LoraMethod, MethodOptions
 from loracl.methods.routing import RoutedBranchOptions
 from loracl.seeding import derived_generator
+from loracl.task_models.base import TaskModel
 
 BASIS_PREFIX = "inflora_basis."
 
@@ -110,7 +110,7 @@ class InfLora(LoraMethod):
 
     target_candidates = KEY_VALUE_NAMES  # the code adapts key and value
 
-    def attach(self, model: ContinualClassifier) -> None:
+    def attach(self, model: TaskModel) -> None:
         super().attach(model)
         conv = [name for name, layer in self.layers.items() if layer.is_conv]
         if conv:

@@ -30,7 +30,6 @@ from torch import nn
 from loracl.adapters.inject import find_target_modules, inject_adapters
 from loracl.adapters.tensor import TensorAdapterLayer
 from loracl.backbones.base import select_block_output
-from loracl.backbones.classifier import ContinualClassifier
 from loracl.config import Float
 from loracl.data.stream import Task
 from loracl.errors import ConfigError, LoraclError
@@ -255,7 +254,7 @@ class MetaLora(Method):
             return None
         return MeanRouter(model.backbone.hidden_size, self.options.router, self.options.mahalanobis_shrinkage)
 
-    def attach(self, model: ContinualClassifier) -> None:
+    def attach(self, model: TaskModel) -> None:
         """Freeze the backbone, wrap the target slots (module order = seed slice order), register our state."""
         super().attach(model)
         model.backbone.freeze()
@@ -273,14 +272,14 @@ class MetaLora(Method):
         model.add_module("metalora", self.state)
 
     @staticmethod
-    def _stack_size(model: ContinualClassifier, option: str) -> int:
+    def _stack_size(model: TaskModel, option: str) -> int:
         """Number of transformer blocks; a ConfigError naming `option` for a backbone without a block stack."""
         try:
             return len(model.backbone.blocks())
         except LoraclError as error:
             raise ConfigError(f"method `metalora`: {option}: {error}; use extractor `base` and every block") from error
 
-    def _in_adapted_blocks(self, model: ContinualClassifier, names: list[str]) -> list[str]:
+    def _in_adapted_blocks(self, model: TaskModel, names: list[str]) -> list[str]:
         """The target modules that lie in the last `adapted_blocks` blocks (all of them when it is unset)."""
         if self.options.adapted_blocks is None:
             return names
@@ -297,7 +296,7 @@ class MetaLora(Method):
             raise ConfigError(f"method `metalora`: no target module lies in the last {self.options.adapted_blocks} blocks")
         return kept
 
-    def _shared_prefix_depth(self, model: ContinualClassifier) -> int:
+    def _shared_prefix_depth(self, model: TaskModel) -> int:
         """How many leading blocks hold no adapter and can be replayed from the `base` extractor pass (0: none)."""
         if self.options.extractor != "base" or not self.options.share_frozen_prefix:
             return 0
@@ -307,7 +306,7 @@ class MetaLora(Method):
             return 0  # no block stack: nothing to replay
         return 0 if None in indices else min(index for index in indices if index is not None)
 
-    def _extractor_depth(self, model: ContinualClassifier) -> int | None:
+    def _extractor_depth(self, model: TaskModel) -> int | None:
         """How many frozen blocks the `blocks` extractor runs; None for the other extractors."""
         if self.options.extractor != "blocks":
             return None

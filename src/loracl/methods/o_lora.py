@@ -8,11 +8,11 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field
 
-from loracl.backbones.classifier import ContinualClassifier
 from loracl.config import Float
 from loracl.data.stream import Task
 from loracl.methods.base import LoraMethod, LoraOptions, RoutedLoraOptions
 from loracl.seeding import private_rng
+from loracl.task_models.base import TaskModel
 
 
 class OLoraOptions(RoutedLoraOptions):
@@ -54,7 +54,7 @@ class OLora(LoraMethod):
     Options: ClassVar[type[LoraOptions]] = OLoraOptions
     options: OLoraOptions
 
-    def attach(self, model: ContinualClassifier) -> None:
+    def attach(self, model: TaskModel) -> None:
         super().attach(model)
         self.current_branch: str | None = None
         self._old_down: dict[str, torch.Tensor | None] = {}

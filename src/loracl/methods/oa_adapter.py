@@ -21,12 +21,12 @@ from torch import nn
 
 from loracl.adapters.gated import GatedBranch, GatedLayer, orthogonality_loss
 from loracl.adapters.inject import inject_adapters
-from loracl.backbones.classifier import ContinualClassifier
 from loracl.config import Float
 from loracl.data.stream import Task
 from loracl.methods.base import Method, MethodOptions, resolve_target_modules
 from loracl.methods.routing import RoutedBranchOptions
 from loracl.seeding import private_rng
+from loracl.task_models.base import TaskModel
 
 logger = logging.getLogger("loracl")
 
@@ -146,7 +146,7 @@ class OaAdapter(Method):
     Options: ClassVar[type[MethodOptions]] = OaAdapterOptions
     options: OaAdapterOptions
 
-    def attach(self, model: ContinualClassifier) -> None:
+    def attach(self, model: TaskModel) -> None:
         super().attach(model)
         targets = resolve_target_modules(model.backbone.model, self.options.target_modules)
         dropout = self.options.dropout

@@ -18,12 +18,12 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from loracl.adapters.baseline_lora import MagnitudeLoraLayer
-from loracl.backbones.classifier import ContinualClassifier
 from loracl.config import Float
 from loracl.data.stream import Task
 from loracl.methods.base import LoraMethod, MethodOptions
 from loracl.methods.routing import RoutedBranchOptions
 from loracl.seeding import private_rng
+from loracl.task_models.base import TaskModel
 
 MAGNITUDES_MODULE = "sd_lora_magnitudes"
 
@@ -111,7 +111,7 @@ class SdLora(LoraMethod):
     Options: ClassVar[type[MethodOptions]] = SdLoraOptions
     options: SdLoraOptions
 
-    def attach(self, model: ContinualClassifier) -> None:
+    def attach(self, model: TaskModel) -> None:
         # Registered on the model so state_dict, checkpoints and trainable_parameters see them.
         self.magnitudes = nn.ParameterDict()
         self.absorbed: dict[str, list[str]] = {}  # SD-LoRA-KD: branch -> layers that absorbed it
