@@ -121,12 +121,10 @@ def test_bad_options_and_empty_examples_give_clear_errors():
         fuse_options({"icm": {"nope": 1}})
     with pytest.raises(ConfigError, match="inner_steps"):
         fuse_options({"icm": {"inner_steps": -1}})
-    backbone = load_backbone("tiny-bert", seed=0)
     with pytest.raises(LoraclError, match="empty"):
         TaskSupport({"input_ids": torch.zeros(0, 3, dtype=torch.long)})
     with pytest.raises(LoraclError, match="needs a base model and a few examples"):
         fuse([TaskAdapter("a", random_adapter(0))], "lorahub")
-    assert backbone is not None
 
 
 def test_cli_fuse_writes_a_peft_folder_and_bad_input_exits_2(tmp_path, capsys):
