@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from helpers import synthetic_text_tasks, tiny_config, tiny_digits_stream, tiny_text_stream
+from helpers import accuracy_by_hand, synthetic_text_tasks, tiny_config, tiny_digits_stream, tiny_text_stream
 
 from loracl.data.stream import RawTask, build_stream
 from loracl.engine import run_experiment
@@ -23,7 +23,10 @@ def test_tiny_text_stream_runs_and_reports(tmp_path, method):
     else:
         assert len(matrix) == 3
         assert all(matrix[i][j] is None for i in range(3) for j in range(i + 1, 3))
-        assert all(0.0 <= matrix[i][j] <= 1.0 for i in range(3) for j in range(i + 1))
+        # every seen cell counts right answers over a task's 12 test examples
+        assert all(12 * matrix[i][j] == pytest.approx(round(12 * matrix[i][j])) for i in range(3) for j in range(i + 1))
+    # the last row is the final model's accuracy on each task, recomputed outside the engine
+    assert matrix[-1] == pytest.approx([accuracy_by_hand(result.method, task) for task in stream.tasks])
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["runs"][0]["accuracy_matrix"] == matrix
     assert (tmp_path / "report.md").is_file() and (tmp_path / "accuracy_matrix.png").is_file()
