@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from loracl.config import load_config, validate_config
 from loracl.errors import ConfigError
@@ -70,28 +71,70 @@ def test_bad_yaml_and_missing_file(tmp_path):
         load_config(None, ["train.lr"])
 
 
-def test_shipped_configs_validate():
-    from pathlib import Path
+METHODS_WITHOUT_ADAPTERS = {"probe", "zero_shot"}  # a frozen backbone and a head (probe) or nothing (zero_shot)
 
-    root = Path(__file__).resolve().parent.parent / "configs"
-    for path in sorted(root.glob("*.yaml")):
-        load_config(path)
+
+def _two_example_batch(model, kind, modality):
+    """A first task of two classes and a batch of two of its training examples, as the engine collates them."""
+    from helpers import tiny_digits_stream, tiny_text_stream
+
+    from loracl.data.stream import RawTask, build_stream
+    from loracl.engine.loaders import SplitLoader
+
+    if kind == "language":
+        pairs = [("a ruby", "red"), ("the sea", "blue")]
+        stream = build_stream([RawTask("colour", ["red", "blue"], pairs, pairs, instruction="Name the colour.")])
+    elif modality == "image":
+        stream = tiny_digits_stream(1, max_train=2, max_test=2)
+    else:
+        stream = tiny_text_stream(1, train=2, test=2)
+    task = stream.tasks[0]
+    loader = SplitLoader(
+        task.train, model.backbone, 2, task.index, device=torch.device("cpu"), sort_by_length=True, split_name="train",
+        task_name=task.name, collate=lambda split, indices: model.collate(split, indices, task, True),
+    )
+    [batch] = list(loader)
+    return task, batch
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml")))
 def test_every_method_entry_of_a_shipped_config_attaches_to_a_tiny_model_of_its_modality(path):
+    """Each entry's method, built from the shipped options on a tiny backbone: adapter methods wrap or add modules
+    in the backbone (its state gets new keys), the others leave it as it was; a training forward on two examples of a two-class first task gives
+    [2, 2] class logits (classifier) or one vocabulary row per answer token (language model)."""
     from loracl.backbones.classifier import ContinualClassifier
     from loracl.backbones.registry import load_backbone
     from loracl.methods.base import MethodContext
     from loracl.methods.registry import create_method
     from loracl.task_models import build_task_model
+    from loracl.task_models.language import IGNORE
 
     config = load_config(path)
     language = config.task_model.kind == "language"
-    tiny = "tiny-vit" if config.stream.source in ("digits", "image_folder") else ("tiny-llama" if language else "tiny-bert")
+    image = config.stream.source in ("digits", "image_folder")
+    tiny = "tiny-vit" if image else ("tiny-llama" if language else "tiny-bert")
     for entry in config.method:
+        where = f"{path.name}: {entry.run_label}"
         context = MethodContext(config.head_for(entry), config.train, config.seed, config.stream.scenario, 5)
         method = create_method(entry.name, entry.options, context)
         backbone = load_backbone(tiny, seed=0)
-        method.attach(build_task_model(backbone, config, config.head_for(entry)) if language else ContinualClassifier(backbone))
-        assert method.model is not None, f"{path.name}: {entry.run_label} did not attach"
+        bare = set(backbone.model.state_dict())
+        model = build_task_model(backbone, config, config.head_for(entry)) if language else ContinualClassifier(backbone)
+        method.attach(model)
+        assert method.model is model, f"{where} did not attach"
+        added = set(backbone.model.state_dict()) - bare
+        if entry.name in METHODS_WITHOUT_ADAPTERS:
+            assert not added, f"{where} changed the backbone: {sorted(added)[:3]}"
+        else:
+            assert added, f"{where} injected no adapter into the backbone"
+        task, batch = _two_example_batch(model, config.task_model.kind, "image" if image else "text")
+        method.begin_task(task)
+        model.eval()
+        with torch.no_grad():
+            outputs = method.forward(batch)
+        if language:
+            answer_tokens = int((batch["inputs"]["target_ids"][:, 1:] != IGNORE).sum())
+            assert answer_tokens >= 2 and outputs.shape == (answer_tokens, backbone.model.config.vocab_size), where
+        else:
+            assert outputs.shape == (2, 2), where
+        assert torch.isfinite(outputs).all(), where

@@ -47,10 +47,20 @@ def test_subsampling_is_deterministic_per_seed():
 
 
 def test_task_order_shuffle_is_seeded():
+    """The same seed gives the same order; the order is a permutation that moves tasks, and another seed gives
+    another one (seeds 1 and 3 happen to draw different orders of the 120); without the switch, the given order."""
     raw = synthetic_text_tasks(5)
-    names = [t.name for t in build_stream(raw, shuffle_task_order=True, seed=1).tasks]
-    assert sorted(names) == [t.name for t in raw]
-    assert names == [t.name for t in build_stream(raw, shuffle_task_order=True, seed=1).tasks]
+    original = [t.name for t in raw]
+
+    def order(seed, shuffle=True):
+        return [t.name for t in build_stream(raw, shuffle_task_order=shuffle, seed=seed).tasks]
+
+    names = order(1)
+    assert sorted(names) == original and names != original
+    assert names == order(1)
+    assert order(3) != names and sorted(order(3)) == original
+    assert order(1, shuffle=False) == original
+    assert [t.index for t in build_stream(raw, shuffle_task_order=True, seed=1).tasks] == [0, 1, 2, 3, 4]  # positions renumbered
 
 
 def test_json_dir_reads_the_shared_layout(tmp_path):

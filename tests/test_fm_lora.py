@@ -132,9 +132,8 @@ def test_drs_masks_temperature_commit_and_bias_gradient(granularity):
 @pytest.mark.parametrize("drs", ["gumbel", "off"])
 def test_task_loss_alone_trains_the_drs_bias_through_the_straight_through_mask(drs):
     """The hard rank mask is hard - sg(pi) + pi: forward uses the one-hot choice, backward sends the task loss's
-    gradient w.r.t. the mask into the selector bias b. With no rank loss and no prompt, the task loss alone gives b
-    exactly d/db of (g_mask . (pi @ C)) = (g_mask C^T)(diag(pi) - pi pi^T) / tau (C: the candidates' prefix masks);
-    with drs off the mask is fixed and b gets nothing."""
+    gradient w.r.t. the mask into the selector bias b. With no rank loss and no prompt, the task loss alone gives b a
+    gradient (its value on hand-set inputs: the next test); with drs off the mask is fixed and b gets nothing."""
     method, model = _method(drs=drs, prompt_len=0, rank_loss_weight=0.0, head_init="uniform")
     task = STREAM.tasks[0]
     method.begin_task(task)
@@ -143,17 +142,6 @@ def test_task_loss_alone_trains_the_drs_bias_through_the_straight_through_mask(d
     with torch.no_grad():  # N_t = 0 at the start would make the output independent of the mask
         for layer in method.layers.values():
             layer.core_N.normal_(generator=torch.Generator().manual_seed(1))
-    captured = {}
-    sample = method.sample_mask
-
-    def keep_mask():
-        masks = sample()
-        if masks.requires_grad:
-            masks.retain_grad()
-        captured["masks"] = masks
-        return masks
-
-    method.sample_mask = keep_mask
     model.train()
     batch = _batch(model, task)
     logits = method.forward(batch)
@@ -161,14 +149,41 @@ def test_task_loss_alone_trains_the_drs_bias_through_the_straight_through_mask(d
     method.task_loss(logits, batch).backward()
     bias = method.state.drs_bias
     if drs == "off":
-        assert not bias.requires_grad and bias.grad is None and not captured["masks"].requires_grad
+        assert not bias.requires_grad and bias.grad is None
         return
-    soft = method._soft_probs.detach()[0]
-    nested = torch.stack([method.prefix_mask(rank) for rank in method.candidate_ranks])
-    through = captured["masks"].grad[0] @ nested.T  # d loss / d (one-hot choice), per candidate
-    expected = through @ (torch.diag(soft) - torch.outer(soft, soft)) / method.temperature()
-    assert bias.grad is not None and bias.grad.abs().sum() > 0
-    torch.testing.assert_close(bias.grad, expected, atol=1e-7, rtol=1e-4)
+    assert bias.grad is not None and torch.isfinite(bias.grad).all() and bias.grad.abs().sum() > 0
+    assert float(bias.grad.sum()) == pytest.approx(0.0, abs=1e-6)  # a softmax's logits: the gradient sums to zero
+
+
+@pytest.mark.parametrize(
+    "weights, mask, gradient",
+    [
+        # pi = (1/4, 1/4, 1/4, 1/4): the tie picks the first candidate; dL/db = (t - mean t) / (4 tau) = [-4, -2, 1, 5] / 8
+        ([1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0], [-0.5, -0.25, 0.125, 0.625]),
+        # pi = (1, 1, 1, 5) / 8: rank 4 picked; sum pi t = 60 / 8 = 7.5; dL/db_k = pi_k (t_k - 7.5) / tau
+        ([1.0, 1.0, 1.0, 5.0], [1.0, 1.0, 1.0, 1.0], [-0.40625, -0.28125, -0.09375, 0.78125]),
+    ],
+)
+def test_straight_through_mask_gradient_on_hand_set_inputs(monkeypatch, weights, mask, gradient):
+    """Candidates 1, 2, 3, 4 of rank 4, drs_beta 0 (the logits are b), tau 2, b = tau ln(w) so pi is w normalised,
+    a constant Gumbel noise (it cancels), and L = g . mask with g = (1, 2, 3, 4): each candidate's prefix mask
+    gives t = g . c_k = (1, 3, 6, 10); the forward mask is the argmax candidate's prefix, and b's gradient
+    pi_k (t_k - sum_j pi_j t_j) / tau, worked out by hand."""
+    method, model = _method(drs="gumbel", drs_beta=0.0, tau_start=2.0, tau_min=1.0, prompt_len=0)
+    task = STREAM.tasks[0]
+    method.begin_task(task)
+    method.prepare_task(task, [])
+    method.total_steps = 20
+    model.train()
+    assert method.candidate_ranks == [1, 2, 3, 4] and method.temperature() == 2.0
+    with torch.no_grad():
+        method.state.drs_bias.copy_(2.0 * torch.tensor(weights).log())
+    monkeypatch.setattr(torch, "rand", lambda shape, generator=None: torch.full(shape, 0.5))
+    masks = method.sample_mask()
+    monkeypatch.undo()
+    assert masks.tolist() == [mask]
+    (masks[0] * torch.tensor([1.0, 2.0, 3.0, 4.0])).sum().backward()
+    assert method.state.drs_bias.grad.tolist() == pytest.approx(gradient, abs=1e-6)
 
 
 def test_deterministic_drs_picks_the_nearest_rank_and_off_uses_r():

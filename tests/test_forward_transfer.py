@@ -99,7 +99,11 @@ SMALL = {
 def test_every_method_that_claims_it_scores_the_next_task(tmp_path, name):
     stream = tiny_text_stream(2, scenario="domain_incremental", train=6, test=4)
     [result] = run_experiment(tiny_config({"name": name, **SMALL.get(name, {})}, train=TRAIN), tmp_path, stream=stream)
-    assert result.accuracy_matrix[0][1] is not None and result.results["fwt"] is not None
+    matrix, before = result.accuracy_matrix, result.results["before_training"]
+    # every cell is a count of right answers over the 4 test examples
+    assert all(value * 4 == pytest.approx(round(value * 4)) for value in (matrix[0][1], before[0], before[1]))
+    # FWT by its definition on two tasks: task 1 scored after training task 0, minus task 1 on the initial model
+    assert result.results["fwt"] == pytest.approx(matrix[0][1] - before[1])
 
 
 def test_a_bad_later_entry_stops_the_run_before_any_entry_trains(tmp_path):

@@ -208,26 +208,34 @@ def test_importance_formula_on_a_toy_linear():
     torch.testing.assert_close(layer.weight_value, weight.detach())
 
 
-@pytest.mark.parametrize("betas", [{}, {"ipc_beta1": 0.5, "ipc_beta2": 0.0}, {"ipc_beta1": 0.2, "ipc_beta2": 0.9}])
-def test_ema_update_order(betas):
-    """ipc_beta1 smooths the sensitivity, ipc_beta2 the uncertainty (distinct values: a swap would show)."""
-    run, method, stream = build(betas)
-    task = stream.tasks[0]
-    method.begin_task(task)
-    batches = iter(run.loader(task.train, task, train=True))
-    beta1, beta2 = method.options.ipc_beta1, method.options.ipc_beta2
+@pytest.mark.parametrize(
+    "betas, steps, score",
+    [
+        # S1 = 0.15·1 = 0.15, U1 = 0.15·|1 - 0.15| = 0.1275; S2 = 0.85·0.15 + 0.15·3 = 0.5775, U2 = 0.85·0.1275 + 0.15·2.4225
+        ({}, [(0.15, 0.1275), (0.5775, 0.47175)], 0.272435625),
+        # S1 = 0.5, U1 = |1 - 0.5| = 0.5; S2 = 0.25 + 1.5 = 1.75, U2 = |3 - 1.75| = 1.25
+        ({"ipc_beta1": 0.5, "ipc_beta2": 0.0}, [(0.5, 0.5), (1.75, 1.25)], 2.1875),
+        # S1 = 0.8, U1 = 0.1·0.2 = 0.02; S2 = 0.16 + 2.4 = 2.56, U2 = 0.9·0.02 + 0.1·0.44 = 0.062
+        ({"ipc_beta1": 0.2, "ipc_beta2": 0.9}, [(0.8, 0.02), (2.56, 0.062)], 0.15872),
+    ],
+)
+def test_ema_update_order(betas, steps, score):
+    """ipc_beta1 smooths the sensitivity, ipc_beta2 the uncertainty (distinct values: a swap would show). One slot
+    gets W = 2 everywhere with dL/dW = 0.5, then -1.5: importances mean|W * dL/dW| = 1, then 3; the expected EMAs
+    are worked out by hand. Slots that saw no gradient keep 0."""
+    _, method, stream = build(betas)
+    method.begin_task(stream.tasks[0])
     name, layer = next(iter(method.layers.items()))
-    sensitivity = uncertainty = 0.0
-    for _ in range(2):
-        batch = next(batches)
-        method.task_loss(method.forward(batch), batch).backward()
-        importance = float((layer.weight_value * layer.weight_gradient).abs().mean())
+    shape = layer.base_layer.weight.shape
+    for gradient, (sensitivity, uncertainty) in zip([0.5, -1.5], steps):
+        layer.weight_value = torch.full(shape, 2.0)
+        layer.weight_gradient = torch.full(shape, gradient)
         method.after_backward()
-        sensitivity = beta1 * sensitivity + (1 - beta1) * importance
-        uncertainty = beta2 * uncertainty + (1 - beta2) * abs(importance - sensitivity)
+        assert layer.weight_gradient is None  # consumed
         assert float(method.sensitivity[name]) == pytest.approx(sensitivity, rel=1e-5)
         assert float(method.uncertainty[name]) == pytest.approx(uncertainty, rel=1e-5)
-    assert method.importance_scores()[name] == pytest.approx(sensitivity * uncertainty, rel=1e-5)
+    assert method.importance_scores()[name] == pytest.approx(score, rel=1e-5)
+    assert all(method.importance_scores()[other] == 0.0 for other in method.layers if other != name)
 
 
 def test_ipc_monotone_and_count(trained):
@@ -531,24 +539,24 @@ def test_omega_and_first_session_learning_rates(options):
 
 def test_lora_factor_importance_reads_the_current_pairs_gradients():
     """ipc_importance lora_factors: no effective-weight gradient is tracked; I = mean|A * dA| + mean|B * dB| of the
-    current pair (with ipc_beta1 0 the sensitivity is this step's I)."""
+    current pair (with ipc_beta1 0 the sensitivity is this step's I). On task 1, the current pair has A = 0.5,
+    dA = -2, B = 3, dB = 0.25 everywhere: I = 1 + 0.75 = 1.75; task 0's pair, given gradients of 10, must not count."""
     run, method, stream = build({"ipc_importance": "lora_factors", "ipc_beta1": 0.0})
-    task = stream.tasks[0]
-    method.begin_task(task)
+    _finish_without_training(run, method, stream.tasks[0])
+    method.begin_task(stream.tasks[1])
     assert not any(layer.track_weight_gradient for layer in method.layers.values())
+    free = method.free_layers()
+    assert len(free) == 9  # tau 0.25 froze 3 of the 12 slots after task 0
     with torch.no_grad():
-        for layer in method.layers.values():
-            layer.factors_B[0].normal_(generator=torch.Generator().manual_seed(0))  # B = 0 would give A no gradient
-    batch = next(iter(run.loader(task.train, task, train=True)))
-    method.task_loss(method.forward(batch), batch).backward()
-    by_hand = {}
-    for name, layer in method.layers.items():
-        A, B = layer.factors_A[0], layer.factors_B[0]
-        by_hand[name] = float((A.detach() * A.grad).abs().mean() + (B.detach() * B.grad).abs().mean())
-        assert layer.weight_gradient is None
+        for layer in free.values():
+            old_A, old_B, A, B = layer.factors_A[0], layer.factors_B[0], layer.factors_A[1], layer.factors_B[1]
+            A.fill_(0.5)
+            B.fill_(3.0)
+            A.grad, B.grad = torch.full_like(A, -2.0), torch.full_like(B, 0.25)
+            old_A.grad, old_B.grad = torch.full_like(old_A, 10.0), torch.full_like(old_B, 10.0)
     method.after_backward()
-    assert all(value > 0 for value in by_hand.values())
-    assert {name: float(value) for name, value in method.sensitivity.items()} == pytest.approx(by_hand, rel=1e-5)
+    assert all(layer.weight_gradient is None for layer in method.layers.values())
+    assert {name: float(method.sensitivity[name]) for name in free} == pytest.approx(dict.fromkeys(free, 1.75), rel=1e-6)
 
 
 @pytest.mark.parametrize("score", ["last_ema", "task_mean"])

@@ -86,11 +86,22 @@ def test_penalty_gradient_is_sign_overlap_times_old_rows():
 
 
 def test_l2_term_is_plain_frobenius_norms():
+    """The new pair's A [8, 32] all 0.5 and B [32, 8] all 0.25: ||A||_F = sqrt(256 * 0.25) = 8, ||B||_F = 4, so
+    12 per layer, 48 over the 4 adapted layers, times lambda_l2 0.3 = 14.4 (squared norms would give 0.3 * 320).
+    The old pair, set to 1.0, does not count."""
     method, model, stream, batch = build(lambda_orth=0.0, lambda_l2=0.3)
     method.begin_task(stream.tasks[0])
-    randomize_current(method)
-    expected = sum(l.branches["task_0"].lora_A.norm() + l.branches["task_0"].lora_B.norm() for l in method.layers.values())
-    assert method.extra_loss(batch, None).item() == pytest.approx(0.3 * expected.item(), rel=1e-6)
+    method.begin_task(stream.tasks[1])
+    assert len(method.layers) == 4
+    with torch.no_grad():
+        for layer in method.layers.values():
+            new, old = layer.branches["task_1"], layer.branches["task_0"]
+            assert new.lora_A.shape == (8, 32) and new.lora_B.shape == (32, 8)
+            new.lora_A.fill_(0.5)
+            new.lora_B.fill_(0.25)
+            old.lora_A.fill_(1.0)
+            old.lora_B.fill_(1.0)
+    assert method.extra_loss(batch, None).item() == pytest.approx(14.4, rel=1e-6)
 
 
 def test_old_pairs_and_base_bit_identical_after_a_step_and_merge_equivalence():

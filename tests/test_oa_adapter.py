@@ -6,7 +6,6 @@ from helpers import tiny_config, tiny_text_stream, train_method_task
 from torch import nn
 
 from loracl.adapters.gated import GatedLayer, orthogonality_loss, soft_threshold
-from loracl.adapters.inject import merge_adapters, unmerge_adapters
 from loracl.backbones.classifier import ContinualClassifier
 from loracl.backbones.registry import load_backbone
 from loracl.config import HeadConfig, TrainConfig
@@ -244,17 +243,6 @@ def test_tau_scope_global_shares_one_threshold_and_fixed_budget_keeps_all_dims_o
     fixed.begin_task(stream.tasks[0])
     for branch in fixed.current_branches().values():
         assert branch.threshold.item() == 0.0 and not branch.threshold.requires_grad and branch.gate.requires_grad
-
-
-def test_whole_model_merge_matches_unmerged_logits():
-    method, model, stream = make_method()
-    train_task(method, model, stream.tasks[0])
-    train_task(method, model, stream.tasks[1])
-    batch = next(iter(batches(model, stream.tasks[0], train=False)))
-    unmerged = method.predict(batch)
-    merge_adapters(model.backbone.model)
-    assert torch.allclose(method.predict(batch), unmerged, atol=1e-5)
-    unmerge_adapters(model.backbone.model)
 
 
 @pytest.mark.parametrize(

@@ -100,23 +100,29 @@ def test_a_backbone_folder_with_only_pickled_weights_is_refused(tmp_path: Path) 
 
 
 @pytest.mark.parametrize("case", ["negative task", "empty out", "out is a file", "record is a list", "no run folder"])
-def test_export_bad_input_is_one_line_and_exit_2(case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_export_bad_input_is_one_line_naming_the_culprit_and_exit_2(case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run_experiment(tiny_config("inc_lora"), tmp_path / "run", stream=tiny_text_stream(2, train=8, test=4))
     run_dir = tmp_path / "run" / "inc_lora"
     argv = ["export", str(run_dir), "--out", str(tmp_path / "adapter")]
     if case == "negative task":
         argv += ["--task", "-5"]
+        culprits = ["--task -5"]
     elif case == "empty out":
         argv[3] = ""
+        culprits = ["--out"]
     elif case == "out is a file":
         (tmp_path / "adapter").write_text("x")
+        culprits = [f"--out {tmp_path / 'adapter'}", "existing file"]
     elif case == "record is a list":
         (run_dir / "checkpoints" / "task_1" / "record.json").write_text(json.dumps([]))
+        culprits = [str(run_dir / "checkpoints" / "task_1" / "record.json")]
     else:
         argv[1] = str(tmp_path / "missing")
+        culprits = [f"{tmp_path / 'missing'} is not a run folder"]
     code, err = run_cli(argv, capsys)
     assert code == EXIT_BAD_INPUT, err
     assert err.count("\n") == 1
+    assert all(culprit in err for culprit in culprits), err
     if case != "out is a file":
         assert not (tmp_path / "adapter").exists()
 
@@ -155,21 +161,25 @@ def test_a_truncated_base_session_backbone_is_named_as_such(tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize("case", ["tasks not numbers", "examples not utf-8", "out is a file"])
-def test_fuse_bad_input_is_one_line_and_exit_2(case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_fuse_bad_input_is_one_line_naming_the_culprit_and_exit_2(case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = _inc_lora_run(tmp_path)
     argv = ["fuse", "--run", str(run_dir), "--method", "linear", "--out", str(tmp_path / "fused")]
     if case == "tasks not numbers":
         argv += ["--tasks", "a,b"]
+        culprits = ["--tasks 'a,b'"]
     elif case == "examples not utf-8":
         bad = tmp_path / "e.json"
         bad.write_bytes(b"\xff\xfe[")
         argv = ["fuse", "--run", str(run_dir), "--tasks", "0", "--method", "icm", "--base", "tiny-bert", "--examples", str(bad)]
         argv += ["--out", str(tmp_path / "fused")]
+        culprits = [f"{bad} is not UTF-8"]
     else:
         (tmp_path / "fused").write_text("x")
+        culprits = [f"--out '{tmp_path / 'fused'}'"]
     code, err = run_cli(argv, capsys)
     assert code == EXIT_BAD_INPUT, err
     assert err.count("\n") == 1
+    assert all(culprit in err for culprit in culprits), err
 
 
 def test_fuse_with_text_examples_for_an_image_model_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -185,19 +195,25 @@ def test_fuse_with_text_examples_for_an_image_model_is_one_line_and_exit_2(tmp_p
 
 
 @pytest.mark.parametrize("damage", ["runs of an empty object", "string schema_version", "string in a matrix cell"])
-def test_report_on_a_damaged_summary_is_one_line_and_exit_2(damage: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_report_on_a_damaged_summary_is_one_line_naming_the_culprit_and_exit_2(
+    damage: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run_experiment(tiny_config("seq_lora"), tmp_path, stream=tiny_text_stream(2, train=8, test=4))
     summary = json.loads((tmp_path / "results.json").read_text())
     if damage == "runs of an empty object":
         summary["runs"] = [{}]
+        culprits = ["run 0 has no `label`"]
     elif damage == "string schema_version":
         summary["schema_version"] = "1"
+        culprits = ["schema_version", "'1'"]
     else:
         summary["runs"][0]["accuracy_matrix"][0][0] = "high"
+        culprits = ["run 0", "accuracy_matrix[0][0] is 'high'"]
     (tmp_path / "results.json").write_text(json.dumps(summary))
     code, err = run_cli(["report", str(tmp_path)], capsys)
     assert code == EXIT_BAD_INPUT, err
-    assert err.count("\n") == 1
+    assert err.count("\n") == 1 and str(tmp_path / "results.json") in err
+    assert all(culprit in err for culprit in culprits), err
 
 
 def test_an_absurd_learning_rate_is_a_config_error_naming_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
