@@ -379,16 +379,17 @@ class _IdentityVAE(torch.nn.Module):
 
 
 class _RecordingHost:
-    """A host that records every LoRA it is asked for a task gradient of, and answers a zero gradient."""
+    """A host that records every LoRA it is asked for a task gradient of, and answers a constant gradient (zero
+    unless `fill` is given)."""
 
     device = torch.device("cpu")
 
-    def __init__(self):
-        self.seen = []
+    def __init__(self, fill=0.0):
+        self.seen, self.fill = [], fill
 
     def loss_and_grads(self, adapter, support):
         self.seen.append(adapter)
-        return 0.0, {m: LoraPair(torch.zeros_like(p.lora_A), torch.zeros_like(p.lora_B), 1.0) for m, p in adapter.items()}
+        return 0.0, {m: LoraPair(torch.full_like(p.lora_A, self.fill), torch.full_like(p.lora_B, self.fill), 1.0) for m, p in adapter.items()}
 
 
 def test_per_sample_in_context_steps_take_the_gradient_on_the_lora_the_sample_stands_for(monkeypatch):
@@ -467,3 +468,167 @@ def test_icm_fusion_of_conv_loras_with_parameter_task_vectors_on_the_tiny_vit():
     assert outcome.report["task_vector_dim"] == 2 * (1 + 2)
     assert outcome.adapter[conv_module].lora_A.shape == (2, 1, 2, 2) and outcome.adapter[conv_module].lora_B.shape == (32, 2, 1, 1)
     assert all(torch.isfinite(pair.lora_A).all() and torch.isfinite(pair.lora_B).all() for pair in outcome.adapter.values())
+
+
+# ----- every switch shows its effect ----------------------------------------------------------------------------------
+DATA_FREE = {"task_vector": "parameters", "inner_steps": 0, "meta_steps": 0, "warm_start_steps": 1, "latent_dim": 8, "channel_divisor": 8}
+
+
+def icm_method(num_tasks=2, **options):
+    """The stream method on tiny-bert, rank 2, two checkpoints, quick fusion settings; `options` override."""
+    from loracl.backbones.classifier import ContinualClassifier
+    from loracl.config import HeadConfig, TrainConfig
+    from loracl.methods.base import MethodContext
+    from loracl.methods.registry import create_method
+
+    model = ContinualClassifier(load_backbone("tiny-bert", max_length=16, seed=0))
+    settings = {"rank": 2, "harvest_checkpoints": 2, "support_per_task": 4, "fusion": {**QUICK, "latent_dim": 4}, **options}
+    method = create_method("icm_fusion", settings, MethodContext(HeadConfig(), TrainConfig(), seed=0, num_tasks=num_tasks))
+    method.attach(model)
+    return method
+
+
+def train_icm_task(method, task, batch_size=2):
+    """Every step of one epoch over the task's examples, as the engine runs a task."""
+    from helpers import train_method_task
+
+    from loracl.engine.loaders import SplitLoader
+
+    batches = lambda shuffle: SplitLoader(task.train, method.model.backbone, batch_size, task.index, shuffle=shuffle)  # noqa: E731
+    train_method_task(method, task, batches, steps=100)
+
+
+def same_lora(first, second):
+    return all(torch.equal(first[m].lora_A, second[m].lora_A) and torch.equal(first[m].lora_B, second[m].lora_B) for m in first)
+
+
+def test_mode_decides_when_the_stream_fuses_and_what_it_rewrites():
+    """After task 0 of 2: `end` has no fused branch yet and leaves task_0 as trained; `online` fuses and rewrites
+    task_0 with its regeneration; `continue` fuses, keeps task_0, and starts task_1 from the fused LoRA."""
+    stream = tiny_text_stream(2, train=8, test=4)
+    for mode in ("end", "online", "continue"):
+        method = icm_method(mode=mode)
+        trained = {}
+        finish = method.end_task
+
+        def end_task(task, loader, method=method, finish=finish):
+            trained.update(method._pairs("task_0"))  # the task LoRA as training left it
+            finish(task, loader)
+
+        method.end_task = end_task
+        train_icm_task(method, stream.tasks[0])
+        assert method._has_fused() == (mode != "end"), mode
+        assert same_lora(method._pairs("task_0"), trained) == (mode != "online"), mode
+        method.begin_task(stream.tasks[1])
+        layer = next(iter(method.layers.values()))
+        new = layer.branches["task_1"]
+        if mode == "continue":
+            fused = layer.branches["fused"]
+            assert torch.equal(new.lora_A, fused.lora_A)
+            torch.testing.assert_close(new.scaling * new.lora_B, fused.scaling * fused.lora_B)
+        else:  # a fresh LoRA from the shared seed: B = 0
+            assert not new.lora_B.any(), mode
+
+
+def test_harvest_checkpoints_sets_how_many_weight_samples_a_task_leaves():
+    """6 steps, harvested over the second half (steps 4 to 6), every (3 // count) steps, at most `count`: 0 -> none
+    (and none in the state), 1 -> the final LoRA once, 2 -> two (the cap), 4 -> three (no more steps to harvest)."""
+    task = tiny_text_stream(2, train=12, test=4).tasks[0]
+    for count, expected in [(0, 0), (1, 1), (2, 2), (4, 3)]:
+        method = icm_method(harvest_checkpoints=count)
+        train_icm_task(method, task)
+        assert len(method.samples[0]) == expected, count
+        stored = {key.split(".")[3] for key in method.state_dict() if key.startswith("icm_fusion.sample.0.")}
+        assert stored == {str(n) for n in range(expected)}, count
+        if count == 1:  # harvested at the last step: the LoRA that training left
+            assert same_lora(method.samples[0][0], method._pairs("task_0"))
+
+
+def test_support_per_task_sets_the_size_of_the_stored_few_shot_set():
+    task = tiny_text_stream(2, train=8, test=4).tasks[0]
+    for k in (1, 3):
+        method = icm_method(support_per_task=k)
+        train_icm_task(method, task, batch_size=4)
+        support = method.supports[0]
+        assert support["labels"].shape == (k,) and support["input_ids"].shape[0] == k
+        assert method.state_dict()["icm_fusion.support.0.labels"].shape == (k,)
+
+
+def test_learned_fusion_weights_move_away_from_uniform_and_sum_to_one():
+    backbone = load_backbone("tiny-bert", seed=0)
+    host = LoraHost(backbone, MODULES)
+    adapters = [TaskAdapter(f"t{seed}", random_adapter(seed)) for seed in range(2)]
+    head = torch.nn.Linear(32, 2)
+    supports = [
+        TaskSupport(backbone.collate(["abc de", "fgh"]), torch.tensor([0, 1]), head),
+        TaskSupport(backbone.collate(["ijk lm", "nop"]), torch.tensor([1, 1]), head),
+    ]
+    reports = {}
+    for rule in ("uniform", "learned"):
+        icm = {**QUICK, "fusion_weights": rule, "learned_weight_steps": 3, "learned_weight_lr": 0.5}
+        reports[rule] = fuse(adapters, "icm", {"icm": icm}, host=host, supports=supports).report["fusion_weights"]
+    assert reports["uniform"] == [0.5, 0.5]
+    learned = reports["learned"]
+    assert abs(learned[0] - 0.5) > 0.01 and sum(learned) == pytest.approx(1.0, abs=1e-3)  # softmax weights
+
+
+def test_refine_steps_take_in_context_steps_on_the_fused_lora():
+    """refine_steps k: k gradient calls per task on the fused LoRA (none at 0), and the fused LoRA moves."""
+    support = TaskSupport({"input_ids": torch.zeros(1, 2, dtype=torch.long)}, torch.zeros(1, dtype=torch.long), torch.nn.Identity())
+    tasks = [FusionTask(f"t{seed}", random_adapter(seed), support) for seed in range(2)]
+    fused, calls = {}, {}
+    for steps in (0, 3):
+        host = _RecordingHost(fill=1.0)
+        fused[steps] = IcmFusion(IcmFusionOptions(**DATA_FREE, refine_steps=steps), host).fuse(tasks).adapter
+        calls[steps] = len(host.seen)
+    assert calls == {0: 0, 3: 3 * len(tasks)}
+    assert not same_lora(fused[0], fused[3])
+
+
+def test_balance_directions_gives_the_task_vectors_equal_norms_before_the_sum():
+    """v_1 = (1, 0), v_2 = (0, 3), uniform weights: plain v_f = (0.5, 1.5); balanced, both get the mean norm 2,
+    v_f = (1, 1). Vectors of equal norm are unchanged, so only unequal ones change the decoded fused LoRA."""
+    plain = IcmFusion(IcmFusionOptions(task_vector="parameters", inner_steps=0), None)
+    balanced = IcmFusion(IcmFusionOptions(task_vector="parameters", inner_steps=0, balance_directions=True), None)
+    unequal, equal, weights = torch.tensor([[1.0, 0.0], [0.0, 3.0]]), torch.tensor([[2.0, 0.0], [0.0, 2.0]]), torch.full((2,), 0.5)
+    torch.testing.assert_close(plain.fused_condition(unequal, weights), torch.tensor([0.5, 1.5]))
+    torch.testing.assert_close(balanced.fused_condition(unequal, weights), torch.tensor([1.0, 1.0]))
+    torch.testing.assert_close(balanced.fused_condition(equal, weights), plain.fused_condition(equal, weights))
+    small, large = random_adapter(0), {m: LoraPair(p.lora_A * 3, p.lora_B * 3, p.scaling) for m, p in random_adapter(1).items()}
+    adapters = [TaskAdapter("small", small), TaskAdapter("large", large)]
+    outcomes = {flag: fuse(adapters, "icm", {"icm": {**DATA_FREE, "balance_directions": flag}}).adapter for flag in (False, True)}
+    assert not same_lora(outcomes[False], outcomes[True])
+
+
+def test_kl_weight_scales_the_kl_term_of_the_meta_loss():
+    """inner_steps 0: meta loss = reconstruction MSE + kl_weight * KL, so with one noise draw the losses at
+    weights 0, 0.5 and 2 differ by 0.5 KL and 2 KL, KL of the encoder's posterior (> 0)."""
+    vae = FusionVAE(4096, 5, 8, channel_divisor=8)
+    targets, conditions = torch.randn(2, 4096), torch.randn(2, 5)
+    losses = {}
+    for weight in (0.0, 0.5, 2.0):
+        icm = IcmFusion(IcmFusionOptions(task_vector="parameters", inner_steps=0, kl_weight=weight), None)
+        torch.manual_seed(3)
+        losses[weight] = float(icm.meta_loss(vae, targets, conditions, [], None, None).detach())
+    with torch.no_grad():
+        kl = float(kl_divergence(*vae.encode(targets, conditions)))
+    assert kl > 0
+    assert losses[0.5] - losses[0.0] == pytest.approx(0.5 * kl, rel=1e-4)
+    assert losses[2.0] - losses[0.0] == pytest.approx(2.0 * kl, rel=1e-4)
+
+
+def test_noise_std_zero_adds_no_jittered_rows():
+    """Two weight samples per task under min_samples 4: noise 0.01 tops each task up with two jittered copies
+    (near, not equal to, their sources); noise 0 leaves exactly the two real rows."""
+    support = TaskSupport({"input_ids": torch.zeros(1, 2, dtype=torch.long)}, torch.zeros(1, dtype=torch.long), torch.nn.Identity())
+    tasks = [FusionTask(f"t{seed}", random_adapter(seed), support, [random_adapter(10 + seed)]) for seed in range(2)]
+    layout = FlatLayout.of(tasks[0].final)
+    stacks = {}
+    for noise in (0.0, 0.01):
+        options = IcmFusionOptions(task_vector="parameters", inner_steps=0, min_samples=4, noise_std=noise)
+        stacks[noise], _, _, _ = IcmFusion(options, None).weight_data(tasks, layout)
+    for quiet, noisy in zip(stacks[0.0], stacks[0.01]):
+        assert len(quiet) == 2 and len(noisy) == 4
+        assert torch.equal(noisy[:2], quiet)  # the real rows come first, the same either way
+        jitter = noisy[2:] - quiet
+        assert (jitter != 0).any(dim=1).all() and jitter.abs().max() < 0.1

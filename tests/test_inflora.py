@@ -239,3 +239,68 @@ def test_bad_options_name_the_key(key, value):
 def test_lame_below_lamb_is_rejected():
     with pytest.raises(ConfigError, match="lame"):
         validate_config({"backbone": {"name": "tiny-bert"}, "method": {"name": "inflora", "lamb": 0.99, "lame": 0.9}})
+
+
+# ----- every switch shows its effect ----------------------------------------------------------------------------------
+def old_dims_over_tasks(tasks=2, **options):
+    """Size of each layer group's old-task subspace after each of the first `tasks` tasks of a 2-task stream."""
+    method, _, stream, loaders = build(num_tasks=2, **options)
+    dims = []
+    for task, loader in list(zip(stream.tasks, loaders))[:tasks]:
+        run_task(method, task, loader)
+        dims.append([old_dim(memory) for memory in method.bases.values()])
+    return dims
+
+
+def test_lamb_and_lame_set_the_energy_thresholds_of_the_memory():
+    """lamb is task 0's threshold: 0.5 keeps a strictly smaller old subspace than the default 0.95. lame is where
+    the threshold rises to: it leaves task 0 alone, and after task 1 (threshold 0.5 + (lame - 0.5) / 2) lame 0.5
+    keeps strictly less than lame 1.0 (energy gpm, where task 1's inputs add directions at both thresholds)."""
+    [default] = old_dims_over_tasks(1)
+    [low] = old_dims_over_tasks(1, lamb=0.5)
+    assert all(0 < small < large for small, large in zip(low, default))
+    flat = old_dims_over_tasks(energy="gpm", lamb=0.5, lame=0.5)
+    rising = old_dims_over_tasks(energy="gpm", lamb=0.5, lame=1.0)
+    assert flat[0] == rising[0]
+    assert all(small < large for small, large in zip(flat[1], rising[1]))
+
+
+def test_design_sym_and_cov_proj_pick_different_directions_by_hand():
+    """Old subspace e1, C = [[10, 3, 0], [3, 1, 0], [0, 0, 2]], rank 1: P C keeps the e1-e2 coupling (its top
+    left singular vector is e2, singular value sqrt(10)), P C P drops it (top eigenvector e3, eigenvalue 2)."""
+    covariance = torch.tensor([[10.0, 3.0, 0.0], [3.0, 1.0, 0.0], [0.0, 0.0, 2.0]])
+    free = SubspaceBasis(torch.tensor([[1.0], [0.0], [0.0]])).free_projector()
+    code, code_value = design_down_projection(covariance, free, rank=1, design="cov_proj")
+    sym, sym_value = design_down_projection(covariance, free, rank=1, design="sym")
+    torch.testing.assert_close(code.abs(), torch.tensor([[0.0, 1.0, 0.0]]) / 3**0.5)
+    torch.testing.assert_close(sym.abs(), torch.tensor([[0.0, 0.0, 1.0]]) / 3**0.5)
+    assert code_value == pytest.approx(10**0.5) and sym_value == pytest.approx(2.0)
+
+
+def test_design_sym_changes_the_designed_a_of_task_1_only():
+    """Task 0 has no memory, so both designs take the top directions of C; from task 1 on they differ, both free
+    of the same old subspace."""
+    designed = {}
+    for design in ("cov_proj", "sym"):
+        method, _, stream, loaders = build(num_tasks=2, design=design)
+        run_task(method, stream.tasks[0], loaders[0])
+        method.begin_task(stream.tasks[1])
+        method.prepare_task(stream.tasks[1], loaders[1])
+        designed[design] = {name: (layer.branches["task_0"].lora_A, layer.branches["task_1"].lora_A) for name, layer in method.layers.items()}
+        for group in method.groups:
+            memory = method.bases[group[0]]
+            assert memory.flag == "remove" and torch.linalg.norm(designed[design][group[0]][1] @ memory.basis) <= 1e-4
+    for name, (task_0, task_1) in designed["cov_proj"].items():
+        assert torch.allclose(task_0.abs(), designed["sym"][name][0].abs(), atol=1e-5)
+        assert not torch.allclose(task_1.abs(), designed["sym"][name][1].abs(), atol=1e-3)
+
+
+def test_energy_gpm_thresholds_eigenvalues_and_code_their_squares():
+    """Spectrum (4, 2, 1, 1), threshold 0.8: squared shares 16/22, 4/22, ... cross 0.8 after one direction
+    (`code` keeps 1); plain shares 4/8, 2/8, ... after two (`gpm` keeps 2). In the method: gpm keeps more."""
+    covariance = torch.diag(torch.tensor([4.0, 2.0, 1.0, 1.0]))
+    assert first_basis(covariance, 0.8, "code", dual=False).basis.shape[1] == 1
+    assert first_basis(covariance, 0.8, "gpm", dual=False).basis.shape[1] == 2
+    [code] = old_dims_over_tasks(1)
+    [gpm] = old_dims_over_tasks(1, energy="gpm")
+    assert all(small < large for small, large in zip(code, gpm))

@@ -372,3 +372,77 @@ def test_mahalanobis_precision_is_cached_until_the_routing_statistics_change():
     router._precision = None  # computing from scratch gives the cached matrix
     fresh = router.precision()
     assert fresh is not recomputed and torch.equal(fresh, recomputed)
+
+
+# ----- every switch shows its effect ----------------------------------------------------------------------------------
+def test_lambda_sd_scales_the_seed_distillation_and_zero_turns_it_off():
+    """Shared mode, task 1 starts from task 0's untrained mapping net (zero output); shifting the live net's output
+    bias by 0.5 moves all 4 x 8 seeds by 0.5: distillation = lambda_sd * 32 * 0.25 = 8 lambda_sd, none at 0."""
+    stream = separable_stream()
+    for weight in (0.0, 0.5, 3.0):
+        method, _ = build({"cl_mode": "shared", "lambda_sd": weight})
+        method.begin_task(stream.tasks[0])
+        method.end_task(stream.tasks[0], loader(method, stream.tasks[0].train, 0))
+        method.begin_task(stream.tasks[1])
+        with torch.no_grad():
+            method.state.mapping["shared"].out.bias.add_(0.5)
+        batch = next(iter(loader(method, stream.tasks[1].train, 1)))
+        extra = method.extra_loss(batch, method.forward(batch))
+        if weight == 0:
+            assert extra is None and method.old_mapping is None
+        else:
+            assert extra.item() == pytest.approx(8 * weight)
+
+
+def test_unrestricted_routing_scores_every_seen_class():
+    """restrict_to_routed_task False: each routed example gets finite scores for every seen class; restricting the
+    same model afterwards keeps the routed task's scores and puts -inf on the others."""
+    stream = separable_stream()
+    method, model = build({"restrict_to_routed_task": False})
+    for task in stream.tasks[:2]:
+        train_task(method, task, steps=1)
+    batch = {"inputs": model.backbone.collate(stream.tasks[0].test.inputs[:2] + stream.tasks[1].test.inputs[:2])}
+    free = method.predict(batch)
+    routes = method.routing_tally.pending[-1]
+    assert routes.tolist() == [0, 0, 1, 1] and free.shape == (4, 4) and torch.isfinite(free).all()
+    method.options.restrict_to_routed_task = True
+    restricted = method.predict(batch)
+    for row, route in enumerate(routes.tolist()):
+        own = stream.tasks[route].class_ids
+        others = [c for c in range(4) if c not in own]
+        assert torch.equal(restricted[row, own], free[row, own])
+        assert torch.isinf(restricted[row, others]).all() and torch.isfinite(free[row, others]).all()
+
+
+def test_extractor_blocks_sets_the_depth_the_features_are_read_at():
+    """extractor_blocks 2 of tiny-bert's 2: f(x) is the masked mean after block 2 (both blocks run), not after
+    block 1 as the default depth (a third of the stack, rounded up) reads."""
+    stream = separable_stream()
+    method, model = build({"extractor": "blocks", "extractor_blocks": 2})
+    default, _ = build({"extractor": "blocks"})
+    assert (method.extractor_depth, default.extractor_depth) == (2, 1)
+    inputs = probe_batch(method, stream)["inputs"]
+    hidden = model.backbone.model(**inputs, output_hidden_states=True).hidden_states
+    mask = inputs["attention_mask"].unsqueeze(-1).float()
+    after = [(states * mask).sum(1) / mask.sum(1) for states in hidden]
+    calls = []
+    model.backbone.blocks()[1].register_forward_hook(lambda module, args, output: calls.append(1))
+    features = method.frozen_features(inputs)
+    assert calls == [1]
+    assert torch.allclose(features, after[2], atol=1e-6) and not torch.allclose(features, after[1], atol=1e-3)
+    assert torch.allclose(default.frozen_features(inputs), after[1], atol=1e-6)
+
+
+def test_cache_features_false_keeps_the_feature_cache_empty():
+    """The training forward and the routing features read f(x) through the cache; off, nothing is stored and the
+    features (so the logits) are the same."""
+    stream = separable_stream()
+    logits = {}
+    for cache in (True, False):
+        method, _ = build({"cache_features": cache})
+        method.begin_task(stream.tasks[0])
+        batch = next(iter(loader(method, stream.tasks[0].train, 0)))
+        logits[cache] = method.forward(batch).detach()
+        method.batch_routing_features(batch)
+        assert len(method.feature_cache) == (len(batch["labels"]) if cache else 0)
+    assert torch.equal(logits[True], logits[False])
