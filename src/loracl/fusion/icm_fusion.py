@@ -168,8 +168,8 @@ class IcmFusionOptions(StrictModel):
     noise_std: Float = Field(
         default=0.01,
         ge=0.0,
-        description="Standard deviation of the jitter with which tasks with fewer than `min_samples` weight samples are topped up. "
-        "Source: our design (not in the paper or code).",
+        description="Standard deviation of the jitter with which tasks with fewer than `min_samples` weight samples are topped up "
+        "(0: no top-up at all, so `min_samples` has no effect). Source: our design (not in the paper or code).",
     )
     min_samples: int = Field(
         default=5,
