@@ -75,6 +75,15 @@ def compact(results: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+SHARED_TIMING = "shared CPU: speeds not comparable"  # a record's `timing` when its run shared the CPU (run --shared-cpu)
+
+
+def timed(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records whose speeds were measured alone on the machine (not `--shared-cpu` runs): the only ones that
+    enter a speed ratio."""
+    return [record for record in records if record.get("timing") != SHARED_TIMING]
+
+
 def result_path(name: str, label: str, seed: int) -> Path:
     return RESULTS / name / label / f"seed{seed}.json"
 
@@ -101,6 +110,8 @@ def command_run(args: argparse.Namespace) -> None:
         command = [sys.executable, script, verb, args.experiment, "--only", label, "--seeds", str(seed)]
         if args.threads:
             command += ["--threads", str(args.threads)]
+        if args.shared_cpu:
+            command.append("--shared-cpu")
         if subprocess.run(command).returncode != 0:  # one failing row must not stop the others
             print(f"{label} seed {seed}: failed (its traceback is above)", flush=True)
 
@@ -121,6 +132,8 @@ def command_one(args: argparse.Namespace) -> None:
     target = result_path(experiment["name"], row["label"], seed)
     target.parent.mkdir(parents=True, exist_ok=True)
     record = {**compact(result.results), "config": row_config(experiment, row, seed), **machine()}
+    if getattr(args, "shared_cpu", False):
+        record["timing"] = SHARED_TIMING
     target.write_text(json.dumps(record, indent=1) + "\n")
     print(f"{row['label']} seed {seed}: {result.results['avg_accuracy']:.3f} ({time.perf_counter() - started:.0f} s)", flush=True)
 
@@ -172,8 +185,8 @@ def command_render(args: argparse.Namespace) -> None:
     order = [row["label"] for row in experiment["rows"]] + ["peft_seq_lora"]
     ablations = {row["label"]: row["ablates"] for row in experiment["rows"] if "ablates" in row}
     reference = rows.get("seq_lora", [])
-    ref_train = statistics.mean(r["train_samples_per_s"] for r in reference) if reference else None
-    ref_eval = statistics.mean(r["eval_samples_per_s"] for r in reference if r.get("eval_samples_per_s")) if reference else None
+    ref_train = statistics.mean(r["train_samples_per_s"] for r in timed(reference)) if timed(reference) else None
+    ref_eval = statistics.mean(r["eval_samples_per_s"] for r in timed(reference) if r.get("eval_samples_per_s")) if timed(reference) else None
     accuracy = {label: [r["avg_accuracy"] for r in records] for label, records in rows.items()}
     forgetting = {label: [r["forgetting"] for r in records if r.get("forgetting") is not None] for label, records in rows.items()}
     lines = [
@@ -214,7 +227,8 @@ def command_render(args: argparse.Namespace) -> None:
         "",
         "Mean ± standard deviation over the seeds listed (one value: one seed, no spread known). Average accuracy =",
         "mean of the last row of the accuracy matrix; forgetting and BWT as in loracl.metrics; ROUGE-L of the last row;",
-        "stored bytes after the last task; train and generation samples/s relative to seq_lora's mean; peak RSS.",
+        "stored bytes after the last task; train and generation samples/s relative to seq_lora's mean (left out for runs",
+        "that shared the CPU with other work); peak RSS.",
         "",
         "| row | seeds | avg accuracy | forgetting | BWT | ROUGE-L | stored MB | train x | eval x | peak GB |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -225,8 +239,8 @@ def command_render(args: argparse.Namespace) -> None:
             continue
         rouge = [statistics.mean(r["rouge_l_rows"][-1]) for r in records if r.get("rouge_l_rows") and r["rouge_l_rows"][-1]]
         stored = [r["stored_bytes_cumulative"][-1] / 1e6 for r in records if r.get("stored_bytes_cumulative")]
-        train_x = [r["train_samples_per_s"] / ref_train for r in records if r.get("train_samples_per_s") and ref_train]
-        eval_x = [r["eval_samples_per_s"] / ref_eval for r in records if r.get("eval_samples_per_s") and ref_eval]
+        train_x = [r["train_samples_per_s"] / ref_train for r in timed(records) if r.get("train_samples_per_s") and ref_train]
+        eval_x = [r["eval_samples_per_s"] / ref_eval for r in timed(records) if r.get("eval_samples_per_s") and ref_eval]
         memory = [r["peak_memory_bytes"] / 1e9 for r in records if r.get("peak_memory_bytes")]
         lines.append(
             f"| {label} | {','.join(str(r['seed']) for r in records)} | {mean_std(accuracy[label])}"
@@ -336,14 +350,14 @@ def experiment_figures(experiment: dict[str, Any], rows: dict[str, list[dict[str
 
 def headline_table(experiment: dict[str, Any], rows: dict[str, list[dict[str, Any]]], labels: list[str] | None = None) -> list[str]:
     """Mean ± sd of each headline row: accuracy, forgetting, BWT, storage and speed relative to seq_lora."""
-    reference = rows.get("seq_lora", [])
+    reference = timed(rows.get("seq_lora", []))
     ref_train = statistics.mean(r["train_samples_per_s"] for r in reference) if reference else None
     ref_eval = statistics.mean(r["eval_samples_per_s"] for r in reference) if reference else None
     lines = ["| row | seeds | avg accuracy | forgetting | BWT | stored MB | train x | eval x |", "|---|---|---|---|---|---|---|---|"]
     for label in labels or headline_labels(experiment, rows):
         records = rows[label]
-        train_x = [r["train_samples_per_s"] / ref_train for r in records if r.get("train_samples_per_s") and ref_train]
-        eval_x = [r["eval_samples_per_s"] / ref_eval for r in records if r.get("eval_samples_per_s") and ref_eval]
+        train_x = [r["train_samples_per_s"] / ref_train for r in timed(records) if r.get("train_samples_per_s") and ref_train]
+        eval_x = [r["eval_samples_per_s"] / ref_eval for r in timed(records) if r.get("eval_samples_per_s") and ref_eval]
         stored = [r["stored_bytes_cumulative"][-1] / 1e6 for r in records if r.get("stored_bytes_cumulative")]
         lines.append(
             f"| {label} | {len(records)} | {mean_std([r['avg_accuracy'] for r in records])} | {mean_std([r.get('forgetting') for r in records])}"
@@ -377,10 +391,10 @@ def which_method_when(experiment: dict[str, Any], rows: dict[str, list[dict[str,
         cheapest = min(stored, key=stored.get)
         lines.append(f"- Not distinguishable from the best within the spread: {', '.join(f'`{label}`' for label in tied)};"
                      f" the one storing least is `{cheapest}` ({stored[cheapest] / 1e6:.2f} MB after the last task).")
-        reference = rows.get("seq_lora", [])
-        if reference:
+        reference = timed(rows.get("seq_lora", []))
+        if reference and all(timed(rows[label]) for label in tied):
             ref_eval = statistics.mean(r["eval_samples_per_s"] for r in reference)
-            serving = {label: statistics.mean(r["eval_samples_per_s"] for r in rows[label]) / ref_eval for label in tied}
+            serving = {label: statistics.mean(r["eval_samples_per_s"] for r in timed(rows[label])) / ref_eval for label in tied}
             fastest = max(serving, key=serving.get)
             lines.append(f"- Cheapest to serve among those: `{fastest}` (evaluation {serving[fastest]:.2f}x seq_lora's speed;"
                          f" the slowest, `{min(serving, key=serving.get)}`, {min(serving.values()):.2f}x).")
@@ -402,10 +416,13 @@ def pair_verdicts(experiment: dict[str, Any], rows: dict[str, list[dict[str, Any
             first = [r["avg_accuracy"] for r in rows[label]]
             second = [r["avg_accuracy"] for r in rows[reference]]
             delta, rule = spread_rule(first, second)
-            speed = statistics.mean(r["train_samples_per_s"] for r in rows[label]) / statistics.mean(r["train_samples_per_s"] for r in rows[reference])
-            serve = statistics.mean(r["eval_samples_per_s"] for r in rows[label]) / statistics.mean(r["eval_samples_per_s"] for r in rows[reference])
-            lines.append(f"- `{label}` against `{reference}`: {mean_std(first)} vs {mean_std(second)}, {delta:+.3f} ({rule});"
-                         f" training {speed:.2f}x, generation {serve:.2f}x its speed.")
+            mine, theirs = timed(rows[label]), timed(rows[reference])
+            speeds = "speeds not comparable (measured on a shared CPU)"
+            if mine and theirs:
+                speed = statistics.mean(r["train_samples_per_s"] for r in mine) / statistics.mean(r["train_samples_per_s"] for r in theirs)
+                serve = statistics.mean(r["eval_samples_per_s"] for r in mine) / statistics.mean(r["eval_samples_per_s"] for r in theirs)
+                speeds = f"training {speed:.2f}x, generation {serve:.2f}x its speed"
+            lines.append(f"- `{label}` against `{reference}`: {mean_std(first)} vs {mean_std(second)}, {delta:+.3f} ({rule}); {speeds}.")
     return lines
 
 
@@ -735,6 +752,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None)
     parser.add_argument("--seeds", nargs="*", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (runs beside other work)")
+    parser.add_argument("--shared-cpu", action="store_true",
+                        help="the runs share the CPU with other work: their records say so and the pages leave their speeds out")
     args = parser.parse_args()
     if args.command not in ("summary", "methods") and not args.experiment:
         parser.error(f"{args.command} needs an experiment file")

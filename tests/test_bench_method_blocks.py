@@ -105,3 +105,20 @@ def test_which_method_when_reads_the_best_row_against_each_floor_by_the_spread_r
     assert lines[1] == "- Best continual row: `lorac_ipc` (0.800 ± 0.010)."
     [floor] = [line for line in lines if line.startswith("- Floor")]
     assert floor == "- Floor `probe`: 0.200 ± 0.010; the best row against it +0.600 (beyond the spread)."
+
+
+def test_rows_run_on_a_shared_cpu_keep_their_accuracy_and_lose_their_speed(bench, tmp_path: Path) -> None:
+    experiments, results, _ = fabricate(tmp_path)
+    for seed in range(3):  # o_lora's runs shared the CPU: four times slower on paper, and flagged
+        path = results / "tiny" / "o_lora" / f"seed{seed}.json"
+        record = json.loads(path.read_text())
+        path.write_text(json.dumps({**record, "train_samples_per_s": 2.5, "timing": bench.SHARED_TIMING}))
+    experiment = yaml.safe_load((experiments / "tiny.yaml").read_text())
+    rows = bench.load_rows("tiny", results)
+    table = bench.headline_table(experiment, rows, ["seq_lora", "o_lora"])
+    assert table[2] == "| seq_lora | 3 | 0.400 ± 0.020 | 0.100 ± 0.000 | -0.100 ± 0.000 | 2.000 ± 0.000 | 1.000 ± 0.000 | 1.000 ± 0.000 |"
+    assert table[3] == "| o_lora | 3 | 0.450 ± 0.010 | 0.100 ± 0.000 | -0.100 ± 0.000 | 2.000 ± 0.000 | - | - |"
+    experiment["pairs"] = [["o_lora", "seq_lora"], ["lorac_ipc", "seq_lora"]]
+    shared, alone = bench.pair_verdicts(experiment, rows)
+    assert shared.endswith("; speeds not comparable (measured on a shared CPU).")
+    assert alone.endswith("; training 1.00x, generation 1.00x its speed.")
