@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import RESULTS, ROOT, machine, mean_std, spread_rule  # noqa: E402
+from bench import RESULTS, ROOT, SHARED_TIMING, machine, mean_std, spread_rule  # noqa: E402
 
 NAME = "fusion_lm"
 SETUP: dict[str, Any] = {
@@ -175,6 +175,8 @@ def command_run(args: argparse.Namespace) -> None:
         partial = ROOT / "runs" / NAME / f"seed{seed}" / "rows.json"
         partial.parent.mkdir(parents=True, exist_ok=True)
         record = run_seed(seed, overrides, partial)
+        if args.shared_cpu:
+            record["timing"] = SHARED_TIMING
         target.write_text(json.dumps(record, indent=1) + "\n")
 
 
@@ -198,13 +200,18 @@ def command_finish(args: argparse.Namespace) -> None:
 def fusion_table(records: list[dict[str, Any]]) -> list[str]:
     """Mean ± sd over seeds of each row: mean normalised accuracy, mean raw accuracy, fusion seconds."""
     labels = list(records[0]["rows"])
-    lines = ["| row | seeds | normalised accuracy | exact match | fusion s |", "|---|---|---|---|---|"]
+    lines = ["| row | seeds | normalised accuracy | exact match | fusion s (seeds timed alone) |", "|---|---|---|---|---|"]
     for label in labels:
         values = [r["rows"][label] for r in records if label in r["rows"]]
-        seconds = [v["fusion_s"] for v in values if v.get("fusion_s") is not None]
+        seconds = [r["rows"][label]["fusion_s"] for r in alone(records) if r["rows"].get(label, {}).get("fusion_s") is not None]
         lines.append(f"| {label} | {len(values)} | {mean_std([v['mean_normalised'] for v in values])} | "
                      f"{mean_std([v['mean_accuracy'] for v in values])} | {mean_std(seconds) if seconds else '-'} |")
     return lines
+
+
+def alone(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The seeds whose timings were taken alone on the machine (not flagged as sharing the CPU)."""
+    return [record for record in records if record.get("timing") != SHARED_TIMING]
 
 
 def load_records() -> list[dict[str, Any]]:
@@ -244,12 +251,13 @@ def generator_fit(records: list[dict[str, Any]]) -> list[str]:
     scale = [report["final_target_mean_square"] for report in reports]
     explained = [1 - error / square for error, square in zip(mse, scale)]
     steps = sum(int(records[0].get("icm_options", {}).get(key, 0)) for key in ("warm_start_steps", "meta_steps"))
-    seconds = [report["fusion_s"] for report in reports]
+    seconds = [record["reports"]["icm"]["fusion_s"] for record in alone(records) if "icm" in record.get("reports", {})]
     return [
         f"- What stands in the way: after {steps or 'the default'} F-VAE steps the generator reproduces its training LoRAs with"
         f" mean squared error {mean_std(mse)} against their mean square {mean_std(scale)} (z-scored weights): it has learned"
         f" {mean_std(explained)} of their variance, so what it decodes is a blurred LoRA before any fusion rule acts. Those"
-        f" steps took {mean_std(seconds)} s per fusion on this 2-core CPU (the conv trunk over a"
+        f" steps took {mean_std(seconds) if seconds else 'an unknown number of'} s per fusion on this 2-core CPU"
+        f" ({len(seconds)} seed(s) timed alone; the conv trunk over a"
         f" {reports[0]['padded_length']:,}-long weight vector), so a longer schedule, the first lever, does not fit here. On a"
         " GPU (single-seed history in results/legacy.md) a generator that did reproduce its LoRAs still fused them to about"
         " what averaging them gives.",
@@ -291,6 +299,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     parser.add_argument("--icm", nargs="*", default=[], help="ICM-Fusion options as KEY=VALUE (e.g. warm_start_steps=100)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--shared-cpu", action="store_true", help="run: the seed shares the CPU with other work; its times are left out")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

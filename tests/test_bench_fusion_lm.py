@@ -40,3 +40,15 @@ def test_a_seed_stopped_before_icm_finished_says_so_and_claims_nothing(fusion_lm
                "stopped_after_min": 40, "unfinished": ["icm"]}
     [line] = fusion_lm.verdict([stopped])
     assert "not measured" in line and "40 minutes" in line and "icm" in line
+
+
+def test_a_seed_that_shared_the_cpu_counts_for_accuracy_and_not_for_time(fusion_lm) -> None:
+    seeds = [
+        record(0, {"no_lora": 0.3, "own_lora": 1.0, "linear": 0.80, "icm": 0.85}, 0.30),
+        {**record(1, {"no_lora": 0.3, "own_lora": 1.0, "linear": 0.82, "icm": 0.87}, 0.30), "timing": fusion_lm.SHARED_TIMING},
+    ]
+    seeds[1]["reports"]["icm"]["fusion_s"] = 900.0  # slowed by the other work
+    fit = fusion_lm.verdict(seeds)[-1]
+    assert "took 100.000 s per fusion" in fit and "1 seed(s) timed alone" in fit
+    [icm_row] = [line for line in fusion_lm.fusion_table(seeds) if line.startswith("| icm |")]
+    assert icm_row.startswith("| icm | 2 | 0.860 ± 0.014 |")
