@@ -4,8 +4,6 @@ random Llama and T5, export to PEFT, resume, and bad input."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,7 @@ import torch
 from helpers import run_interrupted_then_resumed, tiny_config
 
 from loracl.backbones.language import LANGUAGE_MODELS
+from loracl.cli import main
 from loracl.config import TaskModelConfig
 from loracl.data.stream import RawTask, build_stream
 from loracl.engine import run_experiment
@@ -271,7 +270,7 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
-def test_bad_data_exits_2_naming_the_culprit_and_writes_nothing(case, tmp_path):
+def test_bad_data_exits_2_naming_the_culprit_and_writes_nothing(case, tmp_path, capsys):
     kind, value, message = BAD_INPUTS[case]
     data = tmp_path / "data"
     if kind == "labels":
@@ -286,9 +285,10 @@ def test_bad_data_exits_2_naming_the_culprit_and_writes_nothing(case, tmp_path):
         f"stream: {{source: json_dir, path: {data}}}\ntrain: {{max_length: 192, progress: false}}\nmethod: [{{name: seq_lora}}]\n"
     )
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "-m", "loracl.cli", "run", str(config), "--out", str(out)], capture_output=True, text=True)
-    assert result.returncode == 2, result.stderr
-    assert message in result.stderr
+    # in process (tests/test_cli_and_resume.py runs the real entry point once): the same handler, no interpreter start
+    code, err = main(["run", str(config), "--out", str(out)]), capsys.readouterr().err
+    assert code == 2, err
+    assert message in err
     assert not (out / "seq_lora").exists()  # refused before any run folder was made
 
 
@@ -300,15 +300,15 @@ def test_bad_data_exits_2_naming_the_culprit_and_writes_nothing(case, tmp_path):
         ("tiny-t5", "language', chat_template: 'on", "no chat template"),
     ],
 )
-def test_bad_model_settings_exit_2_with_one_line(backbone, task_model, message, tmp_path):
+def test_bad_model_settings_exit_2_with_one_line(backbone, task_model, message, tmp_path, capsys):
     config = tmp_path / "config.yaml"
     config.write_text(
         f"backbone: {{name: '{backbone}'}}\ntask_model: {{kind: '{task_model}'}}\ntrain: {{max_length: 192, progress: false}}\nmethod: [{{name: seq_lora}}]\n"
     )
-    result = subprocess.run([sys.executable, "-m", "loracl.cli", "run", str(config), "--out", str(tmp_path / "out")], capture_output=True, text=True)
-    assert result.returncode == 2, result.stderr
-    assert message in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    code, err = main(["run", str(config), "--out", str(tmp_path / "out")]), capsys.readouterr().err
+    assert code == 2, err
+    assert message in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_the_packaged_instruction_stream_has_instructions_and_runs_on_a_tiny_model():
