@@ -1,10 +1,11 @@
 """loracl's LoRA against PEFT's LoRA on a GPU (issue 22): train samples/s and tokens/s, merged-adapter eval against
-the bare model, peak memory and model FLOP utilisation, on ViT-B/16 at 224 px, BERT-base at 128 tokens and a
+the bare model, each side's working memory and model FLOP utilisation (FLOPs as torch's FlopCounterMode counts
+them), on ViT-B/16 at 224 px, BERT-base at 128 tokens and a
 SmolLM2-135M-shaped decoder at 512 tokens.
 
 Every model has random weights built from its config (speed does not depend on the weights); both sides get the
 same model, rank 8 / alpha 16 on the query and value projections, the same batches and the same AdamW step, in
-bf16 weights (the reference setting: PEFT 0.21, eager, bf16, batch 64). Rounds are interleaved in one process
+bf16 weights, not compiled, attention as transformers picks it (recorded per row). Rounds are interleaved in one process
 (ours, PEFT, ours, PEFT, ...) so that clock and thermal drift affect both alike; each figure is the median over
 rounds. `--tiny` runs the same code on tiny configs on the CPU (what the test suite checks); its numbers mean
 nothing.
@@ -41,8 +42,14 @@ RANK, ALPHA = 8, 16.0
 TRAIN_TARGET, EVAL_TARGET = 1.0, 1.02  # train ratio (ours / PEFT) at least; merged eval time over bare at most
 # The query and value projections under either naming (transformers 5 renamed some encoders' query/value to q_proj/v_proj).
 QUERY_VALUE = ["query", "value", "q_proj", "v_proj"]
-# Dense bf16 peak of an H100 / H200 SXM (NVIDIA's data sheet, without sparsity): the MFU denominator by default.
-DEFAULT_PEAK_TFLOPS = 989.0
+# Dense bf16 peak TFLOP/s by device name (NVIDIA's data sheets, SXM parts, without sparsity): MFU's denominator.
+# Another device needs --peak-tflops.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}
+# What the issue measured with PEFT 0.21 (eager, bf16, batch 64, LoRA q/v) on one H100: samples/s of LoRA training,
+# merged-adapter eval and bare eval; shown beside ours, not compared by this script (different device and stack).
+REFERENCE = {"device": "NVIDIA H100", "peft": "0.21",
+             "vit-b16-224": {"train": 1570, "merged_eval": 6124, "bare_eval": 6480},
+             "bert-base-128": {"train": 1548, "merged_eval": 5366, "bare_eval": 6473}}
 
 
 @dataclass
@@ -55,11 +62,10 @@ class Workload:
     loss: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
     targets: list[str]  # module-name suffixes; those present in the model are adapted
     tokens: int  # sequence positions per sample (ViT: patches + CLS)
-    hidden: int
-    layers: int
 
 
 def vit(tiny: bool) -> Workload:
+    """ViT-B/16 at 224 px (tiny: 32 px, 2 blocks), image features into a stand-in loss."""
     from transformers import ViTConfig, ViTModel
 
     size = dict(image_size=32, patch_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64) if tiny else {}
@@ -72,11 +78,11 @@ def vit(tiny: bool) -> Workload:
     def loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(pixel_values=batch["pixel_values"].to(model.dtype)).pooler_output.float().pow(2).mean()
 
-    return Workload("vit-b16-224", lambda: ViTModel(config), inputs, loss, QUERY_VALUE, tokens,
-                    config.hidden_size, config.num_hidden_layers)
+    return Workload("vit-b16-224", lambda: ViTModel(config), inputs, loss, QUERY_VALUE, tokens)
 
 
 def bert(tiny: bool) -> Workload:
+    """BERT-base at 128 tokens (tiny: 16 tokens, 2 blocks), the pooled output into a stand-in loss."""
     from transformers import BertConfig, BertModel
 
     size = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=1000) if tiny else {}
@@ -89,11 +95,11 @@ def bert(tiny: bool) -> Workload:
     def loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(input_ids=batch["input_ids"]).pooler_output.float().pow(2).mean()
 
-    return Workload("bert-base-128", lambda: BertModel(config), inputs, loss, QUERY_VALUE, length,
-                    config.hidden_size, config.num_hidden_layers)
+    return Workload("bert-base-128", lambda: BertModel(config), inputs, loss, QUERY_VALUE, length)
 
 
 def decoder(tiny: bool) -> Workload:
+    """A decoder shaped as SmolLM2-135M at 512 tokens (tiny: 16 tokens, 2 blocks), next-token loss."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if tiny:
@@ -111,8 +117,7 @@ def decoder(tiny: bool) -> Workload:
         # next-token loss, as a causal-LM fine-tune computes it: logits [B, L-1, V] against ids [B, L-1]
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["input_ids"][:, 1:].flatten())
 
-    return Workload("smollm2-135m-512", lambda: LlamaForCausalLM(config), inputs, loss, QUERY_VALUE, length,
-                    config.hidden_size, config.num_hidden_layers)
+    return Workload("smollm2-135m-512", lambda: LlamaForCausalLM(config), inputs, loss, QUERY_VALUE, length)
 
 
 WORKLOADS = {"vit": vit, "bert": bert, "decoder": decoder}
@@ -134,17 +139,20 @@ def with_loracl_lora(model: nn.Module, targets: list[str]) -> nn.Module:
 
 
 def with_peft_lora(model: nn.Module, targets: list[str]) -> nn.Module:
+    """PEFT's LoRA on the same targets, rank and alpha (get_peft_model freezes the rest)."""
     from peft import LoraConfig, get_peft_model
 
     return get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=present(model, targets)))
 
 
 def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued kernels, so that wall time is the work's."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def timed(function: Callable[[dict[str, torch.Tensor]], Any], batches: list[dict[str, torch.Tensor]], device: torch.device) -> float:
+    """Seconds that `function` takes over the batches, the device synchronised before and after."""
     synchronize(device)
     started = time.perf_counter()
     for batch in batches:
@@ -154,6 +162,7 @@ def timed(function: Callable[[dict[str, torch.Tensor]], Any], batches: list[dict
 
 
 def train_step(model: nn.Module, work: Workload) -> Callable[[dict[str, torch.Tensor]], None]:
+    """One AdamW step on the model's trainable parameters per call."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step(batch: dict[str, torch.Tensor]) -> None:
@@ -164,19 +173,27 @@ def train_step(model: nn.Module, work: Workload) -> Callable[[dict[str, torch.Te
     return step
 
 
-def peak_memory(function: Callable[[], Any], device: torch.device) -> float | None:
-    """Peak allocated GiB while `function` runs (CUDA only)."""
+def working_memory(function: Callable[[], Any], device: torch.device) -> float | None:
+    """GiB allocated at the peak while `function` runs above what was allocated before it (the resident models of
+    both sides): that side's activations, gradients and optimizer state. CUDA only."""
     if device.type != "cuda":
         function()
         return None
+    resident = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     function()
-    return torch.cuda.max_memory_allocated(device) / 2**30
+    return (torch.cuda.max_memory_allocated(device) - resident) / 2**30
 
 
-def forward_flops(parameters: int, work: Workload) -> float:
-    """FLOPs of one sample's forward: 2 per weight per position, plus attention's scores and weighted sum."""
-    return 2 * parameters * work.tokens + 4 * work.layers * work.tokens**2 * work.hidden
+def counted_flops(function: Callable[[], Any]) -> int:
+    """FLOPs of what `function` runs, as torch's FlopCounterMode counts them (matmuls, convolutions, attention):
+    embedding lookups cost nothing and a frozen weight's gradient, never formed, is not counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        function()
+    return counter.get_total_flops()
 
 
 def measure(work: Workload, batch: int, rounds: int, steps: int, device: torch.device, dtype: torch.dtype, peak_tflops: float) -> dict[str, Any]:
@@ -191,7 +208,11 @@ def measure(work: Workload, batch: int, rounds: int, steps: int, device: torch.d
     if trainable["loracl"] != trainable["peft"]:
         raise RuntimeError(f"{work.name}: the two sides train different parameter counts {trainable}")
     ours.train(), theirs.train()
-    memory = {side: peak_memory(lambda step=step: timed(step, data[:2], device), device) for side, step in steps_of.items()}  # warm-up
+    memory = {side: working_memory(lambda step=step: timed(step, data[:2], device), device) for side, step in steps_of.items()}  # warm-up
+    # per sample, from one batch of one: our training step (forward and backward) and the bare model's forward
+    single = work.inputs(1, device)
+    train_flops = counted_flops(lambda: work.loss(ours, single).backward())
+    ours.zero_grad(set_to_none=True)
     train_s: dict[str, list[float]] = {"loracl": [], "peft": []}
     for round_index in range(rounds):
         order = list(steps_of) if round_index % 2 == 0 else list(steps_of)[::-1]
@@ -211,39 +232,50 @@ def measure(work: Workload, batch: int, rounds: int, steps: int, device: torch.d
             order = list(models) if round_index % 2 == 0 else list(models)[::-1]
             for side in order:
                 eval_s[side].append(timed(lambda inputs, model=models[side]: model(**inputs), data, device))
+        eval_flops = counted_flops(lambda: bare(**single))
     eval_rate = {side: samples / statistics.median(times) for side, times in eval_s.items()}
 
-    parameters = sum(p.numel() for p in bare.parameters())
-    per_sample = forward_flops(parameters, work)
-    # A frozen-base LoRA step: the forward (2N per position) and the backward's input gradients (another 2N); the
-    # base weights' own gradients (full fine-tuning's third 2N) are never formed, so 2x the forward's FLOPs.
     peak = peak_tflops * 1e12
     return {
-        "parameters": parameters,
+        "parameters": sum(p.numel() for p in bare.parameters()),
+        "attention": getattr(bare.config, "_attn_implementation", None),
         "tokens_per_sample": work.tokens,
+        "flops_per_sample": {"train": train_flops, "eval": eval_flops},
         "train_samples_per_s": rate,
         "train_tokens_per_s": {side: value * work.tokens for side, value in rate.items()},
         "train_ratio": rate["loracl"] / rate["peft"],
         "eval_samples_per_s": eval_rate,
         "eval_ratio": statistics.median(eval_s["merged"]) / statistics.median(eval_s["bare"]),
-        "peak_train_memory_gib": memory,
+        "train_working_memory_gib": memory,
         "mfu": {
-            "train_loracl": 2 * per_sample * rate["loracl"] / peak,
-            "train_peft": 2 * per_sample * rate["peft"] / peak,
-            "eval_merged": per_sample * eval_rate["merged"] / peak,
-            "eval_bare": per_sample * eval_rate["bare"] / peak,
+            "train_loracl": train_flops * rate["loracl"] / peak,
+            "train_peft": train_flops * rate["peft"] / peak,
+            "eval_merged": eval_flops * eval_rate["merged"] / peak,
+            "eval_bare": eval_flops * eval_rate["bare"] / peak,
         },
         "round_s": {**{f"{side}_train": times for side, times in train_s.items()}, **{f"{side}_eval": times for side, times in eval_s.items()}},
     }
 
 
+def peak_for(device_name: str, given: float | None) -> float:
+    """The device's dense bf16 peak TFLOP/s: the one given, or the data-sheet figure of a known device."""
+    if given is not None:
+        return given
+    for name, tflops in PEAK_TFLOPS.items():
+        if name in device_name:
+            return tflops
+    raise SystemExit(f"gpu_speed.py: no known bf16 peak for {device_name!r}: give --peak-tflops")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Measure every workload asked for and write one record."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10, help="batches per round")
-    parser.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS, help="the device's dense bf16 peak (MFU's denominator)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help=f"the device's dense bf16 peak TFLOP/s, MFU's denominator (default: the data sheet's for {', '.join(PEAK_TFLOPS)})")
     parser.add_argument("--tiny", action="store_true", help="tiny configs on the CPU in float32: checks the script, measures nothing")
     parser.add_argument("--out", type=Path, default=None, help="write the record here instead of docs/results/gpu_speed.json")
     args = parser.parse_args(argv)
@@ -251,15 +283,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error("no CUDA device: this benchmark measures a GPU (use --tiny to check the script on the CPU)")
     device = torch.device("cpu" if args.tiny else "cuda")
     dtype = torch.float32 if args.tiny else torch.bfloat16
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    peak_tflops = peak_for(device_name, args.peak_tflops if not args.tiny else (args.peak_tflops or 1.0))
     rows = {}
     for name in args.models:
         work = WORKLOADS[name](args.tiny)
-        rows[work.name] = measure(work, args.batch, args.rounds, args.steps, device, dtype, args.peak_tflops)
+        rows[work.name] = measure(work, args.batch, args.rounds, args.steps, device, dtype, peak_tflops)
         print(f"{work.name}: train ratio {rows[work.name]['train_ratio']:.3f}, merged eval / bare {rows[work.name]['eval_ratio']:.3f}", flush=True)
+    import peft
+
     record = {
         "setup": {"rank": RANK, "alpha": ALPHA, "targets": "query/value", "batch": args.batch, "rounds": args.rounds, "steps": args.steps,
-                  "dtype": str(dtype).removeprefix("torch."), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                  "peak_tflops": args.peak_tflops, "tiny": args.tiny},
+                  "dtype": str(dtype).removeprefix("torch."), "device": device_name, "peak_tflops": peak_tflops, "tiny": args.tiny,
+                  "peft": peft.__version__, "compiled": False},
+        "reference": REFERENCE,
         "train_target": TRAIN_TARGET,
         "eval_target": EVAL_TARGET,
         "rows": rows,
