@@ -75,13 +75,9 @@ def compact(results: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-SHARED_TIMING = "shared CPU: speeds not comparable"  # a record's `timing` when its run shared the CPU (run --shared-cpu)
-
-
-def timed(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The records whose speeds were measured alone on the machine (not `--shared-cpu` runs): the only ones that
-    enter a speed ratio."""
-    return [record for record in records if record.get("timing") != SHARED_TIMING]
+def timed_alone(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records not flagged `shared_cpu` (runs with --shared-cpu): the only ones whose speeds enter a ratio."""
+    return [record for record in records if not record.get("shared_cpu")]
 
 
 def result_path(name: str, label: str, seed: int) -> Path:
@@ -133,7 +129,7 @@ def command_one(args: argparse.Namespace) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     record = {**compact(result.results), "config": row_config(experiment, row, seed), **machine()}
     if getattr(args, "shared_cpu", False):
-        record["timing"] = SHARED_TIMING
+        record["shared_cpu"] = True
     target.write_text(json.dumps(record, indent=1) + "\n")
     print(f"{row['label']} seed {seed}: {result.results['avg_accuracy']:.3f} ({time.perf_counter() - started:.0f} s)", flush=True)
 
@@ -185,8 +181,8 @@ def command_render(args: argparse.Namespace) -> None:
     order = [row["label"] for row in experiment["rows"]] + ["peft_seq_lora"]
     ablations = {row["label"]: row["ablates"] for row in experiment["rows"] if "ablates" in row}
     reference = rows.get("seq_lora", [])
-    ref_train = statistics.mean(r["train_samples_per_s"] for r in timed(reference)) if timed(reference) else None
-    ref_eval = statistics.mean(r["eval_samples_per_s"] for r in timed(reference) if r.get("eval_samples_per_s")) if timed(reference) else None
+    ref_train = statistics.mean(r["train_samples_per_s"] for r in timed_alone(reference)) if timed_alone(reference) else None
+    ref_eval = statistics.mean(r["eval_samples_per_s"] for r in timed_alone(reference) if r.get("eval_samples_per_s")) if timed_alone(reference) else None
     accuracy = {label: [r["avg_accuracy"] for r in records] for label, records in rows.items()}
     forgetting = {label: [r["forgetting"] for r in records if r.get("forgetting") is not None] for label, records in rows.items()}
     lines = [
@@ -239,8 +235,8 @@ def command_render(args: argparse.Namespace) -> None:
             continue
         rouge = [statistics.mean(r["rouge_l_rows"][-1]) for r in records if r.get("rouge_l_rows") and r["rouge_l_rows"][-1]]
         stored = [r["stored_bytes_cumulative"][-1] / 1e6 for r in records if r.get("stored_bytes_cumulative")]
-        train_x = [r["train_samples_per_s"] / ref_train for r in timed(records) if r.get("train_samples_per_s") and ref_train]
-        eval_x = [r["eval_samples_per_s"] / ref_eval for r in timed(records) if r.get("eval_samples_per_s") and ref_eval]
+        train_x = [r["train_samples_per_s"] / ref_train for r in timed_alone(records) if r.get("train_samples_per_s") and ref_train]
+        eval_x = [r["eval_samples_per_s"] / ref_eval for r in timed_alone(records) if r.get("eval_samples_per_s") and ref_eval]
         memory = [r["peak_memory_bytes"] / 1e9 for r in records if r.get("peak_memory_bytes")]
         lines.append(
             f"| {label} | {','.join(str(r['seed']) for r in records)} | {mean_std(accuracy[label])}"
@@ -350,14 +346,14 @@ def experiment_figures(experiment: dict[str, Any], rows: dict[str, list[dict[str
 
 def headline_table(experiment: dict[str, Any], rows: dict[str, list[dict[str, Any]]], labels: list[str] | None = None) -> list[str]:
     """Mean ± sd of each headline row: accuracy, forgetting, BWT, storage and speed relative to seq_lora."""
-    reference = timed(rows.get("seq_lora", []))
+    reference = timed_alone(rows.get("seq_lora", []))
     ref_train = statistics.mean(r["train_samples_per_s"] for r in reference) if reference else None
     ref_eval = statistics.mean(r["eval_samples_per_s"] for r in reference) if reference else None
     lines = ["| row | seeds | avg accuracy | forgetting | BWT | stored MB | train x | eval x |", "|---|---|---|---|---|---|---|---|"]
     for label in labels or headline_labels(experiment, rows):
         records = rows[label]
-        train_x = [r["train_samples_per_s"] / ref_train for r in timed(records) if r.get("train_samples_per_s") and ref_train]
-        eval_x = [r["eval_samples_per_s"] / ref_eval for r in timed(records) if r.get("eval_samples_per_s") and ref_eval]
+        train_x = [r["train_samples_per_s"] / ref_train for r in timed_alone(records) if r.get("train_samples_per_s") and ref_train]
+        eval_x = [r["eval_samples_per_s"] / ref_eval for r in timed_alone(records) if r.get("eval_samples_per_s") and ref_eval]
         stored = [r["stored_bytes_cumulative"][-1] / 1e6 for r in records if r.get("stored_bytes_cumulative")]
         lines.append(
             f"| {label} | {len(records)} | {mean_std([r['avg_accuracy'] for r in records])} | {mean_std([r.get('forgetting') for r in records])}"
@@ -391,10 +387,11 @@ def which_method_when(experiment: dict[str, Any], rows: dict[str, list[dict[str,
         cheapest = min(stored, key=stored.get)
         lines.append(f"- Not distinguishable from the best within the spread: {', '.join(f'`{label}`' for label in tied)};"
                      f" the one storing least is `{cheapest}` ({stored[cheapest] / 1e6:.2f} MB after the last task).")
-        reference = timed(rows.get("seq_lora", []))
-        if reference and all(timed(rows[label]) for label in tied):
+        reference = timed_alone(rows.get("seq_lora", []))
+        comparable = [label for label in tied if timed_alone(rows[label])]
+        if reference and len(comparable) > 1:
             ref_eval = statistics.mean(r["eval_samples_per_s"] for r in reference)
-            serving = {label: statistics.mean(r["eval_samples_per_s"] for r in timed(rows[label])) / ref_eval for label in tied}
+            serving = {label: statistics.mean(r["eval_samples_per_s"] for r in timed_alone(rows[label])) / ref_eval for label in comparable}
             fastest = max(serving, key=serving.get)
             lines.append(f"- Cheapest to serve among those: `{fastest}` (evaluation {serving[fastest]:.2f}x seq_lora's speed;"
                          f" the slowest, `{min(serving, key=serving.get)}`, {min(serving.values()):.2f}x).")
@@ -416,7 +413,7 @@ def pair_verdicts(experiment: dict[str, Any], rows: dict[str, list[dict[str, Any
             first = [r["avg_accuracy"] for r in rows[label]]
             second = [r["avg_accuracy"] for r in rows[reference]]
             delta, rule = spread_rule(first, second)
-            mine, theirs = timed(rows[label]), timed(rows[reference])
+            mine, theirs = timed_alone(rows[label]), timed_alone(rows[reference])
             speeds = "speeds not comparable (measured on a shared CPU)"
             if mine and theirs:
                 speed = statistics.mean(r["train_samples_per_s"] for r in mine) / statistics.mean(r["train_samples_per_s"] for r in theirs)

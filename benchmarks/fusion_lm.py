@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import RESULTS, ROOT, SHARED_TIMING, machine, mean_std, spread_rule  # noqa: E402
+from bench import RESULTS, ROOT, machine, mean_std, spread_rule, timed_alone  # noqa: E402
 
 NAME = "fusion_lm"
 SETUP: dict[str, Any] = {
@@ -176,7 +176,7 @@ def command_run(args: argparse.Namespace) -> None:
         partial.parent.mkdir(parents=True, exist_ok=True)
         record = run_seed(seed, overrides, partial)
         if args.shared_cpu:
-            record["timing"] = SHARED_TIMING
+            record["shared_cpu"] = True
         target.write_text(json.dumps(record, indent=1) + "\n")
 
 
@@ -203,15 +203,10 @@ def fusion_table(records: list[dict[str, Any]]) -> list[str]:
     lines = ["| row | seeds | normalised accuracy | exact match | fusion s (seeds timed alone) |", "|---|---|---|---|---|"]
     for label in labels:
         values = [r["rows"][label] for r in records if label in r["rows"]]
-        seconds = [r["rows"][label]["fusion_s"] for r in alone(records) if r["rows"].get(label, {}).get("fusion_s") is not None]
+        seconds = [r["rows"][label]["fusion_s"] for r in timed_alone(records) if r["rows"].get(label, {}).get("fusion_s") is not None]
         lines.append(f"| {label} | {len(values)} | {mean_std([v['mean_normalised'] for v in values])} | "
                      f"{mean_std([v['mean_accuracy'] for v in values])} | {mean_std(seconds) if seconds else '-'} |")
     return lines
-
-
-def alone(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The seeds whose timings were taken alone on the machine (not flagged as sharing the CPU)."""
-    return [record for record in records if record.get("timing") != SHARED_TIMING]
 
 
 def load_records() -> list[dict[str, Any]]:
@@ -242,26 +237,37 @@ def verdict(records: list[dict[str, Any]]) -> list[str]:
     ]
 
 
+# Below this share of its training LoRAs' variance the F-VAE's decoded LoRAs are called blurred: a round trip that
+# loses a tenth of the variance already moves a LoRA by a third of its norm.
+GENERATOR_FIT = 0.9
+
+
 def generator_fit(records: list[dict[str, Any]]) -> list[str]:
     """What stands in the way, from the ICM reports: how much of its training LoRAs' variance the F-VAE reproduces."""
-    reports = [record["reports"]["icm"] for record in records if "final_reconstruction_mse" in record.get("reports", {}).get("icm", {})]
-    if not reports:
+    from loracl.fusion.icm_fusion import IcmFusionOptions
+
+    fitted = [record for record in records if "final_reconstruction_mse" in record.get("reports", {}).get("icm", {})]
+    if not fitted:
         return []
+    reports = [record["reports"]["icm"] for record in fitted]
     mse = [report["final_reconstruction_mse"] for report in reports]
     scale = [report["final_target_mean_square"] for report in reports]
     explained = [1 - error / square for error, square in zip(mse, scale)]
-    steps = sum(int(records[0].get("icm_options", {}).get(key, 0)) for key in ("warm_start_steps", "meta_steps"))
-    seconds = [record["reports"]["icm"]["fusion_s"] for record in alone(records) if "icm" in record.get("reports", {})]
-    return [
-        f"- What stands in the way: after {steps or 'the default'} F-VAE steps the generator reproduces its training LoRAs with"
-        f" mean squared error {mean_std(mse)} against their mean square {mean_std(scale)} (z-scored weights): it has learned"
-        f" {mean_std(explained)} of their variance, so what it decodes is a blurred LoRA before any fusion rule acts. Those"
-        f" steps took {mean_std(seconds) if seconds else 'an unknown number of'} s per fusion on this 2-core CPU"
-        f" ({len(seconds)} seed(s) timed alone; the conv trunk over a"
-        f" {reports[0]['padded_length']:,}-long weight vector), so a longer schedule, the first lever, does not fit here. On a"
-        " GPU (single-seed history in results/legacy.md) a generator that did reproduce its LoRAs still fused them to about"
-        " what averaging them gives.",
+    schedules = {(options.warm_start_steps, options.meta_steps) for options in
+                 (IcmFusionOptions(**record.get("icm_options", {})) for record in fitted)}
+    steps = " or ".join(f"{warm} warm-start and {meta} meta" for warm, meta in sorted(schedules))
+    seconds = [record["reports"]["icm"]["fusion_s"] for record in timed_alone(fitted)]
+    blurred = statistics.mean(explained) < GENERATOR_FIT
+    lines = [
+        f"- {'What stands in the way: the' if blurred else 'The'} F-VAE after {steps} steps reproduces its training LoRAs with mean squared error {mean_std(mse)} against their mean"
+        f" square {mean_std(scale)} (z-scored weights): it keeps {mean_std(explained)} of their variance"
+        + (f", below {GENERATOR_FIT}, so what it decodes is a blurred LoRA before any fusion rule acts." if blurred else "."),
     ]
+    if seconds:
+        machines = sorted({record["machine"] for record in timed_alone(fitted)})
+        lines.append(f"- The whole ICM-Fusion (F-VAE training, task vectors, in-context steps through the model) took {mean_std(seconds)} s"
+                     f" per fusion on {', '.join(machines)} ({len(seconds)} seed(s) not flagged as sharing the CPU).")
+    return lines
 
 
 def command_render(args: argparse.Namespace) -> None:

@@ -113,6 +113,8 @@ def command_peft(args: argparse.Namespace) -> None:
         if target.exists():
             continue
         record = {**peft_sequential(experiment, seed), **machine()}
+        if args.shared_cpu:
+            record["shared_cpu"] = True
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(record, indent=1) + "\n")
         print("peft seed", seed, record["avg_accuracy"], flush=True)
@@ -127,6 +129,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--shared-cpu", action="store_true", help="peft: the run shares the CPU; its record says so (bench.py run --shared-cpu)")
     args = parser.parse_args()
     {"run": command_run, "one": command_one, "peft": command_peft, "render": command_render, "speed": command_speed}[args.command](args)
 

@@ -19,7 +19,9 @@ def fusion_lm():
 def record(seed: int, normalised: dict[str, float], mse: float) -> dict:
     rows = {label: {"mean_normalised": value, "mean_accuracy": value / 2} for label, value in normalised.items()}
     icm_report = {"final_reconstruction_mse": mse, "final_target_mean_square": 1.0, "fusion_s": 100.0 + seed, "padded_length": 4096}
-    return {"seed": seed, "rows": rows, "reports": {"icm": icm_report}, "icm_options": {"warm_start_steps": 20, "meta_steps": 5}}
+    rows["icm"]["fusion_s"] = icm_report["fusion_s"]
+    return {"seed": seed, "rows": rows, "reports": {"icm": icm_report}, "icm_options": {"warm_start_steps": 20, "meta_steps": 5},
+            "machine": "x86_64, 2 threads, cpu"}
 
 
 def test_verdict_names_the_target_the_best_fusion_and_the_generator_fit(fusion_lm) -> None:
@@ -32,7 +34,17 @@ def test_verdict_names_the_target_the_best_fusion_and_the_generator_fit(fusion_l
     assert "0.850 ± 0.020" in lines[0] and "not reached" in lines[0]
     assert "`ties`" in lines[1] and "-0.100" in lines[1] and "beyond the spread" in lines[1]
     assert "below 1 of the 2 other fusions (`ties`)" in lines[2]  # linear is below ICM, not above it
-    assert "25 F-VAE steps" in lines[4] and "0.300 ± 0.100" in lines[4] and "0.700 ± 0.100 of their variance" in lines[4]
+    assert lines[4].startswith("- What stands in the way: the F-VAE after 20 warm-start and 5 meta steps")
+    assert "0.300 ± 0.100" in lines[4] and "0.700 ± 0.100 of their variance, below 0.9, so what it decodes is a blurred LoRA" in lines[4]
+    assert lines[5].startswith("- The whole ICM-Fusion") and "101.000 ± 1.000 s per fusion on x86_64, 2 threads, cpu (3 seed(s)" in lines[5]
+
+
+def test_a_generator_that_fits_is_not_called_blurred_and_the_default_schedule_is_named(fusion_lm) -> None:
+    seeds = [record(seed, {"no_lora": 0.3, "own_lora": 1.0, "linear": 0.80, "icm": 0.95}, 0.05) for seed in range(2)]
+    for seed in seeds:
+        seed["icm_options"] = {"meta_steps": 10}  # the warm start at its default
+    [fit] = [line for line in fusion_lm.verdict(seeds) if "F-VAE after" in line]
+    assert fit.startswith("- The F-VAE after 300 warm-start and 10 meta steps") and "blurred" not in fit
 
 
 def test_a_seed_stopped_before_icm_finished_says_so_and_claims_nothing(fusion_lm) -> None:
@@ -45,10 +57,10 @@ def test_a_seed_stopped_before_icm_finished_says_so_and_claims_nothing(fusion_lm
 def test_a_seed_that_shared_the_cpu_counts_for_accuracy_and_not_for_time(fusion_lm) -> None:
     seeds = [
         record(0, {"no_lora": 0.3, "own_lora": 1.0, "linear": 0.80, "icm": 0.85}, 0.30),
-        {**record(1, {"no_lora": 0.3, "own_lora": 1.0, "linear": 0.82, "icm": 0.87}, 0.30), "timing": fusion_lm.SHARED_TIMING},
+        {**record(1, {"no_lora": 0.3, "own_lora": 1.0, "linear": 0.82, "icm": 0.87}, 0.30), "shared_cpu": True},
     ]
-    seeds[1]["reports"]["icm"]["fusion_s"] = 900.0  # slowed by the other work
-    fit = fusion_lm.verdict(seeds)[-1]
-    assert "took 100.000 s per fusion" in fit and "1 seed(s) timed alone" in fit
+    seeds[1]["reports"]["icm"]["fusion_s"] = seeds[1]["rows"]["icm"]["fusion_s"] = 900.0  # slowed by the other work
+    took = fusion_lm.verdict(seeds)[-1]
+    assert "took 100.000 s per fusion" in took and "(1 seed(s) not flagged as sharing the CPU)" in took
     [icm_row] = [line for line in fusion_lm.fusion_table(seeds) if line.startswith("| icm |")]
-    assert icm_row.startswith("| icm | 2 | 0.860 ± 0.014 |")
+    assert icm_row == "| icm | 2 | 0.860 ± 0.014 | 0.430 ± 0.007 | 100.000 |"

@@ -112,7 +112,7 @@ def test_rows_run_on_a_shared_cpu_keep_their_accuracy_and_lose_their_speed(bench
     for seed in range(3):  # o_lora's runs shared the CPU: four times slower on paper, and flagged
         path = results / "tiny" / "o_lora" / f"seed{seed}.json"
         record = json.loads(path.read_text())
-        path.write_text(json.dumps({**record, "train_samples_per_s": 2.5, "timing": bench.SHARED_TIMING}))
+        path.write_text(json.dumps({**record, "train_samples_per_s": 2.5, "shared_cpu": True}))
     experiment = yaml.safe_load((experiments / "tiny.yaml").read_text())
     rows = bench.load_rows("tiny", results)
     table = bench.headline_table(experiment, rows, ["seq_lora", "o_lora"])
