@@ -11,9 +11,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from loracl.config import RunConfig, validate_config
+from loracl.backbones.classifier import ContinualClassifier
+from loracl.backbones.registry import load_backbone
+from loracl.config import HeadConfig, RunConfig, TrainConfig, validate_config
 from loracl.data.sources.digits import load_digits_tasks
-from loracl.data.stream import RawTask, Stream, build_stream
+from loracl.data.stream import RawTask, Stream, Task, build_stream
+from loracl.methods.base import Method, MethodContext
+from loracl.methods.registry import create_method
 
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "piano", "lemon", "ocean", "candle", "forest", "violet", "copper"]
 
@@ -41,6 +45,35 @@ def synthetic_text_tasks(num_tasks: int = 3, classes_per_task: int = 2, train: i
 
 def tiny_text_stream(num_tasks: int = 3, scenario: str = "class_incremental", **kwargs: Any) -> Stream:
     return build_stream(synthetic_text_tasks(num_tasks, **kwargs), scenario=scenario)
+
+
+def two_text_tasks() -> tuple[Task, Task]:
+    """Two tiny synthetic text tasks (8 training, 4 test examples each), as the option-effect tests use them."""
+    first, second = tiny_text_stream(2, train=8, test=4).tasks
+    return first, second
+
+
+def attached(name: str, seed: int = 0, **options: Any) -> Any:
+    """A fresh tiny-bert classifier (max length 32) with method `name` attached, options as given, two tasks planned."""
+    model = ContinualClassifier(load_backbone("tiny-bert", max_length=32, seed=0))
+    context = MethodContext(HeadConfig(), TrainConfig(progress=False), seed=seed, num_tasks=2)
+    method: Method = create_method(name, options, context)
+    method.attach(model)
+    return method
+
+
+def text_batch(method: Method, task: Task, count: int = 4) -> dict[str, Any]:
+    """The first `count` training examples of `task`, collated by the method's backbone, with labels and task ids."""
+    return {
+        "inputs": method.model.backbone.collate(task.train.inputs[:count]),
+        "labels": torch.tensor(task.train.labels[:count]),
+        "task_ids": torch.full((count,), task.index),
+    }
+
+
+def seeded(*shape: int, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
+    """A standard-normal tensor of `shape` from its own generator seeded with `seed`, times `scale`."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
 
 
 def tiny_digits_stream(num_tasks: int = 3, max_train: int = 40, max_test: int = 20) -> Stream:
