@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,18 @@ def compact(results: dict[str, Any]) -> dict[str, Any]:
     if any("metric_rows" in record for record in results["per_task"]):
         out["rouge_l_rows"] = [record.get("metric_rows", {}).get("rouge_l") for record in results["per_task"]]
     return out
+
+
+def interleaved_rounds(runs: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:
+    """Wall seconds of each run in each round, the order reversed every other round, so that drift in the machine's
+    speed falls on every side alike (how every speed comparison here is measured)."""
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for round_index in range(rounds):
+        for name in (list(runs) if round_index % 2 == 0 else list(runs)[::-1]):
+            started = time.perf_counter()
+            runs[name]()
+            seconds[name].append(time.perf_counter() - started)
+    return seconds
 
 
 def timed_alone(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import machine, write_record  # noqa: E402
+from bench import interleaved_rounds, machine, write_record  # noqa: E402
 
 from loracl.adapters import LoraLayer, inject_adapters, merge_adapters  # noqa: E402
 
@@ -213,25 +213,18 @@ def measure(work: Workload, batch: int, rounds: int, steps: int, device: torch.d
     single = work.inputs(1, device)
     train_flops = counted_flops(lambda: work.loss(ours, single).backward())
     ours.zero_grad(set_to_none=True)
-    train_s: dict[str, list[float]] = {"loracl": [], "peft": []}
-    for round_index in range(rounds):
-        order = list(steps_of) if round_index % 2 == 0 else list(steps_of)[::-1]
-        for side in order:
-            train_s[side].append(timed(steps_of[side], data, device))
+    train_s = interleaved_rounds({side: lambda step=step: timed(step, data, device) for side, step in steps_of.items()}, rounds)
     samples = batch * steps
     rate = {side: samples / statistics.median(times) for side, times in train_s.items()}
 
     merge_adapters(ours)
     ours.eval(), bare.eval()
-    eval_s: dict[str, list[float]] = {"merged": [], "bare": []}
     with torch.inference_mode():
         models = {"merged": ours, "bare": bare}
-        for model in models.values():
+        for model in models.values():  # warm-up
             timed(lambda inputs, model=model: model(**inputs), data[:2], device)
-        for round_index in range(rounds):
-            order = list(models) if round_index % 2 == 0 else list(models)[::-1]
-            for side in order:
-                eval_s[side].append(timed(lambda inputs, model=models[side]: model(**inputs), data, device))
+        eval_s = interleaved_rounds({side: lambda model=model: timed(lambda inputs: model(**inputs), data, device)
+                                     for side, model in models.items()}, rounds)
         eval_flops = counted_flops(lambda: bare(**single))
     eval_rate = {side: samples / statistics.median(times) for side, times in eval_s.items()}
 

@@ -30,6 +30,7 @@ from bench import (  # noqa: E402 - the generic experiment runner beside this fi
     command_one,
     command_render,
     command_run,
+    interleaved_rounds,
     load_experiment,
     machine,
     result_path,
@@ -183,13 +184,9 @@ def command_speed(args: argparse.Namespace) -> None:
             peft_optimizer.zero_grad(set_to_none=True)
 
     samples = sum(len(batch["labels"]) for batch in batches)
-    timings: dict[str, list[float]] = {"ours": [], "peft": []}
     ours(), theirs()  # warm-up
-    for _ in range(args.rounds):
-        for name, function in (("ours", ours), ("peft", theirs)):
-            started = time.perf_counter()
-            function()
-            timings[name].append(samples / (time.perf_counter() - started))
+    seconds = interleaved_rounds({"ours": ours, "peft": theirs}, args.rounds)
+    timings = {name: [samples / value for value in values] for name, values in seconds.items()}
     record = {
         "ours_samples_per_s": statistics.median(timings["ours"]),
         "peft_samples_per_s": statistics.median(timings["peft"]),

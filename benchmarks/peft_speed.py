@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import write_record  # noqa: E402
+from bench import interleaved_rounds, write_record  # noqa: E402
 
 from loracl.adapters import LoraLayer, inject_adapters, merge_adapters  # noqa: E402
 from loracl.backbones.base import mean_pool  # noqa: E402
@@ -90,11 +90,8 @@ def main() -> None:
     ours.train(), theirs.train()
     for step in (our_step, their_step):  # warm-up
         timed(step, data[:2])
-    ours_s, theirs_s = [], []
-    for round_index in range(args.rounds):
-        pair = [(our_step, ours_s), (their_step, theirs_s)]
-        for step, store in pair if round_index % 2 == 0 else pair[::-1]:
-            store.append(timed(step, data))
+    train_s = interleaved_rounds({"loracl": lambda: timed(our_step, data), "peft": lambda: timed(their_step, data)}, args.rounds)
+    ours_s, theirs_s = train_s["loracl"], train_s["peft"]
     samples = args.steps * BATCH
     ours_rate, theirs_rate = samples / statistics.median(ours_s), samples / statistics.median(theirs_s)
 
@@ -104,11 +101,8 @@ def main() -> None:
         forward = lambda model: (lambda batch: model(**batch))  # noqa: E731
         for model in (ours, bare):
             timed(forward(model), data[:2])
-        merged_s, bare_s = [], []
-        for round_index in range(args.rounds):
-            pair = [(ours, merged_s), (bare, bare_s)]
-            for model, store in pair if round_index % 2 == 0 else pair[::-1]:
-                store.append(timed(forward(model), data))
+        eval_s = interleaved_rounds({"merged": lambda: timed(forward(ours), data), "bare": lambda: timed(forward(bare), data)}, args.rounds)
+        merged_s, bare_s = eval_s["merged"], eval_s["bare"]
     eval_ratio = statistics.median(merged_s) / statistics.median(bare_s)
     train_ratio = ours_rate / theirs_rate
     record = {

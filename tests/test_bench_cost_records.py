@@ -99,3 +99,11 @@ def test_a_written_record_carries_the_machine_stamp_and_is_what_the_section_read
     assert path == tmp_path / "quickstart_time.json"
     assert bench.load_record("quickstart_time", tmp_path)["machine"] == bench.machine()["machine"]
     assert any("212 s" in line for line in bench.costs_section(tmp_path))
+
+
+def test_interleaved_rounds_alternate_the_order_and_time_each_run(bench) -> None:
+    calls: list[str] = []
+    seconds = bench.interleaved_rounds({"ours": lambda: calls.append("ours"), "peft": lambda: calls.append("peft")}, 3)
+    assert calls == ["ours", "peft", "peft", "ours", "ours", "peft"]  # whoever goes first in a round alternates
+    assert {name: len(values) for name, values in seconds.items()} == {"ours": 3, "peft": 3}
+    assert all(value >= 0 for values in seconds.values() for value in values)
