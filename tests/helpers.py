@@ -173,8 +173,8 @@ def train_method_task(method: Any, task: Any, batches: Any, steps: int = 2, lr: 
 
 @torch.no_grad()
 def accuracy_by_hand(method: Any, task: Any, eval_batch_size: int = 16) -> float:
-    """A class-incremental task's test accuracy recomputed outside the engine: the method's predictions on the
-    engine's evaluation batches (same order and padding), argmax against the labels."""
+    """A class-incremental task's test accuracy recomputed beside the engine's evaluation loop (not through its tally,
+    gathering or matrix bookkeeping): the method's predictions on the same batches, argmax against the labels."""
     from loracl.engine.loaders import SplitLoader
 
     model = method.model
