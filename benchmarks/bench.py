@@ -768,7 +768,8 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="*", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (runs beside other work)")
     parser.add_argument("--shared-cpu", action="store_true",
-                        help="the runs share the CPU with other work: their records say so and the pages leave their speeds out")
+                        help="the runs share the CPU with other work (give it too when resuming a run that did): their records say so"
+                        " and the pages leave their speeds out")
     args = parser.parse_args()
     if args.command not in ("summary", "methods") and not args.experiment:
         parser.error(f"{args.command} needs an experiment file")
