@@ -5,7 +5,8 @@ before every training step, the accuracy matrices and method metrics, how many t
 and, after the run, every task's accuracy and the method metrics of one more evaluation sharded between the
 processes and one unsharded (every process alone, as one process would); with methods named, the same for zero_shot
 on a tiny language model: `python tests/distributed_worker.py OUT [kill_after_task] [method,method,...]`
-(kill_after_task -1: no kill).
+(kill_after_task -1: no kill). With methods named, the default inc_lora run goes first, into OUT/default, so one
+launch serves both sets of tests.
 """
 
 from __future__ import annotations
@@ -152,12 +153,22 @@ def main() -> None:
             summary["reevaluated"] = {result.label: reevaluate(run, result.method) for run, result in zip(runs, results)}
         return summary
 
-    summary = {"digests": digests, "world": int(os.environ.get("WORLD_SIZE", "1"))}
-    summary.update(summarise(run_experiment(config(methods), out / "run", stream=stream(methods))))
-    if methods:  # a language model's evaluation too
+    def run_one(names: list[str] | None, folder: Path) -> None:
+        """One run of the configuration for `names` (None: the default inc_lora run) into folder/rank<r>.json."""
+        digests.clear()
         test_examples[0], runs[:] = 0, []
-        summary["language"] = summarise(language_run(out))
-    (out / f"rank{rank}.json").write_text(json.dumps(summary))
+        summary = {"world": int(os.environ.get("WORLD_SIZE", "1"))}
+        summary.update(summarise(run_experiment(config(names), folder / "run", stream=stream(names))))
+        summary["digests"] = list(digests)
+        if names:  # a language model's evaluation too
+            test_examples[0], runs[:] = 0, []
+            summary["language"] = summarise(language_run(folder))
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"rank{rank}.json").write_text(json.dumps(summary))
+
+    if methods:  # one launch for both: the default run first (into OUT/default), as a launch of its own would run it
+        run_one(None, out / "default")
+    run_one(methods, out)
     torch.distributed.destroy_process_group() if torch.distributed.is_initialized() else None
 
 
