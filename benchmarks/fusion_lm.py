@@ -233,8 +233,18 @@ def verdict(records: list[dict[str, Any]]) -> list[str]:
         f"- Best other fusion `{best}`: {mean_std(normalised[best])}; ICM-Fusion minus it: {delta:+.3f} ({rule}).",
         f"- ICM-Fusion's mean is below {len(below)} of the {len(merges)} other fusions ({', '.join(f'`{label}`' for label in below) or 'none'}).",
         f"- No LoRA: {mean_std(normalised['no_lora'])}.",
+        *spread_line(normalised, merges),
         *generator_fit(records, in_the_way=not state.startswith("reached")),
     ]
+
+
+def spread_line(normalised: dict[str, list[float]], merges: list[str]) -> list[str]:
+    """ICM-Fusion's seed-to-seed spread beside the other fusions' (nothing with one seed)."""
+    if len(normalised["icm"]) < 2:
+        return []
+    spreads = [statistics.stdev(normalised[label]) for label in merges]
+    return [f"- Seed spread (standard deviation of the normalised accuracy): ICM-Fusion ±{statistics.stdev(normalised['icm']):.3f},"
+            f" the other fusions ±{min(spreads):.3f} to ±{max(spreads):.3f}."]
 
 
 TARGET = 0.90  # the issue's target for ICM-Fusion's mean normalised accuracy

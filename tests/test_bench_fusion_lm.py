@@ -34,6 +34,8 @@ def test_verdict_names_the_target_the_best_fusion_and_the_generator_fit(fusion_l
     assert lines[0] == "- ICM-Fusion: 0.850 ± 0.020 of each task's own LoRA (target 0.90: not reached, beyond the spread)."
     assert "`ties`" in lines[1] and "-0.100" in lines[1] and "beyond the spread" in lines[1]
     assert "below 1 of the 2 other fusions (`ties`)" in lines[2]  # linear is below ICM, not above it
+    assert lines[4] == "- Seed spread (standard deviation of the normalised accuracy): ICM-Fusion ±0.020, the other fusions ±0.020 to ±0.020."
+    lines = lines[:4] + lines[5:]
     assert lines[4].startswith("- What stands in the way: the F-VAE after 20 warm-start and 5 meta steps")
     assert "0.300 ± 0.100" in lines[4] and "0.700 ± 0.100 of their variance, below 0.9, so what it decodes is a blurred LoRA" in lines[4]
     assert lines[5].startswith("- The whole ICM-Fusion") and "101.000 ± 1.000 s per fusion on x86_64, 2 threads, cpu (3 seed(s)" in lines[5]
