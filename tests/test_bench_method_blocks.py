@@ -122,3 +122,21 @@ def test_rows_run_on_a_shared_cpu_keep_their_accuracy_and_lose_their_speed(bench
     shared, alone = bench.pair_verdicts(experiment, rows)
     assert shared.endswith("; speeds not comparable (measured on a shared CPU).")
     assert alone.endswith("; training 1.00x, generation 1.00x its speed.")
+
+
+def test_cheapest_to_serve_compares_only_rows_timed_alone(bench, tmp_path: Path) -> None:
+    experiments, results, _ = fabricate(tmp_path)
+    experiment = yaml.safe_load((experiments / "tiny.yaml").read_text())
+
+    def rewrite_o_lora(**changes: object) -> None:
+        for seed, accuracy in enumerate([0.80, 0.79, 0.81]):  # level with lorac_ipc, the best row
+            path = results / "tiny" / "o_lora" / f"seed{seed}.json"
+            path.write_text(json.dumps({**json.loads(path.read_text()), "avg_accuracy": accuracy, "eval_samples_per_s": 40.0, **changes}))
+
+    rewrite_o_lora()
+    lines = bench.which_method_when(experiment, bench.load_rows("tiny", results))
+    assert "- Cheapest to serve among those: `o_lora` (evaluation 2.00x seq_lora's speed; the slowest, `lorac_ipc`, 1.00x)." in lines
+    rewrite_o_lora(shared_cpu=True)  # its speed no longer counts: one timed row is left, nothing to compare
+    lines = bench.which_method_when(experiment, bench.load_rows("tiny", results))
+    assert any("Not distinguishable from the best" in line for line in lines)
+    assert not any("Cheapest to serve" in line for line in lines)
