@@ -4,28 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import attached, seeded, text_batch, two_text_tasks
+from helpers import attached, seeded, text_batch
 
 from loracl.data.stream import Task
 from loracl.methods.fm_lora import FmLora
-
-
-@pytest.fixture(scope="module")
-def tasks() -> tuple[Task, Task]:
-    """The two tiny text tasks, built once for this module."""
-    return two_text_tasks()
-
-
-@pytest.fixture(scope="module")
-def first(tasks: tuple[Task, Task]) -> Task:
-    """Task 0."""
-    return tasks[0]
-
-
-@pytest.fixture(scope="module")
-def second(tasks: tuple[Task, Task]) -> Task:
-    """Task 1."""
-    return tasks[1]
 
 
 def fm(**options: object) -> FmLora:
@@ -33,8 +15,8 @@ def fm(**options: object) -> FmLora:
     return attached("fm_lora", **{"rank": 4, "prompt_len": 0, "complexity_samples": 8, **options})
 
 
-def fm_second_task(first: Task, second: Task, **options: object) -> FmLora:
-    """drs off, no prompt: task 0 finished with hand-set cores N (M_0 = I kept), task 1 begun and prepared."""
+def fm_first_task(first: Task, **options: object) -> FmLora:
+    """drs off, no prompt: task 0 finished with hand-set cores N (M_0 = I)."""
     method = fm(drs="off", **options)
     method.begin_task(first)
     method.prepare_task(first, [])
@@ -42,6 +24,12 @@ def fm_second_task(first: Task, second: Task, **options: object) -> FmLora:
         for index, layer in enumerate(method.layers.values()):
             layer.core_N.copy_(seeded(4, 4, seed=index))
     method.end_task(first, [])
+    return method
+
+
+def fm_second_task(first: Task, second: Task, **options: object) -> FmLora:
+    """fm_first_task (M_0 = I kept), then task 1 begun and prepared."""
+    method = fm_first_task(first, **options)
     method.begin_task(second)
     method.prepare_task(second, [])
     return method
@@ -84,13 +72,7 @@ def test_fm_core_orth_weight_adds_the_weighted_core_overlap(weight, first, secon
 
 @pytest.mark.parametrize("keep", [True, False])
 def test_fm_keep_task_cores_false_keeps_no_per_task_cores(keep, first):
-    method = fm(drs="off", keep_task_cores=keep)
-    method.begin_task(first)
-    method.prepare_task(first, [])
-    with torch.no_grad():
-        for index, layer in enumerate(method.layers.values()):
-            layer.core_N.copy_(seeded(4, 4, seed=index))
-    method.end_task(first, [])
+    method = fm_first_task(first, keep_task_cores=keep)
     for index, layer in enumerate(method.layers.values()):
         kept = dict(layer.kept_cores.named_buffers())
         assert (sorted(kept) == ["M_0", "N_0"]) is keep and (len(kept) == 0) is (not keep)

@@ -6,20 +6,13 @@ import math
 
 import pytest
 import torch
-from helpers import attached, seeded, two_text_tasks
+from helpers import attached, seeded
 
 from loracl.adapters.lora import LoraBranch
-from loracl.data.stream import Task
 from loracl.methods.base import LoraMethod
 from loracl.methods.mean_router import MeanRouter
 
 LORA_METHODS = ["seq_lora", "inc_lora", "o_lora"]
-
-
-@pytest.fixture(scope="module")
-def first() -> Task:
-    """Task 0 of the two tiny text tasks, built once for this module."""
-    return two_text_tasks()[0]
 
 
 def lora_branches(method: LoraMethod) -> list[LoraBranch]:

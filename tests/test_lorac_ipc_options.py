@@ -6,15 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import attached, two_text_tasks
-
-from loracl.data.stream import Task
-
-
-@pytest.fixture(scope="module")
-def first() -> Task:
-    """Task 0 of the two tiny text tasks, built once for this module."""
-    return two_text_tasks()[0]
+from helpers import attached
 
 
 @pytest.mark.parametrize("weight", [0.0, 0.25, 2.0])

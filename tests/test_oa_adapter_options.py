@@ -6,29 +6,11 @@ import math
 
 import pytest
 import torch
-from helpers import attached, seeded, text_batch, two_text_tasks
+from helpers import attached, seeded, text_batch
 
 from loracl.adapters.gated import orthogonality_loss
 from loracl.data.stream import Task
 from loracl.methods.oa_adapter import OaAdapter
-
-
-@pytest.fixture(scope="module")
-def tasks() -> tuple[Task, Task]:
-    """The two tiny text tasks, built once for this module."""
-    return two_text_tasks()
-
-
-@pytest.fixture(scope="module")
-def first(tasks: tuple[Task, Task]) -> Task:
-    """Task 0."""
-    return tasks[0]
-
-
-@pytest.fixture(scope="module")
-def second(tasks: tuple[Task, Task]) -> Task:
-    """Task 1."""
-    return tasks[1]
 
 
 def oa_after_first_task(first: Task, second: Task, old_scale: float = 1.0, **options: object) -> OaAdapter:

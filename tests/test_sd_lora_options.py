@@ -4,15 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import attached, two_text_tasks
-
-from loracl.data.stream import Task
-
-
-@pytest.fixture(scope="module")
-def tasks() -> tuple[Task, Task]:
-    """The two tiny text tasks, built once for this module."""
-    return two_text_tasks()
+from helpers import attached
 
 
 @pytest.mark.parametrize("magnitude_init", [0.8, 0.5])
