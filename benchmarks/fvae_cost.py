@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import write_record  # noqa: E402
+from records import write_record  # noqa: E402
 
 from loracl.adapters.peft_io import LoraPair  # noqa: E402
 from loracl.fusion.flat import FlatLayout, full_rank_view  # noqa: E402

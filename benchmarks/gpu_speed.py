@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import interleaved_rounds, machine, write_record  # noqa: E402
+from bench import interleaved_rounds  # noqa: E402
+from records import machine, write_record  # noqa: E402
 
 from loracl.adapters import LoraLayer, inject_adapters, merge_adapters  # noqa: E402
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import ROOT, write_record  # noqa: E402
+from records import ROOT, write_record  # noqa: E402
 
 
 def config(tasks: list[str], train: int) -> dict:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import write_record  # noqa: E402
+from records import write_record  # noqa: E402
 
 TARGET_S = 300  # the quickstart's promise: under 5 minutes on 2 CPU cores
 

@@ -9,13 +9,23 @@ from typing import Any
 import pytest
 from helpers import load_script
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 MACHINE = {"machine": "x86_64, 2 threads, cpu", "versions": {"loracl": "0.1.0"}, "commit": "abc1234", "date": "2031-01-02 03:04 UTC"}
 
 
 @pytest.fixture(scope="module")
 def bench():
-    return load_script(BENCH, "bench_costs_under_test")
+    return load_script(BENCHMARKS / "bench.py", "bench_costs_under_test")
+
+
+@pytest.fixture(scope="module")
+def costs():
+    return load_script(BENCHMARKS / "costs.py", "costs_under_test")
+
+
+@pytest.fixture(scope="module")
+def records():
+    return load_script(BENCHMARKS / "records.py", "records_under_test")
 
 
 def quickstart(wall_s: float) -> dict[str, Any]:
@@ -51,9 +61,9 @@ def write(folder: Path, name: str, record: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize(("wall_s", "verdict"), [(212.4, "met"), (318.0, "NOT met")])
-def test_quickstart_line_shows_the_recorded_wall_time_against_the_target(bench, tmp_path: Path, wall_s: float, verdict: str) -> None:
+def test_quickstart_line_shows_the_recorded_wall_time_against_the_target(costs, tmp_path: Path, wall_s: float, verdict: str) -> None:
     write(tmp_path, "quickstart_time", quickstart(wall_s))
-    section = bench.costs_section(tmp_path)
+    section = costs.costs_section(tmp_path)
     assert section[:2] == ["## Costs", ""]
     [line] = [line for line in section if line.startswith("**The embedded default run**")]
     assert f"{wall_s:.0f} s wall time end to end, target under 300 s: {verdict}." in line
@@ -61,44 +71,44 @@ def test_quickstart_line_shows_the_recorded_wall_time_against_the_target(bench, 
     assert "x86_64, 2 threads, cpu, 2031-01-02 03:04 UTC; `python benchmarks/quickstart_time.py`" in line
 
 
-def test_no_record_renders_nothing_and_a_missing_record_renders_no_line(bench, tmp_path: Path) -> None:
-    assert bench.costs_section(tmp_path) == []
-    assert bench.several_processes_section(tmp_path) == []
+def test_no_record_renders_nothing_and_a_missing_record_renders_no_line(costs, tmp_path: Path) -> None:
+    assert costs.costs_section(tmp_path) == []
+    assert costs.several_processes_section(tmp_path) == []
     write(tmp_path, "fvae_cost", fvae_cost())
-    text = "\n".join(bench.costs_section(tmp_path))
+    text = "\n".join(costs.costs_section(tmp_path))
     assert "**F-VAE cost per training step**" in text
     assert "embedded default run" not in text and "Speed against PEFT" not in text
 
 
-def test_peft_speed_table_from_the_record(bench, tmp_path: Path) -> None:
+def test_peft_speed_table_from_the_record(costs, tmp_path: Path) -> None:
     write(tmp_path, "peft_speed", peft_speed(0.95))
-    text = "\n".join(bench.costs_section(tmp_path))
+    text = "\n".join(costs.costs_section(tmp_path))
     assert "| train samples/s, seq_lora vs PEFT LoRA | 22.1 | 23.3 (PEFT) | 0.950 | >= 1 | no |" in text
     assert "| eval time per batch, merged adapter vs bare model | 214.5 ms | 213.9 ms (bare) | 1.003 | <= 1.02 | yes |" in text
     assert "median of 15 interleaved rounds of 5 steps; x86_64, 2 threads, cpu, 2031-01-02 03:04 UTC; `python benchmarks/peft_speed.py`" in text
 
 
-def test_fvae_cost_table_from_the_record(bench, tmp_path: Path) -> None:
+def test_fvae_cost_table_from_the_record(costs, tmp_path: Path) -> None:
     write(tmp_path, "fvae_cost", fvae_cost())
-    text = "\n".join(bench.costs_section(tmp_path))
+    text = "\n".join(costs.costs_section(tmp_path))
     assert "| target | conv widths / | values per LoRA | F-VAE parameters | s per step | min for 300 warm-start steps |" in text
     assert "| delta | 16 | 1,769,472 | 724,730 | 18.75 | 93.7 |" in text
     assert "`delta` is 24x longer than `factors`" in text and "`python benchmarks/fvae_cost.py`" in text
 
 
-def test_records_render_in_a_fixed_order(bench, tmp_path: Path) -> None:
+def test_records_render_in_a_fixed_order(costs, tmp_path: Path) -> None:
     for name, record in [("fvae_cost", fvae_cost()), ("peft_speed", peft_speed(1.1)), ("quickstart_time", quickstart(230.0))]:
         write(tmp_path, name, record)
-    text = "\n".join(bench.costs_section(tmp_path))
+    text = "\n".join(costs.costs_section(tmp_path))
     assert text.index("embedded default run") < text.index("Speed against PEFT") < text.index("F-VAE cost")
 
 
-def test_a_written_record_carries_the_machine_stamp_and_is_what_the_section_reads(bench, tmp_path: Path) -> None:
+def test_a_written_record_carries_the_machine_stamp_and_is_what_the_section_reads(costs, records, tmp_path: Path) -> None:
     record = {key: value for key, value in quickstart(212.4).items() if key not in ("machine", "versions", "commit", "date")}
-    path = bench.write_record("quickstart_time", record, tmp_path)
+    path = records.write_record("quickstart_time", record, tmp_path)
     assert path == tmp_path / "quickstart_time.json"
-    assert bench.load_record("quickstart_time", tmp_path)["machine"] == bench.machine()["machine"]
-    assert any("212 s" in line for line in bench.costs_section(tmp_path))
+    assert records.load_record("quickstart_time", tmp_path)["machine"] == records.machine()["machine"]
+    assert any("212 s" in line for line in costs.costs_section(tmp_path))
 
 
 def test_interleaved_rounds_alternate_the_order_and_time_each_run(bench) -> None:

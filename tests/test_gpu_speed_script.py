@@ -57,7 +57,7 @@ def test_without_a_gpu_the_real_run_is_refused(gpu_speed, capsys: pytest.Capture
 
 
 def test_the_costs_section_shows_a_gpu_record_and_not_a_tiny_one(tmp_path: Path) -> None:
-    bench = load_script(BENCHMARKS / "bench.py", "bench_gpu_under_test")
+    costs = load_script(BENCHMARKS / "costs.py", "costs_gpu_under_test")
     row = {"train_samples_per_s": {"loracl": 1600.0, "peft": 1570.0}, "train_ratio": 1600 / 1570, "train_tokens_per_s": {"loracl": 315200.0},
            "eval_ratio": 1.031, "train_working_memory_gib": {"loracl": 9.5, "peft": 9.75},
            "mfu": {"train_loracl": 0.0923, "eval_merged": 0.14, "eval_bare": 0.145}}
@@ -67,12 +67,12 @@ def test_the_costs_section_shows_a_gpu_record_and_not_a_tiny_one(tmp_path: Path)
               "train_target": 1.0, "eval_target": 1.02, "rows": {"vit-b16-224": row, "smollm2-135m-512": row},
               "machine": "x86_64, 16 threads, cuda", "versions": {}, "commit": "abc", "date": "2031-01-01 00:00 UTC"}
     (tmp_path / "gpu_speed.json").write_text(json.dumps(record))
-    text = "\n".join(bench.costs_section(tmp_path))
+    text = "\n".join(costs.costs_section(tmp_path))
     assert "| vit-b16-224 | 1,600 / 1,570 | 1.019 (met) | 315,200 | 1.031 (not met) | 9.50 / 9.75 | 9.2% / 14.0% / 14.5% | 1,570 / 6,124 / 6,480 |" in text
     assert "| smollm2-135m-512 | 1,600 / 1,570 |" in text and text.count(" | - |") == 1  # no reference for the decoder
     assert "NVIDIA H200, bfloat16, PEFT 0.21.2, batch 64" in text and "ratio (target >= 1)" in text and "(target <= 1.02)" in text
     (tmp_path / "gpu_speed.json").write_text(json.dumps({**record, "setup": {**record["setup"], "tiny": True}}))
-    assert bench.costs_section(tmp_path) == []
+    assert costs.costs_section(tmp_path) == []
 
 
 def test_the_mfu_denominator_is_the_devices_own_peak(gpu_speed) -> None:
