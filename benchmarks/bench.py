@@ -19,7 +19,6 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ from loracl.report.compare import mean_std, spread_rule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from costs import costs_section, several_processes_section  # noqa: E402
-from records import RESULTS, ROOT, machine  # noqa: E402
+from records import RESULTS, ROOT, interleaved_rounds, machine  # noqa: E402, F401 - interleaved_rounds re-exported for instruct.py
 
 
 def load_experiment(path: str) -> dict[str, Any]:
@@ -59,18 +58,6 @@ def compact(results: dict[str, Any]) -> dict[str, Any]:
     if any("metric_rows" in record for record in results["per_task"]):
         out["rouge_l_rows"] = [record.get("metric_rows", {}).get("rouge_l") for record in results["per_task"]]
     return out
-
-
-def interleaved_rounds(runs: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:
-    """Wall seconds of each run in each round, the order reversed every other round, so that drift in the machine's
-    speed falls on every side alike (how every speed comparison here is measured)."""
-    seconds: dict[str, list[float]] = {name: [] for name in runs}
-    for round_index in range(rounds):
-        for name in (list(runs) if round_index % 2 == 0 else list(runs)[::-1]):
-            started = time.perf_counter()
-            runs[name]()
-            seconds[name].append(time.perf_counter() - started)
-    return seconds
 
 
 def timed_alone(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -13,12 +13,23 @@ nothing.
     python benchmarks/gpu_speed.py [--models vit bert decoder] [--batch 64] [--rounds 5] [--steps 10]
     python benchmarks/gpu_speed.py --tiny --out /tmp/record.json
 
-Writes docs/results/gpu_speed.json (or --out), rendered into docs/results.md's Costs section by `bench.py summary`.
+Writes docs/results/gpu_speed.json (or --out) after every model, rendered into docs/results.md's Costs section by
+`bench.py summary`.
+
+On a lent GPU machine (no network, no pydantic, no git, loracl not installed; about 3 minutes in all), from the
+repository root, with `device`'s `run`:
+
+    export PYTHONPATH=src HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+    python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)"
+    python3 benchmarks/gpu_speed.py --out $OUT/gpu_speed.json
+
+then copy the returned file to docs/results/gpu_speed.json and run `python benchmarks/bench.py summary` here.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
@@ -34,8 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import interleaved_rounds  # noqa: E402
-from records import machine, write_record  # noqa: E402
+from records import interleaved_rounds, machine, write_record  # noqa: E402
 
 from loracl.adapters import LoraLayer, inject_adapters, merge_adapters  # noqa: E402
 
@@ -108,6 +118,7 @@ def decoder(tiny: bool) -> Workload:
     else:  # SmolLM2-135M's shape (its config.json)
         config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                              vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True)
+    config.use_cache = False  # training and one-pass eval: a KV cache would only cost memory, on both sides alike
     length = 16 if tiny else 512
 
     def inputs(batch: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -189,10 +200,17 @@ def working_memory(function: Callable[[], Any], device: torch.device) -> float |
 def counted_flops(function: Callable[[], Any]) -> int:
     """FLOPs of what `function` runs, as torch's FlopCounterMode counts them (matmuls, convolutions, attention):
     embedding lookups cost nothing and a frozen weight's gradient, never formed, is not counted."""
+    from unittest import mock
+
     from torch.utils.flop_counter import FlopCounterMode
+    from transformers.integrations import sdpa_attention
 
     counter = FlopCounterMode(display=False)
-    with counter:
+    # transformers hands grouped-query attention to SDPA with enable_gqa=True, whose FLOP formula in torch before
+    # 2.12 asserts equal head counts; with GQA off transformers repeats the key/value heads first: same FLOPs
+    no_gqa = (mock.patch.object(sdpa_attention, "use_gqa_in_sdpa", lambda *args, **kwargs: False)
+              if hasattr(sdpa_attention, "use_gqa_in_sdpa") else contextlib.nullcontext())
+    with no_gqa, counter:
         function()
     return counter.get_total_flops()
 
@@ -209,6 +227,8 @@ def measure(work: Workload, batch: int, rounds: int, steps: int, device: torch.d
     if trainable["loracl"] != trainable["peft"]:
         raise RuntimeError(f"{work.name}: the two sides train different parameter counts {trainable}")
     ours.train(), theirs.train()
+    for step in steps_of.values():  # the CUDA context's one-time workspaces (cuBLAS, autograd) before either side is measured
+        timed(step, data[:1], device)
     memory = {side: working_memory(lambda step=step: timed(step, data[:2], device), device) for side, step in steps_of.items()}  # warm-up
     # per sample, from one batch of one: our training step (forward and backward) and the bare model's forward
     single = work.inputs(1, device)
@@ -279,11 +299,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dtype = torch.float32 if args.tiny else torch.bfloat16
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak_tflops = peak_for(device_name, args.peak_tflops if not args.tiny else (args.peak_tflops or 1.0))
-    rows = {}
-    for name in args.models:
-        work = WORKLOADS[name](args.tiny)
-        rows[work.name] = measure(work, args.batch, args.rounds, args.steps, device, dtype, peak_tflops)
-        print(f"{work.name}: train ratio {rows[work.name]['train_ratio']:.3f}, merged eval / bare {rows[work.name]['eval_ratio']:.3f}", flush=True)
     import peft
 
     record = {
@@ -293,12 +308,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "reference": REFERENCE,
         "train_target": TRAIN_TARGET,
         "eval_target": EVAL_TARGET,
-        "rows": rows,
+        "rows": {},
     }
-    if args.out is not None:
-        args.out.write_text(json.dumps({**record, **machine()}, indent=1) + "\n")
-    else:
-        write_record("gpu_speed", record)
+    for name in args.models:  # the record is rewritten after every model, so a later failure keeps the rows measured
+        work = WORKLOADS[name](args.tiny)
+        row = measure(work, args.batch, args.rounds, args.steps, device, dtype, peak_tflops)
+        record["rows"][work.name] = row
+        print(f"{work.name}: train ratio {row['train_ratio']:.3f}, merged eval / bare {row['eval_ratio']:.3f}", flush=True)
+        if args.out is not None:
+            args.out.write_text(json.dumps({**record, **machine()}, indent=1) + "\n")
+        else:
+            write_record("gpu_speed", record)
     return record
 
 

@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import interleaved_rounds  # noqa: E402
-from records import write_record  # noqa: E402
+from records import interleaved_rounds, write_record  # noqa: E402
 
 from loracl.adapters import LoraLayer, inject_adapters, merge_adapters  # noqa: E402
 from loracl.backbones.base import mean_pool  # noqa: E402

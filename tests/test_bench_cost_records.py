@@ -14,11 +14,6 @@ MACHINE = {"machine": "x86_64, 2 threads, cpu", "versions": {"loracl": "0.1.0"},
 
 
 @pytest.fixture(scope="module")
-def bench():
-    return load_script(BENCHMARKS / "bench.py", "bench_costs_under_test")
-
-
-@pytest.fixture(scope="module")
 def costs():
     return load_script(BENCHMARKS / "costs.py", "costs_under_test")
 
@@ -111,9 +106,9 @@ def test_a_written_record_carries_the_machine_stamp_and_is_what_the_section_read
     assert any("212 s" in line for line in costs.costs_section(tmp_path))
 
 
-def test_interleaved_rounds_alternate_the_order_and_time_each_run(bench) -> None:
+def test_interleaved_rounds_alternate_the_order_and_time_each_run(records) -> None:
     calls: list[str] = []
-    seconds = bench.interleaved_rounds({"ours": lambda: calls.append("ours"), "peft": lambda: calls.append("peft")}, 3)
+    seconds = records.interleaved_rounds({"ours": lambda: calls.append("ours"), "peft": lambda: calls.append("peft")}, 3)
     assert calls == ["ours", "peft", "peft", "ours", "ours", "peft"]  # whoever goes first in a round alternates
     assert {name: len(values) for name, values in seconds.items()} == {"ours": 3, "peft": 3}
     assert all(value >= 0 for values in seconds.values() for value in values)
