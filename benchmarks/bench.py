@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import yaml
 
-from loracl.report.compare import mean_std, spread_rule
+from loracl.report.compare import halving_rule, mean_std, spread_rule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from costs import costs_section, several_processes_section  # noqa: E402
@@ -184,13 +184,10 @@ def command_render(args: argparse.Namespace) -> None:
             if label in ("seq_lora", "zero_shot", "joint", "peft_seq_lora") or label in ablations or label not in rows:
                 continue
             delta, verdict = spread_rule(accuracy[label], accuracy["seq_lora"])
-            halved = (
-                statistics.mean(forgetting[label]) <= 0.5 * statistics.mean(forgetting["seq_lora"])
-                if forgetting.get(label) and forgetting.get("seq_lora") else None
-            )
+            halved = (f" ({halving_rule(forgetting[label], forgetting['seq_lora'])})"
+                      if forgetting.get(label) and forgetting.get("seq_lora") else "")
             verdicts.append((delta, f"- `{label}`: average accuracy {delta:+.3f} against seq_lora ({verdict}); forgetting "
-                             f"{mean_std(forgetting.get(label, []))} against {mean_std(forgetting['seq_lora'])}"
-                             f"{' (halved)' if halved else ' (not halved)' if halved is not None else ''}."))
+                             f"{mean_std(forgetting.get(label, []))} against {mean_std(forgetting['seq_lora'])}{halved}."))
         lines += [text for _, text in sorted(verdicts, key=lambda item: -item[0])]
         if "joint" in rows and verdicts:
             best = max((label for label in rows if label not in ablations and label not in ("joint", "peft_seq_lora", "zero_shot")),

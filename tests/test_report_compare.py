@@ -13,7 +13,7 @@ import yaml
 
 from loracl.cli import EXIT_BAD_INPUT, main
 from loracl.report import format_summary_table, load_summary
-from loracl.report.compare import compare_folders, comparison_table, spread_rule
+from loracl.report.compare import compare_folders, comparison_table, halving_rule, spread_rule
 
 TINY = {
     "seed": 0,
@@ -189,3 +189,10 @@ def test_runs_that_differ_only_in_result_neutral_training_keys_are_one_row(runs,
     (compiled / "results.json").write_text(json.dumps(summary))
     [seq] = [group for group in compare_folders([runs[0], compiled]).groups if group.label == "seq_lora"]
     assert seq.seeds() == [0, 1]
+
+
+def test_halving_rule_compares_mean_forgetting_with_half_the_reference_and_needs_two_seeds_each() -> None:
+    assert halving_rule([0.02, 0.04], [0.06, 0.08]) == "halved"  # 0.03 <= 0.035
+    assert halving_rule([0.04, 0.04], [0.06, 0.08]) == "not halved"  # 0.04 > 0.035
+    assert halving_rule([0.0], [0.06, 0.08]) == "one seed: undecided"
+    assert halving_rule([0.0, 0.0], [0.2]) == "one seed: undecided"

@@ -42,6 +42,14 @@ def spread_rule(first: Sequence[float], second: Sequence[float]) -> tuple[float,
     return delta, ("beyond the spread" if abs(delta) > spread else f"within the spread (±{spread:.3f})")
 
 
+def halving_rule(forgetting: Sequence[float], reference: Sequence[float]) -> str:
+    """Whether the mean forgetting is at most half the reference's (the instruction-tuning target); like
+    `spread_rule`, one seed on either side decides nothing."""
+    if len(forgetting) < 2 or len(reference) < 2:
+        return "one seed: undecided"
+    return "halved" if statistics.mean(forgetting) <= 0.5 * statistics.mean(reference) else "not halved"
+
+
 @dataclass
 class RunGroup:
     """The runs of one label across folders, one per seed, each with the folder it came from."""
