@@ -363,6 +363,17 @@ def which_method_when(experiment: dict[str, Any], rows: dict[str, list[dict[str,
                  and statistics.mean(accuracy[label]) > statistics.mean(accuracy["seq_lora"])]
         lines.append(f"- Beyond the seed spread above sequential LoRA ({mean_std(accuracy['seq_lora'])}): "
                      f"{', '.join(f'`{label}`' for label in beats) if beats else 'none'}.")
+    forgetting = {label: [r["forgetting"] for r in rows[label] if r.get("forgetting") is not None] for label in methods}
+    if len(forgetting.get("seq_lora", [])) > 1:
+        halved = [label for label in methods if label != "seq_lora" and halving_rule(forgetting[label], forgetting["seq_lora"]) == "halved"]
+        def entry(label: str) -> str:
+            # low forgetting is cheap for a row that learns little: say so where its accuracy trails beyond the spread
+            delta, verdict = spread_rule(accuracy[label], accuracy["seq_lora"])
+            trails = ", but accuracy below seq_lora's beyond the spread" if delta < 0 and "beyond" in verdict else ""
+            return f"`{label}` ({mean_std(forgetting[label])}{trails})"
+
+        lines.append(f"- Forgetting at most half sequential LoRA's ({mean_std(forgetting['seq_lora'])}; rows with two seeds or more): "
+                     f"{', '.join(entry(label) for label in halved) if halved else 'none'}.")
     tied = [label for label in methods if label == best or "within" in spread_rule(accuracy[label], accuracy[best])[1]]
     stored = {label: statistics.mean(r["stored_bytes_cumulative"][-1] for r in rows[label]) for label in tied if rows[label][0].get("stored_bytes_cumulative")}
     if len(tied) > 1 and stored:

@@ -140,3 +140,23 @@ def test_cheapest_to_serve_compares_only_rows_timed_alone(bench, tmp_path: Path)
     lines = bench.which_method_when(experiment, bench.load_rows("tiny", results))
     assert any("Not distinguishable from the best" in line for line in lines)
     assert not any("Cheapest to serve" in line for line in lines)
+
+
+def test_forgetting_line_lists_rows_that_halve_it_and_flags_those_that_trail_in_accuracy(bench, tmp_path: Path) -> None:
+    experiments, results, _ = fabricate(tmp_path)
+    experiment = yaml.safe_load((experiments / "tiny.yaml").read_text())
+    # o_lora forgets half of seq_lora's 0.1, lorac_ipc less but not half; probe learns little (0.20 < seq_lora's 0.40)
+    # and forgets nothing, but a floor is never listed; o_lora's accuracy is above seq_lora's
+    for label, forgetting in (("o_lora", 0.05), ("lorac_ipc", 0.06), ("probe", 0.0)):
+        for seed in range(3):
+            path = results / "tiny" / label / f"seed{seed}.json"
+            path.write_text(json.dumps({**json.loads(path.read_text()), "forgetting": forgetting}))
+    lines = bench.which_method_when(experiment, bench.load_rows("tiny", results))
+    [line] = [line for line in lines if line.startswith("- Forgetting")]
+    assert line == "- Forgetting at most half sequential LoRA's (0.100 ± 0.000; rows with two seeds or more): `o_lora` (0.050 ± 0.000)."
+    for seed, accuracy in enumerate([0.30, 0.31, 0.29]):  # o_lora now learns less than seq_lora, beyond the spread
+        path = results / "tiny" / "o_lora" / f"seed{seed}.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "avg_accuracy": accuracy}))
+    lines = bench.which_method_when(experiment, bench.load_rows("tiny", results))
+    [line] = [line for line in lines if line.startswith("- Forgetting")]
+    assert line.endswith("`o_lora` (0.050 ± 0.000, but accuracy below seq_lora's beyond the spread).")
