@@ -154,7 +154,14 @@ def ablation_verdicts(experiment: dict[str, Any], rows: dict[str, list[dict[str,
         seeds = {r["seed"] for r in rows[label]}
         full_same = [r["avg_accuracy"] for r in rows[full] if r["seed"] in seeds]
         delta, verdict = spread_rule(full_same, [r["avg_accuracy"] for r in rows[label]])
-        lines.append(f"- `{full}` minus `{label}`: {delta:+.3f} average accuracy (seeds {sorted(seeds)}; {verdict}).")
+        # a mechanism against forgetting may show there and not in accuracy (a row that keeps more but learns less)
+        full_forgetting = [r["forgetting"] for r in rows[full] if r["seed"] in seeds and r.get("forgetting") is not None]
+        ablated_forgetting = [r["forgetting"] for r in rows[label] if r.get("forgetting") is not None]
+        forgetting = ""
+        if full_forgetting and ablated_forgetting:
+            delta_f, verdict_f = spread_rule(full_forgetting, ablated_forgetting)
+            forgetting = f"; forgetting {delta_f:+.3f} ({verdict_f})"
+        lines.append(f"- `{full}` minus `{label}`: {delta:+.3f} average accuracy (seeds {sorted(seeds)}; {verdict}){forgetting}.")
     return lines
 
 

@@ -78,7 +78,8 @@ def test_block_between_the_markers_from_the_json_and_idempotent(bench, tmp_path:
     assert "| o_lora |" not in block  # another method's row
     assert "| lorac_ipc | 3 | 0.800 ± 0.010 |" in block
     assert "- `lorac_ipc` against `seq_lora`: +0.400 average accuracy (beyond the spread)." in block
-    assert "- `lorac_ipc` minus `lorac_ipc-no-ipc`: +0.300 average accuracy (seeds [0, 1, 2]; beyond the spread)." in block
+    assert ("- `lorac_ipc` minus `lorac_ipc-no-ipc`: +0.300 average accuracy (seeds [0, 1, 2]; beyond the spread);"
+            " forgetting +0.000 (within the spread (±0.000)).") in block
     assert "- Not measured yet: `lorac_ipc-no-tii`." in block
     assert "[results/tiny.md](../results/tiny.md)" in block
     assert "No routed rows in the current experiments" in routed.read_text()
@@ -160,3 +161,13 @@ def test_forgetting_line_lists_rows_that_halve_it_and_flags_those_that_trail_in_
     lines = bench.which_method_when(experiment, bench.load_rows("tiny", results))
     [line] = [line for line in lines if line.startswith("- Forgetting")]
     assert line.endswith("`o_lora` (0.050 ± 0.000, but accuracy below seq_lora's beyond the spread).")
+
+
+def test_ablation_line_reports_forgetting_beside_accuracy(bench, tmp_path: Path) -> None:
+    experiments, results, _ = fabricate(tmp_path)
+    experiment = yaml.safe_load((experiments / "tiny.yaml").read_text())
+    for seed, forgetting in enumerate([0.30, 0.31, 0.29]):  # without IPC it forgets more than the full row's 0.1
+        path = results / "tiny" / "lorac_ipc-no-ipc" / f"seed{seed}.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "forgetting": forgetting}))
+    [line] = bench.ablation_verdicts(experiment, bench.load_rows("tiny", results))
+    assert line.endswith("; forgetting -0.200 (beyond the spread).")
