@@ -144,6 +144,11 @@ def load_rows(name: str, results: Path = RESULTS) -> dict[str, list[dict[str, An
     return rows
 
 
+def present(records: list[dict[str, Any]], key: str) -> list[float]:
+    """The records' values under `key`, nulls left out (joint has no forgetting)."""
+    return [r[key] for r in records if r.get(key) is not None]
+
+
 def ablation_verdicts(experiment: dict[str, Any], rows: dict[str, list[dict[str, Any]]], labels: set[str] | None = None) -> list[str]:
     """Each measured ablation (`ablates` rows; those in `labels` when given) against its full row over the ablation's seeds."""
     lines = []
@@ -155,8 +160,8 @@ def ablation_verdicts(experiment: dict[str, Any], rows: dict[str, list[dict[str,
         full_same = [r["avg_accuracy"] for r in rows[full] if r["seed"] in seeds]
         delta, verdict = spread_rule(full_same, [r["avg_accuracy"] for r in rows[label]])
         # a mechanism against forgetting may show there and not in accuracy (a row that keeps more but learns less)
-        full_forgetting = [r["forgetting"] for r in rows[full] if r["seed"] in seeds and r.get("forgetting") is not None]
-        ablated_forgetting = [r["forgetting"] for r in rows[label] if r.get("forgetting") is not None]
+        full_forgetting = present([r for r in rows[full] if r["seed"] in seeds], "forgetting")
+        ablated_forgetting = present(rows[label], "forgetting")
         forgetting = ""
         if full_forgetting and ablated_forgetting:
             delta_f, verdict_f = spread_rule(full_forgetting, ablated_forgetting)
@@ -176,7 +181,7 @@ def command_render(args: argparse.Namespace) -> None:
     ref_train = statistics.mean(r["train_samples_per_s"] for r in timed_alone(reference)) if timed_alone(reference) else None
     ref_eval = statistics.mean(r["eval_samples_per_s"] for r in timed_alone(reference) if r.get("eval_samples_per_s")) if timed_alone(reference) else None
     accuracy = {label: [r["avg_accuracy"] for r in records] for label, records in rows.items()}
-    forgetting = {label: [r["forgetting"] for r in records if r.get("forgetting") is not None] for label, records in rows.items()}
+    forgetting = {label: present(records, "forgetting") for label, records in rows.items()}
     lines = [
         f"# {name}: {experiment.get('title', 'measured')}",
         "",
@@ -370,7 +375,7 @@ def which_method_when(experiment: dict[str, Any], rows: dict[str, list[dict[str,
                  and statistics.mean(accuracy[label]) > statistics.mean(accuracy["seq_lora"])]
         lines.append(f"- Beyond the seed spread above sequential LoRA ({mean_std(accuracy['seq_lora'])}): "
                      f"{', '.join(f'`{label}`' for label in beats) if beats else 'none'}.")
-    forgetting = {label: [r["forgetting"] for r in rows[label] if r.get("forgetting") is not None] for label in methods}
+    forgetting = {label: present(rows[label], "forgetting") for label in methods}
     if len(forgetting.get("seq_lora", [])) > 1:
         halved = [label for label in methods if label != "seq_lora" and halving_rule(forgetting[label], forgetting["seq_lora"]) == "halved"]
         def entry(label: str) -> str:
