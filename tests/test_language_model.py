@@ -106,7 +106,7 @@ def test_an_answer_longer_than_max_answer_tokens_is_a_data_error():
 
 
 @pytest.mark.parametrize("which", ["llama", "t5"])
-def test_generation_is_greedy_batched_and_stops_at_eos(which, llama, t5):
+def test_generation_is_greedy_and_left_padding_changes_no_answer(which, llama, t5):
     model = {"llama": llama, "t5": t5}[which]
     stream = instruction_stream()
     task = stream.tasks[0]
@@ -121,8 +121,40 @@ def test_generation_is_greedy_batched_and_stops_at_eos(which, llama, t5):
     assert model.decode(torch.tensor([[model.backbone.tokenizer.convert_tokens_to_ids("a"), eos, 7, 8]])) == ["a"]
 
 
+@pytest.mark.parametrize("which", ["llama", "t5"])
+def test_generation_stops_each_row_at_its_end_of_sequence(which, llama, t5):
+    """The model is made to emit <eos> as row 0's 2nd and every row's 4th answer token: row 0 then holds only
+    padding, and decoding ends when every row has ended (not at max_new_tokens)."""
+    model = {"llama": llama, "t5": t5}[which]
+    task = instruction_stream().tasks[0]
+    batch = {"inputs": model.collate(task.test, [0, 1], task, train=False)}
+    tokenizer = model.backbone.tokenizer
+    steps = []
+
+    def force_eos(module, args, logits):  # logits [B, T, V]; one call per generated token (KV cache)
+        step = len(steps)
+        steps.append(step)
+        rows = [0] if step == 1 else [0, 1] if step == 3 else []
+        logits = logits.clone()
+        logits[rows, -1, tokenizer.eos_token_id] = 1e4
+        return logits
+
+    handle = model.backbone.model.lm_head.register_forward_hook(force_eos)
+    try:
+        generated = model.predict(batch)
+    finally:
+        handle.remove()
+    assert model.options.max_new_tokens > 4
+    assert generated.shape[1] == 4
+    assert generated[0, 1] == tokenizer.eos_token_id and (generated[0, 2:] == tokenizer.pad_token_id).all()
+    assert generated[1, 3] == tokenizer.eos_token_id and tokenizer.eos_token_id not in generated[1, :3].tolist()
+    kept = [generated[0, :1], generated[1, :3]]  # the tokens before each row's <eos>
+    assert model.decode(generated) == [tokenizer.decode(row, skip_special_tokens=True) for row in kept]
+
+
 def test_exact_match_normalises_case_and_whitespace_and_rouge_l_counts_overlap():
     assert normalise_answer("  Positive \n") == normalise_answer("positive")
+    assert normalise_answer("New  York\tcity") == normalise_answer("new york city")
     assert normalise_answer("not positive") != normalise_answer("positive")
     assert rouge_l("the cat sat", "the cat sat") == 1.0
     assert rouge_l("dog", "the cat sat") == 0.0
@@ -196,13 +228,18 @@ def test_classifier_only_features_are_refused_on_a_language_model():
 def test_routed_inference_on_a_language_model_routes_to_tasks():
     stream = instruction_stream()
     [result] = run_experiment(lm_config({"name": "inc_lora", "routed_inference": True, "routed_branches": True}), None, stream=stream)
-    assert "routing_accuracy" in json.dumps(result.results["method_metrics"])
+    # the three tasks' prompts differ in their instructions, so the prompt-feature router tells them apart
+    assert result.results["method_metrics"]["routing_accuracy_per_task"] == {"colour": 1.0, "size": 1.0, "reverse": 1.0}
 
 
 def test_a_classifier_head_over_a_language_models_features():
     from helpers import tiny_text_stream
 
     [result] = run_experiment(tiny_config("seq_lora", "tiny-llama", task_model={"kind": "classifier"}), None, stream=tiny_text_stream(2))
+    model = result.method.model
+    assert type(model).__name__ == "ClassifierTaskModel"
+    # one 2-class block per task over the decoder's hidden states
+    assert [tuple(weight.shape) for weight in model.head.weights] == [(2, model.backbone.model.config.hidden_size)] * 2
     assert len(result.results["accuracy_matrix"]) == 2
 
 
@@ -214,30 +251,41 @@ def test_killed_run_resumes_equal_to_an_uninterrupted_one(tmp_path, monkeypatch)
     assert resumed.results["accuracy_matrix"] == straight.results["accuracy_matrix"]
 
 
-def test_export_loads_in_peft_and_generates_the_same_tokens(tmp_path):
+@pytest.mark.parametrize("backbone", ["tiny-llama", "tiny-t5"])
+def test_export_loads_in_peft_and_generates_the_same_tokens(tmp_path, backbone):
     from peft import PeftModel
 
-    from loracl.engine.export import export_run_task
-
     stream = instruction_stream()
-    config = lm_config("seq_lora", train={"epochs": 3})
+    config = lm_config("seq_lora", backbone=backbone, train={"epochs": 3})
     [result] = run_experiment(config, tmp_path / "run", stream=stream)
-    folder = export_run_task(tmp_path / "run" / "seq_lora", -1, tmp_path / "adapter")
+    assert main(["export", str(tmp_path / "run" / "seq_lora"), "--out", str(tmp_path / "adapter")]) == 0
     model = result.method.model
     task = stream.tasks[0]
-    batch = {"inputs": model.collate(task.test, [0, 1], task, train=False)}
-    ours = model.predict(batch)
-    fresh = LANGUAGE_MODELS["tiny-llama"][0](192, 0)
-    peft_model = PeftModel.from_pretrained(fresh.model, str(folder)).eval()
+    inputs = model.collate(task.test, [0, 1], task, train=False)
+    ours = model.predict({"inputs": inputs})
+    fresh = LANGUAGE_MODELS[backbone][0](192, 0)
+    peft_model = PeftModel.from_pretrained(fresh.model, str(tmp_path / "adapter")).eval()
+    prompt = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
     theirs = peft_model.generate(
-        input_ids=batch["inputs"]["input_ids"],
-        attention_mask=batch["inputs"]["attention_mask"],
+        **prompt,
         do_sample=False,
         max_new_tokens=model.options.max_new_tokens,
         pad_token_id=fresh.tokenizer.pad_token_id,
         eos_token_id=fresh.tokenizer.eos_token_id,
-    )[:, batch["inputs"]["input_ids"].shape[1] :]
+    )
+    # a causal model returns prompt + answer, an encoder-decoder its start token + answer
+    theirs = theirs[:, 1:] if fresh.is_encoder_decoder else theirs[:, prompt["input_ids"].shape[1] :]
     assert torch.equal(ours, theirs)
+    # the same next-token logits, and not the base model's: the exported adapter is what was trained
+    if fresh.is_encoder_decoder:
+        prompt["decoder_input_ids"] = torch.full((2, 1), fresh.model.config.decoder_start_token_id)
+    with torch.no_grad():
+        served = model.backbone.model(**prompt).logits
+        exported = peft_model(**prompt).logits
+        with peft_model.disable_adapter():
+            base = peft_model(**prompt).logits
+    assert torch.allclose(exported, served, atol=1e-5, rtol=0), (exported - served).abs().max()
+    assert (exported - base).abs().max() > 1e-3
 
 
 def write_task(root: Path, name: str, labels, train, test, instruction: bytes | None = None) -> None:
@@ -289,7 +337,8 @@ def test_bad_data_exits_2_naming_the_culprit_and_writes_nothing(case, tmp_path, 
     code, err = main(["run", str(config), "--out", str(out)]), capsys.readouterr().err
     assert code == 2, err
     assert message in err
-    assert not (out / "seq_lora").exists()  # refused before any run folder was made
+    assert len(err.strip().splitlines()) == 1
+    assert not out.exists()  # refused before anything was written
 
 
 @pytest.mark.parametrize(
@@ -309,6 +358,7 @@ def test_bad_model_settings_exit_2_with_one_line(backbone, task_model, message, 
     assert code == 2, err
     assert message in err
     assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_packaged_instruction_stream_has_instructions_and_runs_on_a_tiny_model():
