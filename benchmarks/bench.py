@@ -57,6 +57,12 @@ def compact(results: dict[str, Any]) -> dict[str, Any]:
     out = {key: results.get(key) for key in keys}
     if any("metric_rows" in record for record in results["per_task"]):
         out["rouge_l_rows"] = [record.get("metric_rows", {}).get("rouge_l") for record in results["per_task"]]
+    # the scalars a method reports about its own mechanism (O-LoRA's final subspace overlap, MetaLoRA's routing
+    # accuracy): they show whether a switch changed what it is meant to change, beside what it did to accuracy
+    diagnostics = {key: value for key, value in (results.get("method_metrics") or {}).items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    if diagnostics:
+        out["diagnostics"] = diagnostics
     return out
 
 
@@ -170,6 +176,18 @@ def ablation_verdicts(experiment: dict[str, Any], rows: dict[str, list[dict[str,
     return lines
 
 
+def diagnostic_lines(order: list[str], rows: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """One table line per row and method diagnostic, over the records that carry it."""
+    lines = []
+    for label in order + sorted(set(rows) - set(order)):
+        records = [r for r in rows.get(label, []) if r.get("diagnostics")]
+        for key in sorted({key for r in records for key in r["diagnostics"]}):
+            carrying = [r for r in records if key in r["diagnostics"]]
+            seeds = ",".join(str(r["seed"]) for r in carrying)
+            lines.append(f"| {label} | {seeds} | {key} | {mean_std([r['diagnostics'][key] for r in carrying])} |")
+    return lines
+
+
 def command_render(args: argparse.Namespace) -> None:
     experiment = load_experiment(args.experiment)
     name = experiment["name"]
@@ -241,6 +259,13 @@ def command_render(args: argparse.Namespace) -> None:
         lines += ["", "## Mechanisms switched off", "",
                   "Each ablation against its full method over the same seeds; the rule above decides.", "",
                   *ablation_verdicts(experiment, rows)]
+    diagnostics = diagnostic_lines(order, rows)
+    if diagnostics:
+        lines += ["", "## What each mechanism reports", "",
+                  "The scalars a method records about its own mechanism (`method_metrics` in results.json), mean ± standard",
+                  "deviation over the seeds whose records carry them; a row's ablation beside it shows whether the switch",
+                  "changed what it is meant to change.", "",
+                  "| row | seeds | diagnostic | value |", "|---|---|---|---|", *diagnostics]
     if "peft_seq_lora" in rows and reference:
         lines += ["", "## Against PEFT", ""]
         for record in rows["peft_seq_lora"]:

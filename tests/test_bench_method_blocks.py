@@ -171,3 +171,15 @@ def test_ablation_line_reports_forgetting_beside_accuracy(bench, tmp_path: Path)
         path.write_text(json.dumps({**json.loads(path.read_text()), "forgetting": forgetting}))
     [line] = bench.ablation_verdicts(experiment, bench.load_rows("tiny", results))
     assert line.endswith("; forgetting -0.200 (beyond the spread).")
+
+
+def test_records_keep_a_methods_scalar_diagnostics_and_the_page_tabulates_them_per_row(bench) -> None:
+    results = {"per_task": [{}], "avg_accuracy": 0.5,
+               "method_metrics": {"final_orth_overlap_l1": 8.0, "routed": True, "design_log": [1, 2], "ranks": {"q": 4}}}
+    assert bench.compact(results)["diagnostics"] == {"final_orth_overlap_l1": 8.0}  # lists, dicts and flags stay out
+    assert "diagnostics" not in bench.compact({"per_task": [{}], "method_metrics": {"design_log": []}})
+    rows = {"o_lora": [{"seed": 0, "diagnostics": {"final_orth_overlap_l1": 8.0}},
+                       {"seed": 1, "diagnostics": {"final_orth_overlap_l1": 10.0}},
+                       {"seed": 2}],  # a record written before diagnostics were kept
+            "seq_lora": [{"seed": 0}]}
+    assert bench.diagnostic_lines(["seq_lora", "o_lora"], rows) == ["| o_lora | 0,1 | final_orth_overlap_l1 | 9.000 ± 1.414 |"]
