@@ -8,6 +8,11 @@ seeds; every row x seed is one run whose results land as JSON in docs/results/<e
     python benchmarks/bench.py methods            # only the measured blocks of docs/methods/*.md
 
 `run` skips what is measured and resumes a killed run from its checkpoints under runs/<experiment>/.
+
+A row may carry `ablates: <label>` (its method's mechanism switched off, judged against that row), `lever: true`
+(a knob tried to reach a target, kept out of the headline) and `priority: true` (all its seeds first). An
+experiment may list `pairs` (single-task rows against a reference that then belongs to its partner's page) and
+`matched_floors` (a row against the floor with its own router and budget, in the Verdict section).
 """
 
 from __future__ import annotations
@@ -176,6 +181,25 @@ def ablation_verdicts(experiment: dict[str, Any], rows: dict[str, list[dict[str,
     return lines
 
 
+def matched_floor_verdicts(experiment: dict[str, Any], rows: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """`matched_floors: [[row, floor], ...]`: a row against the floor with its own router and budget, over shared seeds."""
+    lines = []
+    for label, floor in experiment.get("matched_floors", []):
+        if label not in rows or floor not in rows:
+            continue
+        seeds = {r["seed"] for r in rows[label]} & {r["seed"] for r in rows[floor]}
+        mine = [r for r in rows[label] if r["seed"] in seeds]
+        theirs = [r for r in rows[floor] if r["seed"] in seeds]
+        delta, verdict = spread_rule([r["avg_accuracy"] for r in mine], [r["avg_accuracy"] for r in theirs])
+        forgetting = ""
+        if present(mine, "forgetting") and present(theirs, "forgetting"):
+            delta_f, verdict_f = spread_rule(present(mine, "forgetting"), present(theirs, "forgetting"))
+            forgetting = f"; forgetting {delta_f:+.3f} ({verdict_f})"
+        lines.append(f"- `{label}` against its matched floor `{floor}` (seeds {sorted(seeds)}): average accuracy {delta:+.3f}"
+                     f" ({verdict}){forgetting}.")
+    return lines
+
+
 def diagnostic_lines(order: list[str], rows: dict[str, list[dict[str, Any]]]) -> list[str]:
     """One table line per row and method diagnostic, over the records that carry it."""
     lines = []
@@ -224,6 +248,7 @@ def command_render(args: argparse.Namespace) -> None:
                        key=lambda label: statistics.mean(accuracy[label]))
             delta, verdict = spread_rule(accuracy[best], accuracy["joint"])
             lines.append(f"- Best continual row `{best}` against joint (the upper bound): {delta:+.3f} ({verdict}).")
+        lines += matched_floor_verdicts(experiment, rows)
         lines.append("")
     pairs = pair_verdicts(experiment, rows) if experiment.get("pairs") else []  # single-task comparisons
     if pairs:
@@ -520,8 +545,10 @@ def experiment_block(page: str, experiment: dict[str, Any], rows: dict[str, list
         verdicts = pair_verdicts({**experiment, "pairs": pairs}, rows)
     else:  # single-task rows each name their own task, so only a stream's experiment gets the setting line
         lines += [setting_line(experiment), ""]
-        beside = set(CONTEXT)
-        verdicts = versus_seq_lora(measured, experiment, rows) + ablation_verdicts(experiment, rows, set(measured))
+        floors = [pair for pair in experiment.get("matched_floors", []) if pair[0] in owned]
+        beside = set(CONTEXT) | {floor for _, floor in floors}
+        verdicts = (versus_seq_lora(measured, experiment, rows) + ablation_verdicts(experiment, rows, set(measured))
+                    + matched_floor_verdicts({"matched_floors": floors}, rows))
     shown = [row["label"] for row in experiment["rows"] if row["label"] in rows and (row["label"] in beside or row["label"] in owned)]
     lines += [*headline_table(experiment, rows, shown), "", *verdicts]
     if missing:

@@ -183,3 +183,28 @@ def test_records_keep_a_methods_scalar_diagnostics_and_the_page_tabulates_them_p
                        {"seed": 2}],  # a record written before diagnostics were kept
             "seq_lora": [{"seed": 0}]}
     assert bench.diagnostic_lines(["seq_lora", "o_lora"], rows) == ["| o_lora | 0,1 | final_orth_overlap_l1 | 9.000 ± 1.414 |"]
+
+
+def test_a_row_is_judged_against_its_matched_floor_over_the_seeds_both_have(bench, tmp_path: Path) -> None:
+    experiments, results, _ = fabricate(tmp_path)
+    experiment = {**yaml.safe_load((experiments / "tiny.yaml").read_text()),
+                  "matched_floors": [["lorac_ipc", "o_lora"], ["o_lora", "seq_lora"], ["lorac_ipc", "not_run"]]}
+    (results / "tiny" / "seq_lora" / "seed2.json").unlink()  # the floor lacks seed 2: o_lora's seed 2 leaves too
+    lines = bench.matched_floor_verdicts(experiment, bench.load_rows("tiny", results))
+    assert lines == [
+        "- `lorac_ipc` against its matched floor `o_lora` (seeds [0, 1, 2]): average accuracy +0.350 (beyond the spread);"
+        " forgetting +0.000 (within the spread (±0.000)).",
+        "- `o_lora` against its matched floor `seq_lora` (seeds [0, 1]): average accuracy +0.045 (beyond the spread);"
+        " forgetting +0.000 (within the spread (±0.000)).",
+    ]
+
+
+def test_a_method_page_shows_its_matched_floor_row_and_verdict(bench, tmp_path: Path) -> None:
+    experiments, results, _ = fabricate(tmp_path)
+    experiment = {**yaml.safe_load((experiments / "tiny.yaml").read_text()), "matched_floors": [["lorac_ipc", "o_lora"]]}
+    block = "\n".join(bench.experiment_block("lorac_ipc", experiment, bench.load_rows("tiny", results)))
+    assert "\n| o_lora | 3 | 0.450 ± 0.010 |" in block  # shown beside, though another method's row
+    assert "- `lorac_ipc` against its matched floor `o_lora` (seeds [0, 1, 2]): average accuracy +0.350 (beyond the spread)" in block
+    other = "\n".join(bench.experiment_block("oa_adapter", {**experiment, "rows": [*experiment["rows"], {"label": "oa", "name": "oa_adapter"}]},
+                                             bench.load_rows("tiny", results)))
+    assert "matched floor" not in other
