@@ -38,7 +38,13 @@ from records import RESULTS, ROOT, interleaved_rounds, machine  # noqa: E402, F4
 
 
 def load_experiment(path: str) -> dict[str, Any]:
-    return yaml.safe_load(Path(path).read_text())
+    """An experiment file, its `matched_floors` checked to be pairs of the file's row labels."""
+    experiment = yaml.safe_load(Path(path).read_text())
+    labels = {row["label"] for row in experiment["rows"]} | {"peft_seq_lora"}
+    for entry in experiment.get("matched_floors", []):
+        if not (isinstance(entry, list) and len(entry) == 2 and set(map(str, entry)) <= labels):
+            raise SystemExit(f"{path}: matched_floors entry {entry!r} is not a pair [row, floor] of this file's row labels")
+    return experiment
 
 
 def row_config(experiment: dict[str, Any], row: dict[str, Any], seed: int) -> dict[str, Any]:
@@ -160,24 +166,30 @@ def present(records: list[dict[str, Any]], key: str) -> list[float]:
     return [r[key] for r in records if r.get(key) is not None]
 
 
+def compare_on_shared_seeds(first: list[dict[str, Any]], second: list[dict[str, Any]]) -> tuple[list[int], float, str, str]:
+    """First minus second over their shared seeds: the seeds, the accuracy difference and verdict, and a
+    '; forgetting D (verdict)' suffix where both rows have forgetting."""
+    seeds = sorted({r["seed"] for r in first} & {r["seed"] for r in second})
+    first = [r for r in first if r["seed"] in seeds]
+    second = [r for r in second if r["seed"] in seeds]
+    delta, verdict = spread_rule([r["avg_accuracy"] for r in first], [r["avg_accuracy"] for r in second])
+    # a mechanism against forgetting may show there and not in accuracy (a row that keeps more but learns less)
+    forgetting = ""
+    if present(first, "forgetting") and present(second, "forgetting"):
+        delta_f, verdict_f = spread_rule(present(first, "forgetting"), present(second, "forgetting"))
+        forgetting = f"; forgetting {delta_f:+.3f} ({verdict_f})"
+    return seeds, delta, verdict, forgetting
+
+
 def ablation_verdicts(experiment: dict[str, Any], rows: dict[str, list[dict[str, Any]]], labels: set[str] | None = None) -> list[str]:
-    """Each measured ablation (`ablates` rows; those in `labels` when given) against its full row over the ablation's seeds."""
+    """Each measured ablation (`ablates` rows; those in `labels` when given) against its full row over their shared seeds."""
     lines = []
     for row in experiment["rows"]:
         label, full = row["label"], row.get("ablates")
         if full is None or (labels is not None and label not in labels) or label not in rows or full not in rows:
             continue
-        seeds = {r["seed"] for r in rows[label]}
-        full_same = [r["avg_accuracy"] for r in rows[full] if r["seed"] in seeds]
-        delta, verdict = spread_rule(full_same, [r["avg_accuracy"] for r in rows[label]])
-        # a mechanism against forgetting may show there and not in accuracy (a row that keeps more but learns less)
-        full_forgetting = present([r for r in rows[full] if r["seed"] in seeds], "forgetting")
-        ablated_forgetting = present(rows[label], "forgetting")
-        forgetting = ""
-        if full_forgetting and ablated_forgetting:
-            delta_f, verdict_f = spread_rule(full_forgetting, ablated_forgetting)
-            forgetting = f"; forgetting {delta_f:+.3f} ({verdict_f})"
-        lines.append(f"- `{full}` minus `{label}`: {delta:+.3f} average accuracy (seeds {sorted(seeds)}; {verdict}){forgetting}.")
+        seeds, delta, verdict, forgetting = compare_on_shared_seeds(rows[full], rows[label])
+        lines.append(f"- `{full}` minus `{label}`: {delta:+.3f} average accuracy (seeds {seeds}; {verdict}){forgetting}.")
     return lines
 
 
@@ -187,15 +199,8 @@ def matched_floor_verdicts(experiment: dict[str, Any], rows: dict[str, list[dict
     for label, floor in experiment.get("matched_floors", []):
         if label not in rows or floor not in rows:
             continue
-        seeds = {r["seed"] for r in rows[label]} & {r["seed"] for r in rows[floor]}
-        mine = [r for r in rows[label] if r["seed"] in seeds]
-        theirs = [r for r in rows[floor] if r["seed"] in seeds]
-        delta, verdict = spread_rule([r["avg_accuracy"] for r in mine], [r["avg_accuracy"] for r in theirs])
-        forgetting = ""
-        if present(mine, "forgetting") and present(theirs, "forgetting"):
-            delta_f, verdict_f = spread_rule(present(mine, "forgetting"), present(theirs, "forgetting"))
-            forgetting = f"; forgetting {delta_f:+.3f} ({verdict_f})"
-        lines.append(f"- `{label}` against its matched floor `{floor}` (seeds {sorted(seeds)}): average accuracy {delta:+.3f}"
+        seeds, delta, verdict, forgetting = compare_on_shared_seeds(rows[label], rows[floor])
+        lines.append(f"- `{label}` against its matched floor `{floor}` (seeds {seeds}): average accuracy {delta:+.3f}"
                      f" ({verdict}){forgetting}.")
     return lines
 

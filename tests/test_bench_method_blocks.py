@@ -199,6 +199,16 @@ def test_a_row_is_judged_against_its_matched_floor_over_the_seeds_both_have(benc
     ]
 
 
+@pytest.mark.parametrize("entry", [["lorac_ipc"], ["lorac_ipc", "o_lora", "seq_lora"], "lorac_ipc", ["lorac_ipc", "typo"]])
+def test_a_matched_floor_that_is_not_a_pair_of_row_labels_is_refused_naming_it(bench, tmp_path: Path, entry) -> None:
+    experiments, _, _ = fabricate(tmp_path)
+    path = experiments / "tiny.yaml"
+    path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "matched_floors": [entry]}))
+    with pytest.raises(SystemExit, match="matched_floors entry") as refused:
+        bench.load_experiment(str(path))
+    assert repr(entry) in str(refused.value)
+
+
 def test_a_method_page_shows_its_matched_floor_row_and_verdict(bench, tmp_path: Path) -> None:
     experiments, results, _ = fabricate(tmp_path)
     experiment = {**yaml.safe_load((experiments / "tiny.yaml").read_text()), "matched_floors": [["lorac_ipc", "o_lora"]]}
