@@ -12,7 +12,8 @@ seeds; every row x seed is one run whose results land as JSON in docs/results/<e
 A row may carry `ablates: <label>` (its method's mechanism switched off, judged against that row), `lever: true`
 (a knob tried to reach a target, kept out of the headline) and `priority: true` (all its seeds first). An
 experiment may list `pairs` (single-task rows against a reference that then belongs to its partner's page) and
-`matched_floors` (a row against the floor with its own router and budget, in the Verdict section).
+`matched_floors` (a row against the floor with its own router and budget, in the Verdict section) and `readme: false`
+(a lever experiment: on docs/results.md, not in the README's headline).
 """
 
 from __future__ import annotations
@@ -650,7 +651,8 @@ def command_summary(args: argparse.Namespace) -> None:
         keep = [label for label in ("zero_shot", "probe", "seq_lora", "joint") if label in rows]
         best = max((label for label in headline_labels(experiment, rows) if label not in FLOORS + ("joint", "seq_lora")),
                    key=lambda label: statistics.mean(r["avg_accuracy"] for r in rows[label]), default=None)
-        readme += [f"**{experiment.get('title', name)}**", "", *headline_table(experiment, rows, keep + ([best] if best else [])), ""]
+        if experiment.get("readme", True):
+            readme += [f"**{experiment.get('title', name)}**", "", *headline_table(experiment, rows, keep + ([best] if best else [])), ""]
         args_render = argparse.Namespace(experiment=str(path.relative_to(ROOT)))
         command_render(args_render)
     fusion_records = sorted((RESULTS / "fusion_lm").glob("seed*.json"))
