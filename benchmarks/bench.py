@@ -624,6 +624,16 @@ def command_methods(args: argparse.Namespace) -> None:
         print("wrote", path)
 
 
+def readme_lines(experiment: dict[str, Any], rows: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The README headline for one experiment: floors, seq_lora, joint and the best other row; none for `readme: false`."""
+    if not experiment.get("readme", True):
+        return []
+    keep = [label for label in ("zero_shot", "probe", "seq_lora", "joint") if label in rows]
+    best = max((label for label in headline_labels(experiment, rows) if label not in FLOORS + ("joint", "seq_lora")),
+               key=lambda label: statistics.mean(r["avg_accuracy"] for r in rows[label]), default=None)
+    return [f"**{experiment.get('title', experiment['name'])}**", "", *headline_table(experiment, rows, keep + ([best] if best else [])), ""]
+
+
 def command_summary(args: argparse.Namespace) -> None:
     """docs/results.md (verdict first, one table and two figures per setting) and the README's headline block."""
     sections, verdicts, readme = [], [], []
@@ -648,11 +658,7 @@ def command_summary(args: argparse.Namespace) -> None:
             f"Every row, the ablations and the accuracy matrices: [results/{name}.md](results/{name}.md); experiment file:"
             f" `{path.relative_to(ROOT)}`.", "",
         ]
-        keep = [label for label in ("zero_shot", "probe", "seq_lora", "joint") if label in rows]
-        best = max((label for label in headline_labels(experiment, rows) if label not in FLOORS + ("joint", "seq_lora")),
-                   key=lambda label: statistics.mean(r["avg_accuracy"] for r in rows[label]), default=None)
-        if experiment.get("readme", True):
-            readme += [f"**{experiment.get('title', name)}**", "", *headline_table(experiment, rows, keep + ([best] if best else [])), ""]
+        readme += readme_lines(experiment, rows)
         args_render = argparse.Namespace(experiment=str(path.relative_to(ROOT)))
         command_render(args_render)
     fusion_records = sorted((RESULTS / "fusion_lm").glob("seed*.json"))

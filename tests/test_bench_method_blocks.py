@@ -218,3 +218,13 @@ def test_a_method_page_shows_its_matched_floor_row_and_verdict(bench, tmp_path: 
     other = "\n".join(bench.experiment_block("oa_adapter", {**experiment, "rows": [*experiment["rows"], {"label": "oa", "name": "oa_adapter"}]},
                                              bench.load_rows("tiny", results)))
     assert "matched floor" not in other
+
+
+def test_the_readme_headline_shows_the_best_row_and_leaves_out_a_lever_experiment(bench, tmp_path: Path) -> None:
+    experiments, results, _ = fabricate(tmp_path)
+    experiment = yaml.safe_load((experiments / "tiny.yaml").read_text())
+    rows = bench.load_rows("tiny", results)
+    lines = bench.readme_lines(experiment, rows)
+    assert lines[0] == "**Tiny stream**"
+    assert [line.split(" | ")[0] for line in lines if line.startswith("| ") and " | " in line][1:] == ["| probe", "| seq_lora", "| joint", "| lorac_ipc"]
+    assert bench.readme_lines({**experiment, "readme": False}, rows) == []
