@@ -11,9 +11,9 @@ seeds; every row x seed is one run whose results land as JSON in docs/results/<e
 
 A row may carry `ablates: <label>` (its method's mechanism switched off, judged against that row), `lever: true`
 (a knob tried to reach a target, kept out of the headline) and `priority: true` (all its seeds first). An
-experiment may list `pairs` (single-task rows against a reference that then belongs to its partner's page) and
-`matched_floors` (a row against the floor with its own router and budget, in the Verdict section) and `readme: false`
-(a lever experiment: on docs/results.md, not in the README's headline).
+experiment may list `pairs` (single-task rows against a reference that then belongs to its partner's page) or
+`matched_floors` (a row against the floor with its own router and budget, in the Verdict section), and may say
+`readme: false` (a lever experiment: on docs/results.md, not in the README's headline).
 """
 
 from __future__ import annotations
